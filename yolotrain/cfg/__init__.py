@@ -1,0 +1,541 @@
+"""Arguments: the defaults in default.yaml, merging user layers over them, checks and CLI value parsing.
+
+Every argument a user may set is a key of `default.yaml`, whose line comment starts with the key's type, e.g.
+`epochs: 100  # (int) number of epochs`. That file is the single source of truth: the type checks, the
+did-you-mean suggestions and `yolotrain help` are all derived from it.
+
+This module must stay light (no torch import): the CLI validates arguments before any heavy import.
+"""
+
+import difflib
+import functools
+import math
+import os
+import re
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from yolotrain.errors import CfgError
+
+DEFAULT_CFG_PATH = Path(__file__).resolve().parent / "default.yaml"
+
+TASKS = ("detect",)
+MODES = ("train", "val")
+# Modes of the command line; `convert` and `sync` take positional arguments instead of key=value pairs.
+CLI_MODES = ("train", "val", "help", "convert", "sync", "version")
+POSITIONAL_CLI_MODES = ("convert", "sync")
+OPTIMIZERS = ("SGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSProp", "auto")
+SPLITS = ("val", "test", "train")
+
+_TYPE_NAMES = ("int", "float", "bool", "str", "list")
+_NONE_WORDS = ("", "none", "null", "~")
+_HELP_HINT = "(yolotrain help lists all arguments)"
+
+# A `key: value  # (types) description` line of default.yaml.
+_KEY_LINE = re.compile(r"^(?P<key>[A-Za-z_]\w*):[^#]*#\s*\((?P<types>[^)]*)\)\s*(?P<comment>.*)$")
+
+# Strings allowed for str-typed keys with a fixed vocabulary (for `bool | str` keys: the allowed strings).
+_STR_CHOICES = types.MappingProxyType(
+    {
+        "task": TASKS,
+        "mode": MODES,
+        "optimizer": OPTIMIZERS,
+        "split": SPLITS,
+        "cache": ("ram", "disk"),
+        "amp": ("bf16",),
+    }
+)
+# str keys for which a number is a natural thing to type (`device=0`, `name=2`): converted to str.
+_NUMBER_AS_STR_KEYS = ("device", "name", "project")
+# Examples shown in type errors for keys whose default is empty.
+_EXAMPLES = types.MappingProxyType(
+    {
+        "model": "yolo-n.yaml",
+        "data": "data.yaml",
+        "time": "1.5",
+        "device": "0",
+        "project": "runs/detect",
+        "name": "exp",
+        "freeze": "10",
+        "conf": "0.25",
+        "remote": "https://tracker.example.com",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Bound:
+    """An allowed numeric range; `extra` lists single values allowed outside it (e.g. batch=-1 for auto)."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    extra: tuple = ()
+
+    def contains(self, value) -> bool:
+        if value in self.extra:
+            return True
+        # Written as positive comparisons so that NaN is refused.
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        if self.high == math.inf:
+            text = f"{'>' if self.low_open else '>='} {_format_number(self.low)}"
+        else:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            text = f"in {left}{_format_number(self.low)}, {_format_number(self.high)}{right}"
+        return text + "".join(f" or {_format_number(v)}" for v in self.extra)
+
+
+_UNIT = Bound(0.0, 1.0)
+_NON_NEGATIVE = Bound(0.0)
+_POSITIVE = Bound(0.0, low_open=True)
+_AT_LEAST_ONE = Bound(1.0)
+_BOUNDS = types.MappingProxyType(
+    {
+        # Probabilities and fractions.
+        **dict.fromkeys(("flipud", "fliplr", "mosaic", "mixup", "copy_paste"), _UNIT),
+        **dict.fromkeys(("hsv_h", "hsv_s", "hsv_v", "translate", "label_smoothing"), _UNIT),
+        **dict.fromkeys(("iou", "conf", "momentum", "warmup_momentum"), _UNIT),
+        "fraction": Bound(0.0, 1.0, low_open=True),
+        # Counts and sizes.
+        **dict.fromkeys(("epochs", "patience", "close_mosaic", "workers", "seed"), _NON_NEGATIVE),
+        **dict.fromkeys(("imgsz", "val_period", "max_det", "nbs"), _AT_LEAST_ONE),
+        "batch": Bound(1.0, extra=(-1,)),
+        "save_period": Bound(1.0, extra=(-1,)),
+        # Rates, gains and durations.
+        **dict.fromkeys(("lr0", "time", "dist_timeout"), _POSITIVE),
+        **dict.fromkeys(("lrf", "weight_decay", "warmup_epochs", "warmup_bias_lr"), _NON_NEGATIVE),
+        **dict.fromkeys(("box", "cls", "dfl", "cls_pw", "scale", "perspective"), _NON_NEGATIVE),
+        **dict.fromkeys(
+            (
+                "remote_metrics_period",
+                "remote_ckpt_period",
+                "remote_heartbeat_period",
+                "remote_timeout",
+                "remote_final_timeout",
+            ),
+            _POSITIVE,
+        ),
+    }
+)
+
+
+@dataclass(frozen=True)
+class ArgSpec:
+    """One argument of default.yaml: its default, accepted types (from the `(type)` comment) and help text."""
+
+    name: str
+    default: Any
+    types: tuple
+    comment: str
+    section: str
+
+    @property
+    def allows_none(self) -> bool:
+        """Keys with an empty default may be left empty (None) by the user too."""
+        return self.default is None
+
+
+class Args(types.SimpleNamespace):
+    """Resolved arguments: `args.epochs`, `vars(args)` for the dict, `for key, value in args`, `args.get(k)`."""
+
+    def __iter__(self):
+        return iter(vars(self).items())
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of `key`, or `default` when it is not set."""
+        return getattr(self, key, default)
+
+
+# ----------------------------------------------------------------------------------------------- default.yaml
+
+
+@functools.lru_cache(maxsize=1)
+def _read_arg_specs() -> tuple:
+    # Cached as an immutable tuple; callers get fresh containers from the public functions.
+    text = DEFAULT_CFG_PATH.read_text(encoding="utf-8")
+    defaults = yaml.safe_load(text)
+    specs, section, previous_comment = [], "", None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped:
+            previous_comment = None
+        elif stripped.startswith("#"):
+            previous_comment = stripped.lstrip("#").strip()
+        else:
+            # A comment line directly above a key line titles the group of keys that follows.
+            section = previous_comment if previous_comment is not None else section
+            previous_comment = None
+            specs.append(_parse_key_line(line, defaults, section))
+    missing = set(defaults) - {spec.name for spec in specs}
+    if missing:
+        raise RuntimeError(f"{DEFAULT_CFG_PATH}: keys without a '# (type)' comment: {sorted(missing)}")
+    return tuple(specs)
+
+
+def _parse_key_line(line: str, defaults: dict, section: str) -> ArgSpec:
+    match = _KEY_LINE.match(line)
+    if match is None:
+        raise RuntimeError(f"{DEFAULT_CFG_PATH}: line without a '# (type)' comment: {line!r}")
+    type_names = tuple(name.strip() for name in match["types"].split("|"))
+    unknown = [name for name in type_names if name not in _TYPE_NAMES]
+    if unknown:
+        raise RuntimeError(f"{DEFAULT_CFG_PATH}: unknown type {unknown} in line {line!r}")
+    key = match["key"]
+    return ArgSpec(key, defaults[key], type_names, match["comment"].strip(), section)
+
+
+def load_arg_specs() -> dict:
+    """Every argument of default.yaml as `{key: ArgSpec}`, in file order."""
+    return {spec.name: spec for spec in _read_arg_specs()}
+
+
+def load_default() -> dict:
+    """The default value of every argument (a new dict on each call)."""
+    return {spec.name: _copy_value(spec.default) for spec in _read_arg_specs()}
+
+
+def _copy_value(value):
+    return list(value) if isinstance(value, list) else value
+
+
+# ----------------------------------------------------------------------------------------------- get_cfg
+
+
+def get_cfg(overrides: Optional[dict] = None, cfg: Union[str, Path, dict, None] = None) -> Args:
+    """Resolve arguments: defaults, then the yaml file or dict `cfg`, then `overrides`.
+
+    A `cfg` key inside `overrides` names a yaml file applied between `cfg` and the other overrides.
+    Raises `CfgError` (one line) for an unknown key, a value of the wrong type or out of range,
+    or a cfg file that is missing or not a mapping. Values are kept as given, except that numbers for
+    `device`/`name`/`project` and path objects become strings (`device=0` -> "0").
+    """
+    specs = load_arg_specs()
+    values = load_default()
+    for layer, source in user_layers(overrides, cfg):
+        values.update(check_args(layer, specs, source))
+    return Args(**values)
+
+
+def user_layers(overrides: Optional[dict] = None, cfg: Union[str, Path, dict, None] = None) -> list:
+    """The user's layers as `[(dict, source name or None), ...]`, lowest priority first (not yet checked)."""
+    overrides = dict(overrides or {})
+    override_cfg = overrides.pop("cfg", None)
+    layers = []
+    if cfg is not None:
+        layers.append(_cfg_layer(cfg))
+    if override_cfg is not None:
+        layers.append(_cfg_layer(override_cfg))
+    layers.append((overrides, None))
+    return layers
+
+
+def user_args(overrides: Optional[dict] = None, cfg: Union[str, Path, dict, None] = None) -> dict:
+    """Only the arguments the user set (cfg layers merged under overrides), checked, without defaults."""
+    specs, merged = load_arg_specs(), {}
+    for layer, source in user_layers(overrides, cfg):
+        merged.update(check_args(layer, specs, source))
+    return merged
+
+
+def _cfg_layer(cfg) -> tuple:
+    if isinstance(cfg, (str, os.PathLike)):
+        return load_cfg_file(cfg), f"cfg file '{cfg}'"
+    if isinstance(cfg, Args):
+        return vars(cfg).copy(), "cfg"
+    if isinstance(cfg, dict):
+        return dict(cfg), "cfg"
+    raise CfgError(f"cfg={cfg!r} is invalid: expected a yaml file path or a dict of arguments")
+
+
+def load_cfg_file(path: Union[str, Path]) -> dict:
+    """Read a yaml file of arguments; raise `CfgError` naming the file if it is missing or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        reason = "is a folder" if path.is_dir() else "does not exist"
+        raise CfgError(f"cfg file '{path}' {reason}: expected a yaml file of key: value arguments")
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise CfgError(f"cfg file '{path}' is not valid yaml: {_one_line(error)}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise CfgError(f"cfg file '{path}' cannot be read: {_one_line(error)}") from None
+    if content is None:  # an empty file sets nothing
+        return {}
+    if not isinstance(content, dict):
+        raise CfgError(
+            f"cfg file '{path}' must be a mapping of key: value arguments, got a {type(content).__name__}"
+        )
+    return content
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def check_args(layer: dict, specs: Optional[dict] = None, source: Optional[str] = None) -> dict:
+    """Check the keys and values of one layer of arguments; return it with values normalised."""
+    specs = specs if specs is not None else load_arg_specs()
+    prefix = f"{source}: " if source else ""
+    _check_keys(layer, specs, prefix)
+    return {key: _checked_value(specs[key], value, prefix) for key, value in layer.items()}
+
+
+def _check_keys(layer: dict, specs: dict, prefix: str) -> None:
+    for key in layer:
+        if not isinstance(key, str):
+            raise CfgError(f"{prefix}argument names must be strings, got {key!r}")
+        if key == "cfg":
+            raise CfgError(f"{prefix}'cfg' cannot be set inside a cfg file or dict")
+    unknown = [key for key in layer if key not in specs]
+    if unknown:
+        raise CfgError(prefix + "; ".join(_unknown_key_message(key, specs) for key in unknown))
+
+
+def _unknown_key_message(key: str, specs: dict) -> str:
+    message = f"'{key}' is not a valid yolotrain argument"
+    suggestion = did_you_mean(key, specs)
+    if suggestion:
+        message += f", did you mean '{suggestion}'?"
+    return f"{message} {_HELP_HINT}"
+
+
+def did_you_mean(word: str, candidates) -> Optional[str]:
+    """The closest candidate to `word` (case-insensitive), or None when nothing is close."""
+    by_lower = {str(candidate).lower(): str(candidate) for candidate in candidates}
+    matches = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
+    return by_lower[matches[0]] if matches else None
+
+
+# ----------------------------------------------------------------------------------------------- value checks
+
+
+def _checked_value(spec: ArgSpec, value, prefix: str):
+    if value is None:
+        if spec.allows_none:
+            return None
+        raise _value_error(spec, value, prefix)
+    value = _normalised(spec, value)
+    for type_name in spec.types:
+        if _matches_type(type_name, value):
+            _check_choice(spec, value, prefix)
+            _check_bound(spec, value, prefix)
+            return value
+    raise _value_error(spec, value, prefix)
+
+
+def _normalised(spec: ArgSpec, value):
+    # Path objects become strings so that args stay plain yaml-serialisable types.
+    if isinstance(value, os.PathLike) and "str" in spec.types:
+        return os.fspath(value)
+    if spec.name in _NUMBER_AS_STR_KEYS and _is_number(value):
+        return str(value)
+    if spec.name == "device" and isinstance(value, (list, tuple)) and all(_is_int(v) for v in value):
+        return ",".join(str(v) for v in value)  # device=[0, 1] -> "0,1"
+    return value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _matches_type(type_name: str, value) -> bool:
+    if type_name == "int":
+        return _is_int(value)
+    if type_name == "float":
+        return _is_number(value) and math.isfinite(value)
+    if type_name == "bool":
+        return isinstance(value, bool)
+    if type_name == "str":
+        return isinstance(value, str)
+    # Lists hold layer indices or names (freeze=[0, 1] or freeze=["model.0"]).
+    return isinstance(value, (list, tuple)) and all(_is_int(v) or isinstance(v, str) for v in value)
+
+
+def _check_choice(spec: ArgSpec, value, prefix: str) -> None:
+    choices = _STR_CHOICES.get(spec.name)
+    if choices is None or not isinstance(value, str) or value in choices:
+        return
+    expected = _describe_expected(spec)
+    message = f"{prefix}'{spec.name}={value}' is invalid: expected {expected}"
+    suggestion = did_you_mean(value, choices)
+    raise CfgError(message + (f", did you mean '{suggestion}'?" if suggestion else ""))
+
+
+def _check_bound(spec: ArgSpec, value, prefix: str) -> None:
+    bound = _BOUNDS.get(spec.name)
+    if bound is None or not _is_number(value) or bound.contains(value):
+        return
+    raise CfgError(
+        f"{prefix}'{spec.name}={format_value(value)}' is invalid: expected {spec.types[0]} "
+        f"{bound.describe()}{_example(spec)}"
+    )
+
+
+def _value_error(spec: ArgSpec, value, prefix: str) -> CfgError:
+    expected = _describe_expected(spec)
+    if _is_number(value) and not math.isfinite(value):
+        expected = f"a finite {expected}"
+    return CfgError(f"{prefix}'{spec.name}={format_value(value)}' is invalid: expected {expected}{_example(spec)}")
+
+
+def _describe_expected(spec: ArgSpec) -> str:
+    choices = _STR_CHOICES.get(spec.name)
+    parts = []
+    for type_name in spec.types:
+        if type_name == "str" and choices:
+            parts.append(f"one of {', '.join(choices)}" if len(choices) > 1 else choices[0])
+        elif type_name == "bool" and len(spec.types) == 1:
+            parts.append("bool (true or false)")
+        else:
+            parts.append(type_name)
+    expected = " or ".join(parts)
+    if spec.allows_none:
+        expected += " (or empty)"
+    return expected
+
+
+def _example(spec: ArgSpec) -> str:
+    example = format_value(spec.default) if spec.default is not None else _EXAMPLES.get(spec.name)
+    return f", e.g. {spec.name}={example}" if example else ""
+
+
+def format_value(value) -> str:
+    """A value written the way a user types it on the command line (true, none, [1, 2])."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _format_number(value) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+
+def parse_cli_value(text: str, key: Optional[str] = None) -> Any:
+    """Turn one command-line value into a Python value: "3" -> 3, "0.5" -> 0.5, "true" -> True,
+    "none"/"" -> None, "[1,2]" or "1,2" -> [1, 2]; anything else stays a string.
+
+    With `key` naming a text-only argument (device, name, data, ...) the text is kept as typed, so that
+    `device=0,1` stays "0,1".
+    """
+    if key is not None and _is_text_only(key):
+        return None if text.strip().lower() in _NONE_WORDS else text
+    stripped = text.strip()
+    if stripped.startswith("[") and stripped.endswith("]"):
+        return _parse_bracket_list(stripped)
+    if "," in stripped:
+        return [_parse_scalar(part.strip()) for part in stripped.split(",") if part.strip()]
+    return _parse_scalar(stripped)
+
+
+def _is_text_only(key: str) -> bool:
+    if key == "cfg":
+        return True
+    spec = load_arg_specs().get(key)
+    return spec is not None and spec.types == ("str",)
+
+
+def _parse_bracket_list(text: str) -> Any:
+    try:
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if not isinstance(parsed, list):
+        return text
+    # yaml reads "1e-3" as a string and "yes" as a bool; re-read string items our way.
+    return [_parse_scalar(item) if isinstance(item, str) else item for item in parsed]
+
+
+def _parse_scalar(text: str) -> Any:
+    # Parsed by hand rather than with yaml: yaml 1.1 reads "1e-3" as a string and "on"/"yes" as booleans.
+    lower = text.lower()
+    if lower in _NONE_WORDS:
+        return None
+    if lower in ("true", "false"):
+        return lower == "true"
+    for number_type in (int, float):
+        try:
+            return number_type(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_cli_args(argv: list) -> tuple:
+    """Split `["train", "data=x.yaml", "epochs=3"]` into `("train", {"data": "x.yaml", "epochs": 3})`.
+
+    The mode may appear anywhere; `mode=val` works too. Returns `(None, overrides)` when no mode is given.
+    A bare word that is neither a mode nor `key=value` raises `CfgError` with a suggestion.
+    """
+    mode, overrides = None, {}
+    for token in argv:
+        if "=" in token and not token.startswith("-"):
+            key, value = _split_key_value(token)
+            overrides[key] = parse_cli_value(value, key)
+        else:
+            word = _cli_word(token)
+            if mode is not None and word != mode:
+                raise CfgError(f"two modes given, '{mode}' and '{word}': give one of {', '.join(CLI_MODES)}")
+            mode = word
+    return _resolve_mode(mode, overrides), overrides
+
+
+def _split_key_value(token: str) -> tuple:
+    key, value = token.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise CfgError(f"'{token}' has no argument name: write key=value, e.g. epochs=100")
+    return key, value
+
+
+def _cli_word(token: str) -> str:
+    if token in ("-h", "--help"):
+        return "help"
+    if token in ("-V", "--version"):
+        return "version"
+    if token.startswith("-"):
+        raise CfgError(f"'{token}' is invalid: arguments are written key=value without dashes, e.g. epochs=100")
+    if token in POSITIONAL_CLI_MODES:
+        raise CfgError(f"'{token}' must be the first argument, e.g. yolotrain {token} ...")
+    if token in CLI_MODES:
+        return token
+    raise CfgError(_bare_word_message(token))
+
+
+def _bare_word_message(word: str) -> str:
+    specs = load_arg_specs()
+    if word in specs:
+        return f"'{word}' has no value: write {word}=VALUE{_example(specs[word])}"
+    message = f"'{word}' is not a valid mode or key=value argument"
+    suggestion = did_you_mean(word, CLI_MODES) or did_you_mean(word, specs)
+    if suggestion:
+        message += f", did you mean '{suggestion}'?"
+    return f"{message} (modes: {', '.join(CLI_MODES)})"
+
+
+def _resolve_mode(mode: Optional[str], overrides: dict) -> Optional[str]:
+    mode_argument = overrides.get("mode")
+    if mode is None:
+        return mode_argument if isinstance(mode_argument, str) else None
+    if mode_argument is not None and mode_argument != mode and mode in MODES:
+        raise CfgError(f"mode '{mode}' and mode={mode_argument} disagree: give the mode once")
+    return mode

@@ -1,0 +1,214 @@
+"""The generated shapes dataset: determinism, valid and tight labels, atomic cached generation."""
+
+import os
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from yolotrain.data import builtin
+from yolotrain.data.builtin import (
+    BUILTIN_NAMES,
+    builtin_data_yaml,
+    generate_shapes_dataset,
+    image_rng,
+    render_scene,
+)
+
+TINY = dict(n_train=4, n_val=2, imgsz=96, seed=3)
+
+
+def read_labels(path: Path) -> np.ndarray:
+    return np.loadtxt(path, ndmin=2).reshape(-1, 5)
+
+
+def label_boxes_in_pixels(labels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Normalised xywh label rows -> integer pixel xyxy (x2, y2 exclusive), checking they land on pixel edges."""
+    cx, cy, w, h = labels[:, 1:].T
+    xyxy = np.stack([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height], 1)
+    assert np.allclose(xyxy, np.round(xyxy), atol=1e-3), "box edges must fall on pixel boundaries"
+    return np.round(xyxy).astype(int)
+
+
+def smooth(image: np.ndarray) -> np.ndarray:
+    return cv2.GaussianBlur(image.astype(np.float32), (5, 5), 0)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
+    generate_shapes_dataset(out, **TINY)
+    return out
+
+
+def tiny_generator(calls: list):
+    """A stand-in for the full-size generator (which takes seconds) that records each call."""
+
+    def generate(out_dir):
+        calls.append(Path(out_dir))
+        return generate_shapes_dataset(out_dir, n_train=2, n_val=1, imgsz=64, seed=0)
+
+    return generate
+
+
+# --- content ------------------------------------------------------------------------------------------------------
+
+
+def test_same_seed_gives_identical_files_and_other_seed_differs(tiny_dataset, tmp_path):
+    generate_shapes_dataset(tmp_path / "again", **TINY)
+    generate_shapes_dataset(tmp_path / "other", **{**TINY, "seed": TINY["seed"] + 1})
+    files = sorted(p.relative_to(tiny_dataset) for p in tiny_dataset.rglob("*") if p.is_file())
+    assert len(files) == 2 * (TINY["n_train"] + TINY["n_val"]) + 1  # images, labels, data.yaml
+    for relative in files:
+        assert (tmp_path / "again" / relative).read_bytes() == (tiny_dataset / relative).read_bytes(), relative
+    first_image = Path("images/train/train_00000.jpg")
+    assert (tmp_path / "other" / first_image).read_bytes() != (tiny_dataset / first_image).read_bytes()
+
+
+def test_layout_yaml_and_labels_are_valid_yolo(tiny_dataset):
+    data = yaml.safe_load((tiny_dataset / "data.yaml").read_text())
+    assert data["names"] == list(BUILTIN_NAMES) and data["nc"] == len(BUILTIN_NAMES)
+    for split, count in (("train", TINY["n_train"]), ("val", TINY["n_val"])):
+        images = sorted((tiny_dataset / data[split]).glob("*.jpg"))
+        labels = sorted((tiny_dataset / "labels" / split).glob("*.txt"))
+        assert len(images) == count and [p.stem for p in images] == [p.stem for p in labels]
+        for label_file in labels:
+            rows = read_labels(label_file)
+            assert len(rows) >= 1
+            assert np.all(rows[:, 0] == np.round(rows[:, 0])) and np.all((rows[:, 0] >= 0) & (rows[:, 0] < 6))
+            cx, cy, w, h = rows[:, 1:].T
+            assert np.all((w > 0) & (h > 0))
+            assert np.all(cx - w / 2 >= -1e-6) and np.all(cx + w / 2 <= 1 + 1e-6)
+            assert np.all(cy - h / 2 >= -1e-6) and np.all(cy + h / 2 <= 1 + 1e-6)
+
+
+def test_written_boxes_are_tight_around_each_drawn_shape(tiny_dataset):
+    """Re-render every image: each label box must contain all of its shape's visible pixels and touch the shape on
+    all four of its inner edges; the stored JPEG must be that rendering and the shape a uniformly painted region."""
+    for split, count in (("train", TINY["n_train"]), ("val", TINY["n_val"])):
+        for index in range(count):
+            scene = render_scene(image_rng(TINY["seed"], split, index), TINY["imgsz"])
+            stem = f"{split}_{index:05d}"
+            stored = cv2.imread(str(tiny_dataset / "images" / split / f"{stem}.jpg"))
+            assert stored.shape == scene.image.shape
+            # JPEG drops the sensor noise and some chroma detail: compare smoothed images (a wrong image is ~50 off)
+            assert np.abs(smooth(stored) - smooth(scene.image)).mean() < 6
+            height, width = stored.shape[:2]
+            labels = read_labels(tiny_dataset / "labels" / split / f"{stem}.txt")
+            np.testing.assert_array_equal(labels[:, 0], scene.classes)
+            boxes = label_boxes_in_pixels(labels, width, height)
+            for shape_id, (x1, y1, x2, y2) in enumerate(boxes):
+                mask = scene.object_ids == shape_id
+                inside = mask[y1:y2, x1:x2]
+                assert inside.sum() == mask.sum(), "a shape pixel lies outside its box"
+                assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+                colours = scene.image[mask].astype(float)
+                assert np.abs(colours - np.median(colours, 0)).mean() < 12  # one paint colour plus sensor noise
+
+
+def test_scenes_cover_all_classes_and_a_range_of_sizes():
+    scenes = [render_scene(image_rng(0, "train", i), 160) for i in range(40)]
+    classes = np.concatenate([s.classes for s in scenes])
+    assert set(classes.tolist()) == set(range(len(BUILTIN_NAMES)))
+    extent = np.concatenate([np.maximum(s.boxes[:, 2] - s.boxes[:, 0], s.boxes[:, 3] - s.boxes[:, 1]) for s in scenes])
+    min_side = np.concatenate([np.full(len(s.classes), min(s.image.shape[:2])) for s in scenes])
+    relative_extent = extent / min_side
+    assert extent.min() >= 8 and extent.min() < 20  # small objects exist, none below a few pixels
+    assert relative_extent.max() > 0.3 and relative_extent.max() <= 0.55  # large ones reach about half the image
+
+
+def test_square_polygon_box_follows_pixel_edge_convention():
+    # A polygon through pixel centres (10, 10) .. (29, 19) fills columns 10..29 and rows 10..19.
+    mask = builtin._rasterise(np.array([(10, 10), (29, 10), (29, 19), (10, 19)], float), 40, 40)
+    object_ids = np.where(mask, 0, -1).astype(np.int16)
+    np.testing.assert_array_equal(builtin._visible_boxes(object_ids, 1), [[10, 10, 30, 20]])
+
+
+def test_occluded_shape_box_is_its_visible_extent():
+    object_ids = np.full((20, 30), -1, dtype=np.int16)
+    object_ids[2:12, 4:20] = 0
+    object_ids[5:15, 14:26] = 1  # drawn later: hides the right part of shape 0 from column 14
+    object_ids[2:5, 14:20] = 1  # and the rest of its right strip
+    np.testing.assert_array_equal(builtin._visible_boxes(object_ids, 2), [[4, 2, 14, 12], [14, 2, 26, 15]])
+
+
+# --- cached, atomic generation --------------------------------------------------------------------------------------
+
+
+def test_builtin_yaml_generates_once_then_reuses(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(builtin, "generate_shapes_dataset", tiny_generator(calls))
+    yaml_path = builtin_data_yaml(tmp_path)
+    assert yaml_path == tmp_path / "shapes-v1" / "data.yaml" and yaml_path.is_file()
+    assert (yaml_path.parent / builtin.COMPLETE_MARKER).is_file()
+    image = next((yaml_path.parent / "images" / "train").glob("*.jpg"))
+    stamps = yaml_path.stat().st_mtime_ns, image.stat().st_mtime_ns
+
+    assert builtin_data_yaml(tmp_path) == yaml_path
+    assert len(calls) == 1
+    assert (yaml_path.stat().st_mtime_ns, image.stat().st_mtime_ns) == stamps
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shapes-v1"]  # no temp folder left behind
+
+
+def test_cache_folder_comes_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setattr(builtin, "generate_shapes_dataset", tiny_generator([]))
+    monkeypatch.setenv("YOLOTRAIN_CACHE", str(tmp_path / "cache"))
+    assert builtin_data_yaml() == tmp_path / "cache" / "shapes-v1" / "data.yaml"
+
+
+def test_crash_during_generation_leaves_no_dataset(tmp_path, monkeypatch):
+    def crash(out_dir):
+        generate_shapes_dataset(out_dir, n_train=1, n_val=0, imgsz=64, seed=0)
+        raise RuntimeError("killed mid-way")
+
+    monkeypatch.setattr(builtin, "generate_shapes_dataset", crash)
+    with pytest.raises(RuntimeError):
+        builtin_data_yaml(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # neither a final folder nor a temp one
+
+    calls = []
+    monkeypatch.setattr(builtin, "generate_shapes_dataset", tiny_generator(calls))
+    assert builtin_data_yaml(tmp_path).is_file() and len(calls) == 1
+
+
+def test_leftover_temp_folders_are_ignored_and_stale_ones_removed(tmp_path, monkeypatch):
+    stale, recent = tmp_path / ".shapes-v1.tmp-crashed", tmp_path / ".shapes-v1.tmp-running"
+    for leftover in (stale, recent):
+        (leftover / "images" / "train").mkdir(parents=True)
+        (leftover / "images" / "train" / "junk.jpg").write_bytes(b"not an image")
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    monkeypatch.setattr(builtin, "generate_shapes_dataset", tiny_generator([]))
+
+    yaml_path = builtin_data_yaml(tmp_path)
+    assert not stale.exists()
+    assert recent.exists()  # may belong to a process still generating
+    assert not list(yaml_path.parent.rglob("junk.jpg"))
+
+
+def test_final_folder_without_marker_is_rebuilt(tmp_path, monkeypatch):
+    half = tmp_path / "shapes-v1"
+    (half / "images" / "train").mkdir(parents=True)
+    (half / "data.yaml").write_text("train: images/train\n")  # a yaml but no completion marker
+    calls = []
+    monkeypatch.setattr(builtin, "generate_shapes_dataset", tiny_generator(calls))
+    yaml_path = builtin_data_yaml(tmp_path)
+    assert len(calls) == 1 and (half / builtin.COMPLETE_MARKER).is_file()
+    assert yaml.safe_load(yaml_path.read_text())["names"] == list(BUILTIN_NAMES)
+
+
+def test_concurrent_finisher_wins_and_our_copy_is_discarded(tmp_path, monkeypatch):
+    def generate_while_another_process_finishes(out_dir):
+        tiny_generator([])(out_dir)
+        winner = tmp_path / "shapes-v1"  # the other process renames its finished copy into place first
+        tiny_generator([])(winner)
+        (winner / builtin.COMPLETE_MARKER).write_text("{}")
+        (winner / "from_winner").write_text("")
+
+    monkeypatch.setattr(builtin, "generate_shapes_dataset", generate_while_another_process_finishes)
+    yaml_path = builtin_data_yaml(tmp_path)
+    assert (yaml_path.parent / "from_winner").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shapes-v1"]

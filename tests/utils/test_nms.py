@@ -1,0 +1,120 @@
+"""non_max_suppression against a plain, obviously-correct greedy reference."""
+
+import pytest
+import torch
+
+from yolotrain.utils import nms as nms_module
+from yolotrain.utils.nms import greedy_nms, non_max_suppression
+
+
+def reference_iou(a, b):
+    """IoU of two xyxy boxes given as Python floats."""
+    inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    inter_h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = inter_w * inter_h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / (union + 1e-7)
+
+
+def reference_nms_one_image(pred, conf_thres, iou_thres, classes, agnostic, max_det):
+    """Textbook greedy NMS, one box at a time. pred (A, 4 + nc) xywh + scores -> list of (x1,y1,x2,y2,conf,cls)."""
+    candidates = []
+    for row in pred.tolist():
+        cx, cy, w, h = row[:4]
+        scores = row[4:]
+        best = max(range(len(scores)), key=lambda c: (scores[c], -c))
+        if scores[best] > conf_thres and (classes is None or best in classes):
+            candidates.append((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, scores[best], float(best)))
+    candidates.sort(key=lambda d: -d[4])
+    kept = []
+    for det in candidates:
+        if all(
+            (not agnostic and other[5] != det[5]) or reference_iou(other[:4], det[:4]) <= iou_thres for other in kept
+        ):
+            kept.append(det)
+    return kept[:max_det]
+
+
+def random_prediction(generator, batch, num_classes, num_anchors, image_size=64.0):
+    """(B, 4 + nc, A): clustered xywh boxes (so many overlap) and random scores."""
+    centres = torch.rand(batch, 2, num_anchors, generator=generator) * image_size
+    centres = torch.round(centres / 8) * 8 + torch.randn(batch, 2, num_anchors, generator=generator) * 2
+    sizes = 4 + torch.rand(batch, 2, num_anchors, generator=generator) * 16
+    scores = torch.rand(batch, num_classes, num_anchors, generator=generator)
+    return torch.cat([centres, sizes, scores], 1)
+
+
+def assert_same_detections(ours, reference):
+    expected = torch.tensor(reference, dtype=torch.float32).reshape(-1, 6)
+    assert ours.shape == expected.shape
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("agnostic", [False, True])
+@pytest.mark.parametrize("seed", range(6))
+def test_matches_reference_greedy_nms(seed, agnostic):
+    generator = torch.Generator().manual_seed(seed)
+    num_classes = [1, 3, 7, 2, 5, 4][seed]
+    num_anchors = [1, 40, 200, 0, 120, 300][seed]
+    prediction = random_prediction(generator, 3, num_classes, num_anchors)
+    conf_thres, iou_thres = [0.1, 0.3, 0.5, 0.2, 0.0, 0.25][seed], [0.45, 0.3, 0.6, 0.5, 0.2, 0.7][seed]
+    ours = non_max_suppression(prediction, conf_thres, iou_thres, agnostic=agnostic)
+    assert len(ours) == 3
+    for image in range(3):
+        reference = reference_nms_one_image(prediction[image].T, conf_thres, iou_thres, None, agnostic, 300)
+        assert_same_detections(ours[image], reference)
+
+
+def test_block_processing_is_still_exact(monkeypatch):
+    # Tiny blocks force the "pruned by earlier blocks" path many times.
+    monkeypatch.setattr(nms_module, "NMS_BLOCK_SIZE", 7)
+    prediction = random_prediction(torch.Generator().manual_seed(11), 2, 3, 150)
+    ours = non_max_suppression(prediction, 0.05, 0.4)
+    for image in range(2):
+        assert_same_detections(ours[image], reference_nms_one_image(prediction[image].T, 0.05, 0.4, None, False, 300))
+
+
+def test_torchvision_path_with_class_offsets(monkeypatch):
+    # Stand in for torchvision with our class-agnostic kernel: the class offsets alone must keep classes apart.
+    monkeypatch.setattr(nms_module, "torchvision_nms", lambda: lambda boxes, scores, thr: greedy_nms(boxes, scores, thr))
+    prediction = random_prediction(torch.Generator().manual_seed(5), 2, 4, 160)
+    for agnostic in (False, True):
+        ours = non_max_suppression(prediction, 0.2, 0.5, agnostic=agnostic)
+        for image in range(2):
+            reference = reference_nms_one_image(prediction[image].T, 0.2, 0.5, None, agnostic, 300)
+            assert_same_detections(ours[image], reference)
+
+
+def test_conf_threshold_and_classes_filter():
+    prediction = random_prediction(torch.Generator().manual_seed(3), 2, 5, 100)
+    ours = non_max_suppression(prediction, conf_thres=0.6, iou_thres=0.5, classes=[1, 3])
+    for image in range(2):
+        assert (ours[image][:, 4] > 0.6).all()
+        assert set(ours[image][:, 5].tolist()) <= {1.0, 3.0}
+        assert_same_detections(ours[image], reference_nms_one_image(prediction[image].T, 0.6, 0.5, [1, 3], False, 300))
+
+
+def test_max_det_keeps_the_highest_scores():
+    prediction = random_prediction(torch.Generator().manual_seed(4), 1, 2, 200)
+    full = non_max_suppression(prediction, 0.0, 0.9)[0]
+    capped = non_max_suppression(prediction, 0.0, 0.9, max_det=5)[0]
+    assert full.shape[0] > 5 and capped.shape[0] == 5
+    torch.testing.assert_close(capped, full[:5])
+    assert (capped[:-1, 4] >= capped[1:, 4]).all()
+
+
+def test_accepts_model_output_tuple_and_handles_no_candidates():
+    prediction = random_prediction(torch.Generator().manual_seed(8), 2, 3, 30)
+    from_tuple = non_max_suppression((prediction, [torch.zeros(1)]), 0.3, 0.5)
+    direct = non_max_suppression(prediction, 0.3, 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(from_tuple, direct))
+    nothing = non_max_suppression(prediction, conf_thres=1.0)
+    assert [d.shape for d in nothing] == [(0, 6), (0, 6)]
+
+
+def test_identical_boxes_of_two_classes_are_both_kept_unless_agnostic():
+    # Two anchors, same box, best classes 0 and 1.
+    prediction = torch.tensor([[[10.0, 10.0], [10.0, 10.0], [4.0, 4.0], [4.0, 4.0], [0.9, 0.1], [0.1, 0.8]]])
+    assert non_max_suppression(prediction, 0.25, 0.5)[0].shape[0] == 2
+    agnostic = non_max_suppression(prediction, 0.25, 0.5, agnostic=True)[0]
+    assert agnostic.shape[0] == 1 and agnostic[0, 4].item() == pytest.approx(0.9)

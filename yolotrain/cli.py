@@ -1,0 +1,153 @@
+"""The `yolotrain` command: `yolotrain MODE key=value ...`.
+
+Arguments are checked before anything heavy (torch, the model code) is imported, so `yolotrain help`
+and argument mistakes answer at once. User mistakes print one line, `yolotrain: error: ...`, and exit with
+the error's `exit_code` (2 for arguments); no traceback.
+"""
+
+import logging
+import sys
+from typing import Optional
+
+from yolotrain import __version__
+from yolotrain.cfg import (
+    CLI_MODES,
+    format_value,
+    get_cfg,
+    load_arg_specs,
+    parse_cli_args,
+    user_args,
+)
+from yolotrain.errors import CfgError, YoloTrainError
+
+LOGGER = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "yolo-n.yaml"
+USAGE = "usage: yolotrain MODE [key=value ...]   (MODE: train, val, help, convert, sync, version)"
+CONVERT_USAGE = "yolotrain convert coco SRC.json IMAGES_DIR OUT_DIR"
+SYNC_USAGE = "yolotrain sync RUN_DIR"
+MODE_HELP = (
+    ("train", "train a detector", "yolotrain train data=data.yaml model=yolo-n.yaml epochs=100"),
+    ("val", "validate a trained model", "yolotrain val model=runs/detect/train/weights/best.pt data=data.yaml"),
+    ("convert", "convert COCO json labels to YOLO txt labels", CONVERT_USAGE),
+    ("sync", "upload a run folder to the remote tracking server", SYNC_USAGE),
+    ("help", "show this help", "yolotrain help"),
+    ("version", "print the version", "yolotrain version"),
+)
+
+
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of each record (it may be replaced after setup)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Run the command line with `argv` (default `sys.argv[1:]`); return the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _dispatch(argv)
+    except YoloTrainError as error:
+        _print_error(error)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("yolotrain: interrupted", file=sys.stderr)
+        return 130
+
+
+def _print_error(error: YoloTrainError) -> None:
+    message = " ".join(str(error).split()) or type(error).__name__
+    print(f"yolotrain: error: {message}", file=sys.stderr)
+
+
+def _dispatch(argv: list) -> int:
+    if not argv:
+        print(USAGE)
+        print("run 'yolotrain help' for every mode and argument")
+        return 0
+    if argv[0] == "convert":
+        return _run_convert(argv[1:])
+    if argv[0] == "sync":
+        return _run_sync(argv[1:])
+    mode, overrides = parse_cli_args(argv)
+    if mode == "help":
+        print(help_text())
+        return 0
+    if mode == "version":
+        print(f"yolotrain {__version__}")
+        return 0
+    if mode is None:
+        raise CfgError(f"no mode given: start with one of {', '.join(CLI_MODES)}, e.g. yolotrain train data=data.yaml")
+    return _run_train_or_val(mode, overrides)
+
+
+def _run_train_or_val(mode: str, overrides: dict) -> int:
+    given = user_args(overrides)  # the user's arguments only (cfg file merged under key=value), checked
+    args = get_cfg({**given, "mode": mode})  # every value checked before the heavy import below
+    _configure_logging()
+    from yolotrain.engine.model import YOLO  # imports torch
+
+    model = YOLO(args.model or DEFAULT_MODEL)
+    # The model and mode are already given by the call itself; the rest goes through exactly as the user set it.
+    kwargs = {key: value for key, value in given.items() if key not in ("model", "mode")}
+    getattr(model, mode)(**kwargs)
+    return 0
+
+
+def _run_convert(positional: list) -> int:
+    if len(positional) != 4 or "=" in "".join(positional):
+        raise CfgError(f"convert takes 4 arguments, got {len(positional)}: usage: {CONVERT_USAGE}")
+    source_format, src_json, images_dir, out_dir = positional
+    if source_format != "coco":
+        raise CfgError(f"'convert {source_format}' is not supported: only coco, usage: {CONVERT_USAGE}")
+    _configure_logging()
+    from yolotrain.data.convert import convert_coco
+
+    convert_coco(src_json, images_dir, out_dir)
+    return 0
+
+
+def _run_sync(positional: list) -> int:
+    if len(positional) != 1:
+        raise CfgError(f"sync takes 1 argument, got {len(positional)}: usage: {SYNC_USAGE}")
+    _configure_logging()
+    from yolotrain.integrations.remote import sync_run
+
+    sync_run(positional[0])
+    return 0
+
+
+def _configure_logging() -> None:
+    # Only the CLI configures output; as a library yolotrain leaves logging to the application.
+    package_logger = logging.getLogger("yolotrain")
+    if not any(isinstance(handler, _CurrentStderrHandler) for handler in package_logger.handlers):
+        handler = _CurrentStderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package_logger.addHandler(handler)
+    if package_logger.level == logging.NOTSET:
+        package_logger.setLevel(logging.INFO)
+
+
+def help_text() -> str:
+    """Modes and every argument with its default and description, grouped as in default.yaml."""
+    lines = [USAGE, "", "modes:"]
+    for mode, description, example in MODE_HELP:
+        lines.append(f"  {mode:<8} {description:<50} {example}")
+    lines += ["", "arguments (key=default  (type) description); set them as key=value or in a yaml given by cfg=FILE:"]
+    section = None
+    for spec in load_arg_specs().values():
+        if spec.section != section:
+            section = spec.section
+            lines += ["", f"{section}:"]
+        default = "" if spec.default is None else format_value(spec.default)
+        lines.append(f"  {spec.name + '=' + default:<30} ({' | '.join(spec.types)}) {spec.comment}")
+    return "\n".join(lines)

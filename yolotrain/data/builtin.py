@@ -1,0 +1,343 @@
+"""The built-in "shapes" detection dataset, generated deterministically on first use.
+
+With no `data=` the trainer trains on this dataset: coloured shapes of six kinds on textured backgrounds. The class
+of a shape is decided by its geometry only (colour, size, rotation and background are random), so a detector has to
+learn shape to score well. Every image is rendered from its own seeded numpy generator, so the files are the same
+bytes on every run of the same software stack.
+
+Label boxes are exact: each shape is rasterised into an integer map of object ids, and a box is the pixel extent of
+the shape's *visible* pixels (later shapes may hide a little of earlier ones), written as normalised YOLO xywh.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_NAMES = ("circle", "square", "triangle", "star", "cross", "ellipse")
+"""Class names of the built-in dataset, in class-index order."""
+
+DATASET_VERSION = "shapes-v1"  # bump when the rendered content changes, so old caches are not reused
+DEFAULT_SEED = 0
+DEFAULT_TRAIN_IMAGES = 400
+DEFAULT_VAL_IMAGES = 100
+DEFAULT_IMGSZ = 224  # longest image side; the other sides vary down to 70% of it
+SPLITS = ("train", "val")
+COMPLETE_MARKER = ".complete"
+JPEG_QUALITY = 90
+
+MIN_OBJECT_SIZE = 12  # pixels, the smallest shape extent
+MAX_OBJECTS_PER_IMAGE = 8
+MIN_VISIBLE_FRACTION = 0.7  # occlusion stays mild: every shape keeps at least this share of its pixels
+MIN_COLOUR_CONTRAST = 90.0  # L2 distance (0-255 BGR) between a shape's colour and the background under it
+PLACEMENT_TRIES = 20
+STALE_TEMP_SECONDS = 600  # a temp folder this old belongs to a crashed generation, not a running one
+
+
+@dataclass
+class ShapesScene:
+    """One rendered image with its ground truth.
+
+    image: (h, w, 3) uint8 BGR. object_ids: (h, w) int16, the index of the shape visible at each pixel, -1 for
+    background. classes: (n,) int64 class indices. boxes: (n, 4) float64 pixel xyxy, the extent of each shape's
+    visible pixels (x2, y2 exclusive: a pixel at column x spans [x, x + 1)).
+    """
+
+    image: np.ndarray
+    object_ids: np.ndarray
+    classes: np.ndarray
+    boxes: np.ndarray
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """The folder the built-in dataset is cached under: `$YOLOTRAIN_CACHE`, else `~/.cache/yolotrain`."""
+    env = os.environ.get("YOLOTRAIN_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "yolotrain"
+
+
+def builtin_data_yaml(root: str | Path | None = None) -> Path:
+    """Return the data.yaml of the built-in shapes dataset, generating it on first use.
+
+    The dataset lives in `<root>/shapes-v1/` (`root` defaults to `default_cache_dir()`). It is built in a temporary
+    sibling folder and renamed into place with a completion marker inside, so a crash or several processes starting
+    at once never leave a half-written dataset; later calls reuse the finished one.
+    """
+    cache_root = Path(root).expanduser() if root is not None else default_cache_dir()
+    final_dir = cache_root / DATASET_VERSION
+    if _is_complete(final_dir):
+        return final_dir / "data.yaml"
+
+    cache_root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(cache_root)
+    temp_dir = Path(tempfile.mkdtemp(prefix=f".{DATASET_VERSION}.tmp-", dir=cache_root))
+    try:
+        logger.info(f"Generating the built-in {DATASET_VERSION} dataset in {final_dir} (first use, a few seconds)")
+        start = time.perf_counter()
+        generate_shapes_dataset(temp_dir)
+        (temp_dir / COMPLETE_MARKER).write_text(json.dumps({"version": DATASET_VERSION}))
+        _move_into_place(temp_dir, final_dir)
+        logger.info(f"Built-in dataset ready in {time.perf_counter() - start:.1f}s: {final_dir / 'data.yaml'}")
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)  # gone already after a successful rename
+    return final_dir / "data.yaml"
+
+
+def generate_shapes_dataset(
+    out_dir: str | Path,
+    n_train: int = DEFAULT_TRAIN_IMAGES,
+    n_val: int = DEFAULT_VAL_IMAGES,
+    imgsz: int = DEFAULT_IMGSZ,
+    seed: int = DEFAULT_SEED,
+) -> Path:
+    """Write a shapes dataset into `out_dir` (images/{train,val}, labels/{train,val}, data.yaml); return the yaml.
+
+    Not atomic on its own (see `builtin_data_yaml`). The same arguments always produce the same files.
+    """
+    out_dir = Path(out_dir)
+    for split, count in zip(SPLITS, (n_train, n_val)):
+        image_dir, label_dir = out_dir / "images" / split, out_dir / "labels" / split
+        image_dir.mkdir(parents=True, exist_ok=True)
+        label_dir.mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            scene = render_scene(image_rng(seed, split, index), imgsz)
+            stem = f"{split}_{index:05d}"
+            _write_jpeg(image_dir / f"{stem}.jpg", scene.image)
+            (label_dir / f"{stem}.txt").write_text(yolo_label_text(scene))
+    return _write_data_yaml(out_dir)
+
+
+def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The generator that renders image `index` of `split`: each image is reproducible on its own."""
+    return np.random.default_rng([seed, SPLITS.index(split), index])
+
+
+def render_scene(rng: np.random.Generator, imgsz: int = DEFAULT_IMGSZ) -> ShapesScene:
+    """Render one image of shapes on a textured background, with exact visible-extent boxes."""
+    height, width = (int(rng.integers(round(0.7 * imgsz), imgsz + 1)) for _ in range(2))
+    image = _textured_background(rng, height, width)
+    object_ids = np.full((height, width), -1, dtype=np.int16)
+    full_areas, classes = [], []
+    for _ in range(int(rng.integers(1, MAX_OBJECTS_PER_IMAGE + 1))):
+        placed = _place_shape(rng, image, object_ids, full_areas)
+        if placed is not None:
+            classes.append(placed)
+    image = _add_sensor_noise(rng, image)
+    boxes = _visible_boxes(object_ids, len(classes))
+    return ShapesScene(image, object_ids, np.asarray(classes, dtype=np.int64), boxes)
+
+
+def yolo_label_text(scene: ShapesScene) -> str:
+    """YOLO label file content for a scene: one `cls cx cy w h` line per shape, normalised by the image size."""
+    height, width = scene.image.shape[:2]
+    x1, y1, x2, y2 = scene.boxes.T
+    rows = np.stack([(x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height], 1)
+    return "".join(f"{c} {r[0]:.6f} {r[1]:.6f} {r[2]:.6f} {r[3]:.6f}\n" for c, r in zip(scene.classes, rows))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cache folder handling
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _is_complete(dataset_dir: Path) -> bool:
+    return (dataset_dir / COMPLETE_MARKER).is_file() and (dataset_dir / "data.yaml").is_file()
+
+
+def _move_into_place(temp_dir: Path, final_dir: Path) -> None:
+    """Rename the finished temp folder to its final name; if another process won the race, keep theirs."""
+    try:
+        os.rename(temp_dir, final_dir)
+        return
+    except OSError:
+        if _is_complete(final_dir):
+            return  # a concurrent process finished first; our copy is identical and is discarded
+    # A final folder without its marker is debris (for example a copy interrupted by hand): replace it.
+    shutil.rmtree(final_dir, ignore_errors=True)
+    os.rename(temp_dir, final_dir)
+
+
+def _remove_stale_temp_dirs(cache_root: Path) -> None:
+    """Delete temp folders left by crashed generations; recent ones may belong to a process still running."""
+    now = time.time()
+    for leftover in cache_root.glob(f".{DATASET_VERSION}.tmp-*"):
+        try:
+            if now - leftover.stat().st_mtime > STALE_TEMP_SECONDS:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            pass  # removed by another process meanwhile
+
+
+def _write_jpeg(path: Path, image: np.ndarray) -> None:
+    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise OSError(f"could not encode {path} as JPEG")
+    path.write_bytes(encoded.tobytes())
+
+
+def _write_data_yaml(out_dir: Path) -> Path:
+    # No `path:` key: split folders resolve relative to this file's folder, so the cache can be moved.
+    content = {
+        "train": "images/train",
+        "val": "images/val",
+        "nc": len(BUILTIN_NAMES),
+        "names": list(BUILTIN_NAMES),
+    }
+    yaml_path = out_dir / "data.yaml"
+    header = f"# yolotrain built-in {DATASET_VERSION} dataset (generated); paths are relative to this file\n"
+    yaml_path.write_text(header + yaml.safe_dump(content, sort_keys=False))
+    return yaml_path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _textured_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A gradient with low-frequency colour blobs, sometimes stripes, and a few random lines (float BGR)."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = xs * np.cos(angle) + ys * np.sin(angle)
+    ramp = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1.0)
+    colour_a, colour_b = rng.uniform(0, 255, (2, 3)).astype(np.float32)
+    image = colour_a + ramp[..., None] * (colour_b - colour_a)  # (h, w, 3)
+
+    blob_grid = rng.normal(0, 1, (int(rng.integers(3, 8)), int(rng.integers(3, 8)), 3)).astype(np.float32)
+    image += cv2.resize(blob_grid, (width, height), interpolation=cv2.INTER_CUBIC) * rng.uniform(10, 40)
+
+    if rng.random() < 0.4:
+        period, phase, stripe_angle = rng.uniform(6, 30), rng.uniform(0, 2 * np.pi), rng.uniform(0, np.pi)
+        wave = np.sin(2 * np.pi * (xs * np.cos(stripe_angle) + ys * np.sin(stripe_angle)) / period + phase)
+        image += wave[..., None] * rng.uniform(-40, 40, 3).astype(np.float32)
+
+    for _ in range(int(rng.integers(0, 7))):
+        start, end = rng.integers(0, (width, height), (2, 2))
+        colour = tuple(float(c) for c in rng.uniform(0, 255, 3))
+        cv2.line(image, tuple(int(v) for v in start), tuple(int(v) for v in end), colour, int(rng.integers(1, 3)))
+    return image
+
+
+def _shape_outline(rng: np.random.Generator, class_index: int, radius: float) -> np.ndarray:
+    """Polygon vertices (k, 2) of a shape around the origin, randomly rotated; `radius` ~ half its extent."""
+    name = BUILTIN_NAMES[class_index]
+    if name == "circle":
+        points = _ellipse_points(radius, radius)
+    elif name == "ellipse":
+        points = _ellipse_points(radius, radius * rng.uniform(0.35, 0.6))
+    elif name == "square":
+        points = _regular_polygon_points(4, radius)
+    elif name == "triangle":
+        points = _regular_polygon_points(3, radius)
+    elif name == "star":
+        outer = _regular_polygon_points(5, radius)
+        inner = _regular_polygon_points(5, radius * 0.42, offset=np.pi / 5)
+        points = np.stack([outer, inner], 1).reshape(-1, 2)  # alternate outer and inner vertices
+    else:  # cross: a plus sign with arms 0.6 * radius wide
+        arm, end = 0.3 * radius, radius
+        points = np.array(
+            [(-arm, -end), (arm, -end), (arm, -arm), (end, -arm), (end, arm), (arm, arm),
+             (arm, end), (-arm, end), (-arm, arm), (-end, arm), (-end, -arm), (-arm, -arm)]
+        )  # fmt: skip
+    angle = rng.uniform(0, 2 * np.pi)
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    return points @ rotation.T
+
+
+def _ellipse_points(semi_major: float, semi_minor: float, count: int = 48) -> np.ndarray:
+    theta = np.linspace(0, 2 * np.pi, count, endpoint=False)
+    return np.stack([semi_major * np.cos(theta), semi_minor * np.sin(theta)], 1)
+
+
+def _regular_polygon_points(sides: int, radius: float, offset: float = 0.0) -> np.ndarray:
+    theta = offset - np.pi / 2 + np.arange(sides) * 2 * np.pi / sides
+    return np.stack([radius * np.cos(theta), radius * np.sin(theta)], 1)
+
+
+def _place_shape(
+    rng: np.random.Generator, image: np.ndarray, object_ids: np.ndarray, full_areas: list[int]
+) -> int | None:
+    """Draw one random shape where it hides at most a little of the others; return its class or None.
+
+    Updates `image` (float BGR), `object_ids` and `full_areas` (pixel count of every placed shape) in place.
+    """
+    height, width = object_ids.shape
+    class_index = int(rng.integers(len(BUILTIN_NAMES)))
+    max_size = max(MIN_OBJECT_SIZE, 0.5 * min(height, width))
+    size = float(np.exp(rng.uniform(np.log(MIN_OBJECT_SIZE), np.log(max_size))))  # log-uniform: many small ones
+    outline = _shape_outline(rng, class_index, size / 2)
+    low, high = outline.min(0), outline.max(0)
+    for _ in range(PLACEMENT_TRIES):
+        centre = rng.uniform(-low, (width - 1, height - 1) - high)  # keep the whole shape inside the image
+        mask = _rasterise(outline + centre, height, width)
+        if mask.any() and _occlusion_is_mild(object_ids, mask, full_areas):
+            break
+    else:
+        return None
+    image[mask] = _contrasting_colour(rng, image, mask)
+    object_ids[mask] = len(full_areas)
+    full_areas.append(int(mask.sum()))
+    return class_index
+
+
+def _rasterise(polygon: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Boolean mask of a filled polygon; no anti-aliasing, so the mask is exactly the shape's pixels."""
+    mask = np.zeros((height, width), dtype=np.uint8)
+    fractional_bits = 4  # sub-pixel vertex precision for smooth small shapes
+    vertices = np.round(polygon * (1 << fractional_bits)).astype(np.int32)
+    cv2.fillPoly(mask, [vertices], 1, lineType=cv2.LINE_8, shift=fractional_bits)
+    return mask.astype(bool)
+
+
+def _occlusion_is_mild(object_ids: np.ndarray, mask: np.ndarray, full_areas: list[int]) -> bool:
+    if not full_areas:
+        return True
+    covered_ids = object_ids[mask]
+    hidden = np.bincount(covered_ids[covered_ids >= 0], minlength=len(full_areas))  # pixels each shape would lose
+    visible = np.bincount(object_ids[object_ids >= 0], minlength=len(full_areas))
+    return bool(np.all(visible - hidden >= MIN_VISIBLE_FRACTION * np.asarray(full_areas)))
+
+
+def _contrasting_colour(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A random colour that stands out from the background under the shape (a shape must be visible)."""
+    background = image[mask].mean(0)
+    colour = rng.uniform(0, 255, 3)
+    for _ in range(10):
+        if np.linalg.norm(colour - background) >= MIN_COLOUR_CONTRAST:
+            break
+        colour = rng.uniform(0, 255, 3)
+    else:
+        colour = np.where(background > 127, 0.0, 255.0)  # the farthest corner of the colour cube
+    return colour.astype(np.float32)
+
+
+def _add_sensor_noise(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """Per-pixel noise over everything, then the uint8 image."""
+    noisy = image + rng.standard_normal(image.shape, dtype=np.float32) * rng.uniform(2, 8)
+    return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
+
+
+def _visible_boxes(object_ids: np.ndarray, count: int) -> np.ndarray:
+    """(count, 4) pixel xyxy extent of each id's pixels in `object_ids` (x2, y2 exclusive)."""
+    per_object = object_ids[None] == np.arange(count, dtype=object_ids.dtype)[:, None, None]  # (n, h, w)
+    rows, cols = per_object.any(2), per_object.any(1)  # (n, h), (n, w)
+    height, width = object_ids.shape
+    x1, y1 = cols.argmax(1), rows.argmax(1)
+    x2, y2 = width - cols[:, ::-1].argmax(1), height - rows[:, ::-1].argmax(1)
+    return np.stack([x1, y1, x2, y2], 1).astype(np.float64)

@@ -1,0 +1,350 @@
+"""YOLODataset: images and YOLO labels of one split, verified once, optionally cached, served as samples.
+
+A sample (see docs/architecture.md, data contract) is the image resized so its long side equals `imgsz`, with
+pixel xyxy boxes in that resized image; the transforms (yolotrain.data.augment) letterbox or augment it and
+`Format` turns it into tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+from multiprocessing.pool import ThreadPool
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import psutil
+from torch.utils.data import Dataset
+
+from yolotrain.data.data_yaml import list_image_files
+from yolotrain.data.scan import img2label_paths, label_cache_path, scan_labels
+from yolotrain.errors import CfgError, DatasetError
+from yolotrain.utils.boxes import xywhn2xyxy
+
+LOGGER = logging.getLogger(__name__)
+
+RAM_CACHE_MAX_FRACTION = 0.5  # of the memory available when the cache is built
+OFFENDERS_LOGGED = 5
+NO_CLASS_LIMIT = 2**31 - 1  # class-id bound when no data dict gives `nc`
+
+
+class YOLODataset(Dataset):
+    """A YOLO-format detection split.
+
+    Args:
+        img_path: folder(s) of images, .txt list(s) of images, or a list of these (see `list_image_files`).
+        imgsz: the long side images are resized to.
+        augment: training augmentation (mosaic, perspective, ...) instead of a plain letterbox.
+        hyp: augmentation gains (an `Args` or a dict with the keys of default.yaml); defaults when None.
+        rect: rectangular batches: images sorted by aspect ratio, each batch letterboxed to its own shape.
+        batch_size, stride, pad: batch shape computation for `rect` (shape = ceil(size / stride + pad) * stride).
+        single_cls: every class becomes class 0.
+        classes: keep only boxes of these class ids (None keeps all).
+        fraction: use the first round(n * fraction) images of the sorted list.
+        cache: False, True/'ram' (decoded, resized images in memory) or 'disk' (`<stem>.npy` beside each image).
+        data: the dict from `check_det_dataset` (gives `names`, `nc` and the `path` root for .txt lists).
+        prefix: a name for messages, e.g. 'train'.
+        workers: threads used to verify labels and fill caches.
+    """
+
+    def __init__(
+        self,
+        img_path: str | Path | Sequence[str | Path],
+        imgsz: int = 640,
+        augment: bool = False,
+        hyp=None,
+        rect: bool = False,
+        batch_size: int = 16,
+        stride: int = 32,
+        pad: float = 0.5,
+        single_cls: bool = False,
+        classes: Sequence[int] | None = None,
+        fraction: float = 1.0,
+        cache: bool | str = False,
+        data: dict | None = None,
+        prefix: str = "",
+        workers: int = 8,
+    ):
+        super().__init__()
+        self.img_path = img_path
+        self.imgsz = int(imgsz)
+        self.augment = augment
+        self.hyp = hyp
+        self.rect = rect
+        self.batch_size = int(batch_size)
+        self.stride = int(stride)
+        self.pad = pad
+        self.single_cls = single_cls
+        self.data = data or {}
+        self.prefix = prefix.rstrip(": ")  # callers may pass 'train: '; messages add their own separator
+        self.workers = workers
+        cache_mode = _cache_mode(cache)  # checked before the (slow) scan
+
+        self.im_files = self._list_images(img_path, fraction)
+        self.labels = self._scan(self.im_files)
+        self.im_files = [r["im_file"] for r in self.labels]  # without the skipped ones
+        self.label_files = img2label_paths(self.im_files)
+        if classes is not None:
+            self._keep_classes(classes)
+        if single_cls:  # after the class filter, which names real class ids
+            self._merge_classes()
+        self.names = self._names()
+        self.nc = len(self.names)
+
+        self.batch_shapes, self.batch = None, None
+        if rect:
+            self._set_rect_shapes()
+
+        self.ims = [None] * len(self.labels)  # RAM cache of resized images
+        self.cache = None  # set before filling: load_image reads it
+        self.cache = self._cache_images(cache_mode)
+        self.transforms = self.build_transforms(hyp)
+
+    # ----------------------------------------------------------------------------------------------- building
+    def _list_images(self, img_path, fraction: float) -> list[str]:
+        if not 0 < fraction <= 1:
+            raise CfgError(f"fraction={fraction} is invalid: expected a number in (0, 1]")
+        files = list_image_files(img_path, root=self.data.get("path"))
+        if not files:
+            raise DatasetError(f"{self.prefix or 'dataset'}: no images found in {img_path}")
+        return files[: max(1, round(len(files) * fraction))]
+
+    def _scan(self, im_files: list[str]) -> list[dict]:
+        nc = int(self.data["nc"]) if "nc" in self.data else NO_CLASS_LIMIT
+        cache_path = label_cache_path(img2label_paths(im_files))
+        records, report = scan_labels(
+            im_files, nc, cache_path, workers=self.workers, prefix=self.prefix, source=str(self.img_path)
+        )
+        LOGGER.info(report.summary())
+        for line in report.offender_lines(OFFENDERS_LOGGED):
+            LOGGER.warning("%s", line)
+        if report.boxes == 0:
+            LOGGER.warning("%s: no labelled objects found; a detector cannot learn from backgrounds only",
+                           self.prefix or str(self.img_path))
+        return records
+
+    def _keep_classes(self, classes: Sequence[int]) -> None:
+        wanted = np.asarray(list(classes), np.float32)
+        for r in self.labels:
+            keep = np.isin(r["cls"][:, 0], wanted)
+            r["cls"], r["bboxes"] = r["cls"][keep], r["bboxes"][keep]
+
+    def _merge_classes(self) -> None:
+        for r in self.labels:
+            r["cls"][:] = 0
+
+    def _names(self) -> dict[int, str]:
+        if self.single_cls:
+            return {0: "item"}
+        if "names" in self.data:
+            return dict(self.data["names"])
+        largest = max((int(r["cls"].max()) for r in self.labels if len(r["cls"])), default=0)
+        return {i: f"class{i}" for i in range(largest + 1)}
+
+    def _set_rect_shapes(self) -> None:
+        """Sort images by aspect ratio and give each batch the smallest stride-multiple shape that fits it."""
+        shapes = np.array([r["shape"] for r in self.labels], np.float64)  # (n, 2) h, w
+        aspect = shapes[:, 0] / shapes[:, 1]
+        order = np.argsort(aspect, kind="stable")
+        self.labels = [self.labels[i] for i in order]
+        self.im_files = [self.im_files[i] for i in order]
+        self.label_files = [self.label_files[i] for i in order]
+        aspect = aspect[order]
+
+        starts = np.arange(0, len(aspect), self.batch_size)
+        smallest, largest = np.minimum.reduceat(aspect, starts), np.maximum.reduceat(aspect, starts)
+        relative = np.ones((len(starts), 2))  # (batches, 2) h, w as fractions of imgsz
+        wide, tall = largest < 1, smallest > 1
+        relative[wide, 0] = largest[wide]
+        relative[tall, 1] = 1 / smallest[tall]
+        self.batch_shapes = np.ceil(relative * self.imgsz / self.stride + self.pad).astype(int) * self.stride
+        self.batch = np.arange(len(aspect)) // self.batch_size
+
+    def build_transforms(self, hyp=None):
+        """The transform pipeline (yolotrain.data.augment): augmenting for training, letterbox + Format else."""
+        from yolotrain.data.augment import build_transforms  # the dataset is usable for scanning without it
+
+        hyp = hyp if hyp is not None else (self.hyp if self.hyp is not None else _default_hyp())
+        return build_transforms(self, self.imgsz, hyp, self.augment)
+
+    def close_mosaic(self, hyp=None) -> None:
+        """Turn mosaic, mixup and copy-paste off for the final epochs.
+
+        DataLoader workers hold their own copy of the dataset: recreate them afterwards
+        (`yolotrain.data.loader.reset_loader_workers`).
+        """
+        if hasattr(self.transforms, "close_mosaic"):
+            self.transforms.close_mosaic()
+            return
+        closed = dict(vars(hyp) if hasattr(hyp, "__dict__") else (hyp or {}))
+        closed.update(mosaic=0.0, mixup=0.0, copy_paste=0.0)
+        self.transforms = self.build_transforms(closed)
+
+    # ----------------------------------------------------------------------------------------------- caching
+    def _cache_images(self, mode: str | None) -> str | None:
+        if mode == "ram":
+            return self._cache_in_ram()
+        if mode == "disk":
+            return self._cache_on_disk()
+        return None
+
+    def _cache_in_ram(self) -> str | None:
+        needed = self._ram_cache_bytes()
+        available = psutil.virtual_memory().available
+        if needed > available * RAM_CACHE_MAX_FRACTION:
+            LOGGER.warning(
+                "%s: cache=ram refused: the images need %.1f GB but only %.1f GB of RAM is available "
+                "(at most %.0f%% is used); continuing without a cache (cache=disk is an alternative)",
+                self.prefix or "dataset", needed / 1e9, available / 1e9, RAM_CACHE_MAX_FRACTION * 100,
+            )
+            return None
+        with ThreadPool(self._cache_threads()) as pool:
+            for i, (img, _, _) in enumerate(pool.imap(self.load_image, range(len(self)))):
+                self.ims[i] = img
+        LOGGER.info("%s: cached %d images in RAM (%.2f GB)", self.prefix or "dataset", len(self), needed / 1e9)
+        return "ram"
+
+    def _ram_cache_bytes(self) -> int:
+        """Bytes the resized images will take, computed from the scanned shapes (no decoding needed)."""
+        shapes = np.array([r["shape"] for r in self.labels], np.float64)  # (n, 2) h, w
+        ratio = self.imgsz / shapes.max(1, keepdims=True)
+        resized = np.maximum(np.round(shapes * ratio), 1)
+        return int((resized[:, 0] * resized[:, 1] * 3).sum())
+
+    def _cache_on_disk(self) -> str | None:
+        def write_one(i):
+            return _write_npy(self.im_files[i], self._decode(i))
+
+        stale = [i for i, f in enumerate(self.im_files) if not _npy_is_fresh(f)]
+        with ThreadPool(self._cache_threads()) as pool:
+            failures = [msg for msg in pool.imap(write_one, stale) if msg]
+        if failures:
+            LOGGER.warning("%s: cache=disk could not write %d .npy files (first: %s); continuing without a cache",
+                           self.prefix or "dataset", len(failures), failures[0])
+            return None
+        return "disk"
+
+    def _cache_threads(self) -> int:
+        return max(1, min(self.workers or 1, os.cpu_count() or 1))
+
+    # ------------------------------------------------------------------------------------------------ samples
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index) -> dict:
+        """The transformed sample of `index`; an `(index, seed)` pair (from the loader's sampler) first seeds the
+        augmentation so the sample is reproducible whatever worker makes it."""
+        if isinstance(index, tuple):
+            index, seed = index
+            random.seed(seed)
+            np.random.seed(seed)
+        return self.transforms(self.get_image_and_label(index))
+
+    def load_image(self, i: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+        """Return (BGR image resized so its long side is imgsz, (h0, w0) original, (h, w) resized)."""
+        cached = self.ims[i]
+        if cached is not None:
+            h0, w0 = self.labels[i]["shape"]
+            return cached.copy(), (h0, w0), cached.shape[:2]  # a copy: transforms may work in place
+        img = self._read_original(i)
+        h0, w0 = img.shape[:2]
+        img = self._resize_long_side(img)
+        return img, (h0, w0), img.shape[:2]
+
+    def get_image_and_label(self, index: int) -> dict:
+        """The sample of image `index` before transforms: resized image and pixel xyxy boxes in it."""
+        label = self.labels[index]
+        img, (h0, w0), (h, w) = self.load_image(index)
+        sample = {
+            "img": img,
+            "cls": label["cls"].copy(),
+            "bboxes": xywhn2xyxy(label["bboxes"], w, h).astype(np.float32),
+            "im_file": label["im_file"],
+            "ori_shape": (h0, w0),
+            "resized_shape": (h, w),
+            "ratio_pad": ((h / h0, w / w0), (0, 0)),
+        }
+        if self.rect:
+            sample["rect_shape"] = tuple(int(s) for s in self.batch_shapes[self.batch[index]])
+        return sample
+
+    def class_counts(self) -> np.ndarray:
+        """Number of boxes per class id, shape (nc,)."""
+        cls = np.concatenate([r["cls"][:, 0] for r in self.labels]).astype(np.int64) if self.labels else []
+        return np.bincount(cls, minlength=self.nc)[: self.nc]
+
+    def _read_original(self, i: int) -> np.ndarray:
+        if self.cache == "disk":
+            try:
+                return np.load(_npy_path(self.im_files[i]), allow_pickle=False)
+            except (OSError, ValueError) as e:
+                LOGGER.debug("disk cache miss for %s (%s)", self.im_files[i], e)
+        return self._decode(i)
+
+    def _decode(self, i: int) -> np.ndarray:
+        path = self.im_files[i]
+        try:
+            img = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)  # applies EXIF orientation
+        except OSError:
+            img = None
+        if img is None:
+            raise DatasetError(f"image could not be read (changed since the label scan?): {path}")
+        return img
+
+    def _resize_long_side(self, img: np.ndarray) -> np.ndarray:
+        h0, w0 = img.shape[:2]
+        ratio = self.imgsz / max(h0, w0)
+        if ratio == 1:
+            return img
+        size = (max(1, round(w0 * ratio)), max(1, round(h0 * ratio)))  # cv2 wants (w, h)
+        # INTER_AREA gives cleaner downscales for evaluation; training favours the faster INTER_LINEAR.
+        interpolation = cv2.INTER_LINEAR if (self.augment or ratio > 1) else cv2.INTER_AREA
+        return cv2.resize(img, size, interpolation=interpolation)
+
+
+def _cache_mode(cache) -> str | None:
+    if cache in (False, None, "", "false", "False"):
+        return None
+    if cache is True or cache in ("ram", "true", "True"):
+        return "ram"
+    if cache == "disk":
+        return "disk"
+    raise CfgError(f"cache={cache!r} is invalid: expected true/ram, disk or false")
+
+
+def _default_hyp():
+    from yolotrain.cfg import get_cfg
+
+    return get_cfg()
+
+
+def _npy_path(im_file: str) -> Path:
+    return Path(im_file).with_suffix(".npy")
+
+
+def _npy_is_fresh(im_file: str) -> bool:
+    npy = _npy_path(im_file)
+    try:
+        return npy.stat().st_mtime_ns >= Path(im_file).stat().st_mtime_ns
+    except OSError:
+        return False
+
+
+def _write_npy(im_file: str, img: np.ndarray) -> str | None:
+    """Save the decoded original beside the image atomically; returns an error message or None."""
+    npy = _npy_path(im_file)
+    tmp_name = None
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=npy.parent, prefix=npy.name, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, img, allow_pickle=False)
+        os.replace(tmp_name, npy)
+        return None
+    except OSError as e:
+        if tmp_name and os.path.exists(tmp_name):
+            os.remove(tmp_name)
+        return f"{npy}: {e.strerror or e}"

@@ -1,0 +1,417 @@
+"""Verify a split's images and YOLO label files once, in parallel, and cache the result beside the labels.
+
+Label files follow the YOLO convention: for `.../images/.../name.jpg` the labels are `.../labels/.../name.txt`,
+one object per line as `class x_center y_center width height`, coordinates normalised to [0, 1].
+
+What happens to bad input (each kind is counted in the ScanReport, the first offenders are kept with a reason):
+- image unreadable, missing, of an unsupported format, truncated (a JPEG without its end-of-image marker),
+  undecodable or smaller than 10 px: the image is skipped.
+- no label file, or an empty one: the image is kept as a background (no objects).
+- a label row with a wrong column count, a non-numeric or non-finite value, or a class id that is not an
+  integer in [0, nc): the row is dropped.
+- a coordinate outside [0, 1] by at most COORD_TOLERANCE is clipped into range; further out, the row is dropped.
+  Boxes reaching past the image border are clipped to it; boxes left with no width or height are dropped.
+- duplicate rows: all but the first are removed.
+- a label file with rows but none usable: the image is skipped rather than kept as a background, because
+  its objects exist but cannot be located, and a background would teach the model that they are not there.
+
+The result is cached as `<labels folder>.cache` (an .npz without pickled objects), keyed by a hash of every image
+and label path, size and modification time plus `nc`; any change re-verifies the split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from multiprocessing.pool import ThreadPool
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from yolotrain.data.data_yaml import IMG_FORMATS, has_image_suffix
+from yolotrain.errors import DatasetError
+from yolotrain.utils.boxes import xywh2xyxy, xyxy2xywh
+
+LOGGER = logging.getLogger(__name__)
+
+CACHE_VERSION = "yolotrain-labels-1"
+COORD_TOLERANCE = 0.01
+MIN_IMAGE_SIZE = 10
+MAX_OFFENDERS = 20
+JPEG_START = b"\xff\xd8\xff"
+JPEG_END = b"\xff\xd9"
+
+# Report kinds in the order the summary lists them, with the phrase that follows the count.
+SUMMARY_PHRASES = {
+    "backgrounds": "backgrounds",
+    "corrupt": "corrupt images skipped",
+    "bad_label_files": "images skipped (no usable label rows)",
+    "wrong_columns": "rows dropped (wrong column count)",
+    "non_numeric": "rows dropped (non-numeric)",
+    "bad_class": "rows dropped (class id not an integer in [0, nc))",
+    "out_of_range": "boxes dropped (out of range)",
+    "zero_area": "boxes dropped (zero area)",
+    "duplicates": "duplicate rows removed",
+    "clipped": "boxes clipped to the image",
+}
+
+
+@dataclass
+class ScanReport:
+    """Counts of each kind of problem found in a split, plus the first offenders as (file, reason)."""
+
+    prefix: str = ""
+    images: int = 0  # usable images
+    boxes: int = 0  # usable boxes
+    counts: Counter = field(default_factory=Counter)
+    offenders: list = field(default_factory=list)
+    from_cache: bool = False
+
+    def add(self, kind: str, n: int = 1, file: str | None = None, reason: str | None = None) -> None:
+        """Count `n` occurrences of `kind`; remember `file: reason` while fewer than MAX_OFFENDERS are kept."""
+        if n <= 0:
+            return
+        self.counts[kind] += n
+        if file is not None and reason is not None and len(self.offenders) < MAX_OFFENDERS:
+            self.offenders.append((file, reason))
+
+    def merge(self, other: ScanReport) -> None:
+        """Fold a per-image report into this one."""
+        self.counts.update(other.counts)
+        room = MAX_OFFENDERS - len(self.offenders)
+        self.offenders.extend(other.offenders[: max(room, 0)])
+
+    def summary(self) -> str:
+        """One line, e.g. 'train: 120 images, 340 boxes, 3 backgrounds, 2 corrupt images skipped'."""
+        parts = [f"{self.images} images", f"{self.boxes} boxes"]
+        parts += [f"{self.counts[k]} {phrase}" for k, phrase in SUMMARY_PHRASES.items() if self.counts[k]]
+        head = f"{self.prefix}: " if self.prefix else ""
+        return head + ", ".join(parts) + (" (from cache)" if self.from_cache else "")
+
+    def offender_lines(self, limit: int = 5) -> list[str]:
+        """Up to `limit` lines 'path: reason' for the first offenders."""
+        return [f"{file}: {reason}" for file, reason in self.offenders[:limit]]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"images": self.images, "boxes": self.boxes, "counts": dict(self.counts), "offenders": self.offenders}
+        )
+
+    @classmethod
+    def from_json(cls, text: str, prefix: str = "") -> ScanReport:
+        d = json.loads(text)
+        offenders = [tuple(o) for o in d["offenders"]]
+        return cls(prefix, d["images"], d["boxes"], Counter(d["counts"]), offenders, from_cache=True)
+
+
+def img2label_paths(img_paths: Sequence[str]) -> list[str]:
+    """Label file for each image: the last '/images/' folder becomes '/labels/', the suffix becomes '.txt'."""
+    images_dir, labels_dir = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+    out = []
+    for p in img_paths:
+        p = str(p)
+        head, sep, tail = p.rpartition(images_dir)
+        swapped = head + labels_dir + tail if sep else p
+        out.append(str(Path(swapped).with_suffix(".txt")))
+    return out
+
+
+def label_cache_path(label_files: Sequence[str]) -> Path:
+    """Where a split's label cache lives: `<labels folder>.cache`, beside the first label file's folder."""
+    return Path(label_files[0]).parent.with_suffix(".cache")
+
+
+def scan_labels(
+    img_files: Sequence[str],
+    nc: int,
+    cache_path: str | Path | None,
+    single_cls: bool = False,
+    workers: int | None = None,
+    prefix: str = "",
+    source: str | None = None,
+) -> tuple[list[dict], ScanReport]:
+    """Verify every image and label once (or reuse a valid cache) and return (records, report).
+
+    records follow the data contract: `im_file`, `shape` (h, w) after EXIF orientation, `cls` float32 (n, 1),
+    `bboxes` float32 (n, 4) normalised xywh. `single_cls` maps every class to 0 (the cache keeps real classes).
+    `source` names the split's folder in errors. Raises DatasetError when no image is usable.
+    """
+    img_files = [str(f) for f in img_files]
+    label_files = img2label_paths(img_files)
+    cache_path = Path(cache_path) if cache_path is not None else None
+    key = files_hash(img_files + label_files, extra=f"nc={nc}")
+
+    cached = _load_cache(cache_path, key, prefix) if cache_path is not None else None
+    if cached is not None:
+        records, report = cached
+    else:
+        records, report = _verify_all(img_files, label_files, nc, workers, prefix)
+        if cache_path is not None and records:
+            _save_cache(cache_path, key, records, report)
+
+    if not records:
+        folder = source or _common_folder(img_files)
+        first = f"; first problem: {report.offender_lines(1)[0]}" if report.offenders else ""
+        raise DatasetError(f"{prefix or 'dataset'}: no usable images in {folder} ({len(img_files)} listed){first}")
+    if single_cls:
+        for r in records:
+            r["cls"][:] = 0
+    return records, report
+
+
+def files_hash(files: Sequence[str], extra: str = "") -> str:
+    """Hash of paths, sizes and modification times: any added, removed or changed file changes it."""
+    h = hashlib.sha256(f"{CACHE_VERSION}|{extra}".encode())
+    for f in files:
+        try:
+            st = os.stat(f)
+            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{f}|-\n".encode())
+    return h.hexdigest()
+
+
+def _verify_all(img_files, label_files, nc, workers, prefix) -> tuple[list[dict], ScanReport]:
+    workers = max(1, min(workers if workers is not None else 8, os.cpu_count() or 1, len(img_files) or 1))
+    jobs = [(im, lb, nc) for im, lb in zip(img_files, label_files)]
+    # cv2 decoding releases the GIL, so threads parallelise the expensive part without pickling costs.
+    with ThreadPool(workers) as pool:
+        results = pool.map(_verify_pair, jobs, chunksize=max(1, len(jobs) // (workers * 8)))
+    report = ScanReport(prefix)
+    records = []
+    for record, image_report in results:
+        report.merge(image_report)
+        if record is not None:
+            records.append(record)
+    report.images = len(records)
+    report.boxes = int(sum(len(r["cls"]) for r in records))
+    return records, report
+
+
+def _verify_pair(job) -> tuple[dict | None, ScanReport]:
+    im_file, label_file, nc = job
+    report = ScanReport()
+    shape, problem = verify_image(im_file)
+    if problem:
+        report.add("corrupt", file=im_file, reason=problem)
+        return None, report
+    labels = read_label_file(label_file, nc, report)
+    if labels is None:
+        return None, report
+    record = {
+        "im_file": im_file,
+        "shape": shape,
+        "cls": labels[:, :1].copy(),
+        "bboxes": labels[:, 1:].copy(),
+    }
+    return record, report
+
+
+def verify_image(path: str) -> tuple[tuple[int, int] | None, str | None]:
+    """Return ((h, w) after EXIF orientation, None) for a usable image, or (None, reason) otherwise."""
+    if not has_image_suffix(path):
+        suffix = Path(path).suffix or "(none)"
+        return None, f"unsupported image format {suffix} (supported: {', '.join(sorted(IMG_FORMATS))})"
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except FileNotFoundError:
+        return None, "image file not found"
+    except OSError as e:
+        return None, f"unreadable image ({e.strerror or e})"
+    if data.size == 0:
+        return None, "empty image file"
+    if bytes(data[:3]) == JPEG_START and not bytes(data[-64:]).rstrip(b"\x00").endswith(JPEG_END):
+        return None, "truncated JPEG (no end-of-image marker FFD9)"
+    # Decoding in grayscale is cheaper and applies the same EXIF orientation as the colour reads later.
+    img = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        return None, "corrupt image (cannot be decoded)"
+    h, w = img.shape[:2]
+    if min(h, w) < MIN_IMAGE_SIZE:
+        return None, f"image too small ({h}x{w} px, minimum {MIN_IMAGE_SIZE})"
+    return (int(h), int(w)), None
+
+
+def read_label_file(label_file: str, nc: int, report: ScanReport) -> np.ndarray | None:
+    """Read and clean one label file into (n, 5) float32 rows of class, x, y, w, h.
+
+    Problems are counted in `report`. Returns an empty (0, 5) array for a background and None when the image
+    must be skipped (unreadable label file, or rows present but none usable).
+    """
+    try:
+        text = Path(label_file).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        report.add("backgrounds")
+        return np.zeros((0, 5), np.float32)
+    except (OSError, UnicodeDecodeError) as e:
+        report.add("bad_label_files", file=label_file, reason=f"unreadable label file ({e})")
+        return None
+    numbered = [(i + 1, line.split()) for i, line in enumerate(text.splitlines()) if line.strip()]
+    if not numbered:
+        report.add("backgrounds")
+        return np.zeros((0, 5), np.float32)
+    labels = clean_label_rows(numbered, nc, label_file, report)
+    if len(labels) == 0:
+        report.add("bad_label_files", file=label_file, reason=f"no usable rows among {len(numbered)}")
+        return None
+    return labels
+
+
+def clean_label_rows(numbered: list, nc: int, label_file: str, report: ScanReport) -> np.ndarray:
+    """Turn [(line_number, tokens)] into cleaned (n, 5) float32 rows; every dropped row is counted."""
+    line_numbers, values = _parse_numeric(numbered, label_file, report)
+    if len(values) == 0:
+        return np.zeros((0, 5), np.float32)
+
+    cls = values[:, 0]
+    bad_class = (cls != np.round(cls)) | (cls < 0) | (cls >= nc)
+    _count_rows(report, "bad_class", bad_class, line_numbers, label_file,
+                lambda i: f"class {_fmt(cls[i])} is not an integer in [0, {nc})")
+    values, line_numbers = values[~bad_class], line_numbers[~bad_class]
+
+    xywh = values[:, 1:]
+    outside = ((xywh < -COORD_TOLERANCE) | (xywh > 1 + COORD_TOLERANCE)).any(1)
+    _count_rows(report, "out_of_range", outside, line_numbers, label_file,
+                lambda i: f"coordinates {' '.join(_fmt(v) for v in xywh[i])} outside [0, 1]")
+    values, line_numbers = values[~outside], line_numbers[~outside]
+
+    values, clipped = _clip_to_image(values)
+    report.add("clipped", int(clipped.sum()))
+
+    zero_area = (values[:, 3] <= 0) | (values[:, 4] <= 0)
+    _count_rows(report, "zero_area", zero_area, line_numbers, label_file, lambda i: "box has zero width or height")
+    values, line_numbers = values[~zero_area], line_numbers[~zero_area]
+
+    _, first_index = np.unique(values, axis=0, return_index=True)
+    keep = np.sort(first_index)  # first occurrence of each row, in file order
+    duplicates = len(values) - len(keep)
+    if duplicates:
+        report.add("duplicates", duplicates, label_file, f"{duplicates} duplicate rows removed")
+    return values[keep].astype(np.float32)
+
+
+def _parse_numeric(numbered: list, label_file: str, report: ScanReport) -> tuple[np.ndarray, np.ndarray]:
+    """Keep rows of exactly 5 finite numbers; returns (line numbers (m,), values (m, 5) float64)."""
+    well_sized = [(n, t) for n, t in numbered if len(t) == 5]
+    for n, tokens in (x for x in numbered if len(x[1]) != 5):
+        report.add("wrong_columns", file=label_file,
+                   reason=f"line {n}: expected 5 values (class x y w h), got {len(tokens)}")
+    if not well_sized:
+        return np.zeros(0, np.int64), np.zeros((0, 5))
+    line_numbers = np.array([n for n, _ in well_sized], np.int64)
+    tokens = np.array([t for _, t in well_sized])
+    try:
+        values = tokens.astype(np.float64)  # fast path: the whole file at once
+        numeric = np.isfinite(values).all(1)
+    except ValueError:
+        values, numeric = _parse_rows_one_by_one(tokens)
+    _count_rows(report, "non_numeric", ~numeric, line_numbers, label_file,
+                lambda i: f"non-numeric value in '{' '.join(tokens[i])}'")
+    return line_numbers[numeric], values[numeric]
+
+
+def _parse_rows_one_by_one(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    values = np.zeros(tokens.shape, np.float64)
+    numeric = np.zeros(len(tokens), bool)
+    for i, row in enumerate(tokens):
+        try:
+            values[i] = row.astype(np.float64)
+            numeric[i] = np.isfinite(values[i]).all()
+        except ValueError:
+            pass
+    return values, numeric
+
+
+def _clip_to_image(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Clip boxes (class, x, y, w, h) to the unit square as corners; returns (values, clipped row mask)."""
+    xywh = values[:, 1:].clip(0, 1)  # within tolerance by now
+    xyxy = xywh2xyxy(xywh)
+    xyxy_clipped = xyxy.clip(0, 1)
+    out = values.copy()
+    out[:, 1:] = xyxy2xywh(xyxy_clipped)
+    clipped = (np.abs(xyxy_clipped - xyxy) > 1e-6).any(1) | (np.abs(xywh - values[:, 1:]) > 0).any(1)
+    return out, clipped & (out[:, 3] > 0) & (out[:, 4] > 0)
+
+
+def _count_rows(report, kind, mask, line_numbers, label_file, describe) -> None:
+    if mask.any():
+        first = int(np.flatnonzero(mask)[0])
+        n = int(mask.sum())
+        more = f" (+{n - 1} more rows)" if n > 1 else ""
+        report.add(kind, n, label_file, f"line {line_numbers[first]}: {describe(first)}{more}")
+
+
+def _fmt(v: float) -> str:
+    return f"{v:g}"
+
+
+def _common_folder(files: Sequence[str]) -> str:
+    if not files:
+        return "(no files)"
+    try:
+        return os.path.commonpath([os.path.dirname(f) for f in files])
+    except ValueError:  # different drives on Windows
+        return os.path.dirname(files[0])
+
+
+def _load_cache(cache_path: Path, key: str, prefix: str) -> tuple[list[dict], ScanReport] | None:
+    if not cache_path.is_file():
+        return None
+    try:
+        with np.load(cache_path, allow_pickle=False) as z:
+            if str(z["version"]) != CACHE_VERSION or str(z["hash"]) != key:
+                LOGGER.debug("%s: label cache %s is stale, re-scanning", prefix, cache_path)
+                return None
+            records = _records_from_arrays(z["im_files"], z["shapes"], z["counts"], z["labels"])
+            report = ScanReport.from_json(str(z["report"]), prefix)
+    except Exception as e:  # a damaged cache is only a lost speed-up
+        LOGGER.debug("%s: label cache %s unreadable (%s), re-scanning", prefix, cache_path, e)
+        return None
+    return records, report
+
+
+def _records_from_arrays(im_files, shapes, counts, labels) -> list[dict]:
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    records = []
+    for f, shape, s, e in zip(im_files.tolist(), shapes.tolist(), starts.tolist(), ends.tolist()):
+        rows = labels[s:e]
+        records.append(
+            {"im_file": f, "shape": tuple(shape), "cls": rows[:, :1].copy(), "bboxes": rows[:, 1:].copy()}
+        )
+    return records
+
+
+def _save_cache(cache_path: Path, key: str, records: list[dict], report: ScanReport) -> None:
+    """Write the cache atomically (temp file in the same folder, then replace); no pickle, so loading a cache
+    shipped with someone else's dataset cannot run code."""
+    arrays = {
+        "version": np.array(CACHE_VERSION),
+        "hash": np.array(key),
+        "im_files": np.array([r["im_file"] for r in records]),
+        "shapes": np.array([r["shape"] for r in records], np.int64).reshape(-1, 2),
+        "counts": np.array([len(r["cls"]) for r in records], np.int64),
+        "labels": np.concatenate([np.hstack([r["cls"], r["bboxes"]]) for r in records]).astype(np.float32),
+        "report": np.array(report.to_json()),
+    }
+    tmp_name = None
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=cache_path.parent, prefix=cache_path.name, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, cache_path)
+        LOGGER.debug("%s: label cache saved to %s", report.prefix, cache_path)
+    except OSError as e:
+        LOGGER.warning("%s: cannot write label cache %s (%s); labels will be verified again next run",
+                       report.prefix, cache_path, e.strerror or e)
+        if tmp_name and os.path.exists(tmp_name):
+            os.remove(tmp_name)

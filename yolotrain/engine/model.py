@@ -1,0 +1,67 @@
+"""The `YOLO` facade: one object to train and validate a detector from Python."""
+
+import logging
+from pathlib import Path
+
+from yolotrain.cfg import get_cfg
+from yolotrain.engine.callbacks import Callbacks
+from yolotrain.utils.files import increment_path
+from yolotrain.utils.log import setup_logging
+
+LOGGER = logging.getLogger(__name__)
+
+
+class YOLO:
+    """A detection model by name (`"yolo-n.yaml"`) or checkpoint (`"runs/detect/train/weights/best.pt"`).
+
+    Example:
+        >>> model = YOLO("yolo-n.yaml")
+        >>> model.add_callback("on_fit_epoch_end", lambda trainer: print(trainer.metrics))
+        >>> metrics = model.train(data="data.yaml", epochs=3, imgsz=320)
+    """
+
+    def __init__(self, model="yolo-n.yaml", task="detect"):
+        self.model_path = str(model)
+        self.task = task
+        self.callbacks = Callbacks()
+        self.trainer = None
+        self.metrics = None
+
+    def add_callback(self, event, fn):
+        """Run `fn(trainer)` (or `fn(validator)` for on_val_* events) on `event`, after earlier callbacks."""
+        self.callbacks.add(event, fn)
+
+    def train(self, trainer=None, **overrides):
+        """Train with `overrides` (cfg argument names) and return the final validation metrics.
+
+        `trainer` is the trainer class to use, e.g. a user subclass of `DetectionTrainer`.
+        """
+        from yolotrain.tasks.detect.train import DetectionTrainer
+
+        args = {**overrides, "model": overrides.get("model", self.model_path), "mode": "train", "task": self.task}
+        setup_logging(get_cfg(args).verbose)
+        trainer_class = trainer or DetectionTrainer
+        self.trainer = trainer_class(overrides=args, _callbacks=self.callbacks)
+        self.metrics = self.trainer.train()
+        if self.trainer.best.exists():
+            self.model_path = str(self.trainer.best)
+        return self.metrics
+
+    def val(self, validator=None, **overrides):
+        """Validate this model on `data` (its `split`) and return the metrics dict."""
+        from yolotrain.tasks.detect.val import DetectionValidator
+
+        args = get_cfg({**overrides, "model": self.model_path, "mode": "val", "task": self.task})
+        setup_logging(args.verbose)
+        project = Path(args.project or Path("runs") / args.task)
+        save_dir = increment_path(project / (args.name or "val"), exist_ok=args.exist_ok)
+        validator = (validator or DetectionValidator)(save_dir=save_dir, args=args, _callbacks=self.callbacks)
+        self.metrics = validator(model=self._model_for_val())
+        return self.metrics
+
+    def _model_for_val(self):
+        if self.model_path.endswith(".pt"):
+            return self.model_path
+        from yolotrain.nn.model import DetectionModel
+
+        return DetectionModel(self.model_path)

@@ -1,0 +1,833 @@
+"""BaseTrainer: the task-agnostic training loop.
+
+The loop reads as its outline (see `train` and `_fit`): set up, then per epoch train, validate if due, save if due,
+decide whether to stop. A batch is `_forward_loss -> _backward -> _optimizer_step`. Everything stateful (model,
+EMA, optimizer, GradScaler, schedule, early stopping, RNGs, stateful callbacks) has a state dict, and a resumed run
+is a fresh set-up followed by `_load_state(checkpoint)`.
+
+Tasks subclass it (`DetectionTrainer`) and fill in the override points: `get_dataset`, `get_model`,
+`get_dataloader`, `preprocess_batch`, `get_validator`, `set_model_attributes`, `label_loss_items`,
+`progress_string`.
+"""
+
+import copy
+import logging
+import math
+import signal
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import yaml
+
+from yolotrain import __version__
+from yolotrain.cfg import get_cfg
+from yolotrain.engine.callbacks import Callbacks
+from yolotrain.engine.ema import ModelEMA
+from yolotrain.engine.optim import (
+    OptimizerStepper,
+    build_param_groups,
+    make_optimizer,
+    resolve_auto_optimizer,
+    scaled_weight_decay,
+)
+from yolotrain.engine.results import ResultsCSV
+from yolotrain.engine.schedule import TrainSchedule
+from yolotrain.engine.stopping import EarlyStopping
+from yolotrain.errors import CheckpointError, YoloTrainError
+from yolotrain.utils import dist
+from yolotrain.utils.checkpoint import (
+    NonFiniteCheckpointError,
+    find_latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_atomic_text,
+    save_checkpoint,
+    set_rng_state,
+    strip_optimizer,
+)
+from yolotrain.utils.files import ensure_writable_dir, increment_path
+from yolotrain.utils.torch_utils import de_parallel, init_seeds, select_device
+
+LOGGER = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT_VERSION = 1
+MAX_NAN_RECOVERIES = 3
+# Arguments that may change when a run is resumed; everything else comes from the checkpoint.
+RESUME_OVERRIDABLE = ("epochs", "patience", "time", "save_period", "workers", "device", "batch_timeout")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised inside an epoch when the loss is NaN/Inf; handled by rolling back to the last good state."""
+
+
+class TrainingInterrupted(YoloTrainError):
+    """SIGTERM/SIGINT: the current batch finished, a mid-epoch checkpoint was written."""
+
+    exit_code = 130
+
+
+class BaseTrainer:
+    """Task-agnostic trainer. Public attributes user code relies on: args, epoch, epochs, model, ema, optimizer,
+    validator, metrics, fitness, best_fitness, loss, tloss, save_dir, device, stop."""
+
+    def __init__(self, cfg=None, overrides=None, _callbacks=None):
+        overrides = dict(overrides or {})
+        self.args = get_cfg(overrides, cfg)
+        self.callbacks = _callbacks if _callbacks is not None else Callbacks()
+        self.resume_path = self._find_resume_checkpoint() if self.args.resume else None
+        if self.resume_path:
+            self.args = self._args_for_resume(self.resume_path, overrides)
+        self.device = select_device(self.args.device)
+        self.save_dir = self._resolve_save_dir()
+        self.wdir = self.save_dir / "weights"
+        self.last, self.best = self.wdir / "last.pt", self.wdir / "best.pt"
+        self.results = ResultsCSV(self.save_dir / "results.csv")
+        self.csv = self.results.path
+        self.epochs = self.args.epochs
+        self.epoch = self.start_epoch = 0
+        self.start_batch = 0
+        self.model = self.ema = self.optimizer = self.validator = None
+        self.metrics = self.fitness = self.best_fitness = None
+        self.loss = self.loss_items = self.tloss = None
+        self.loss_names = ("loss",)
+        self.stop = False
+        self.plots = {}
+        self.lr = {}
+        self.resolved = SimpleNamespace()
+        self._nan_recoveries = 0
+        self._signals_received = 0
+        self._train_time_before = 0.0  # seconds trained before a resume (the time budget counts them)
+        self._pending_save_retry = False
+        self._mid_epoch_state = None
+
+    # ------------------------------------------------------------------ callbacks
+    def add_callback(self, event, fn):
+        """Append `fn(trainer)` to `event`'s callbacks (run in registration order)."""
+        self.callbacks.add(event, fn)
+
+    def set_callback(self, event, fn):
+        """Replace the user callbacks of `event` with `fn`."""
+        self.callbacks.set(event, fn)
+
+    def run_callbacks(self, event):
+        """Run every callback of `event` with this trainer."""
+        self.callbacks.run(event, self)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self):
+        """Train and return the final validation metrics (a dict)."""
+        previous_handlers = self._install_signal_handlers()
+        try:
+            self._setup()
+            self._fit()
+            return self.metrics
+        finally:
+            self._restore_signal_handlers(previous_handlers)
+            self.run_callbacks("teardown")
+
+    def _fit(self):
+        self.run_callbacks("on_train_start")
+        self._train_start = time.time()
+        epoch = self.start_epoch
+        while epoch < self.epochs and not self.stop:
+            self.epoch = epoch
+            try:
+                self._train_epoch(epoch)
+            except NonFiniteLossError as e:
+                epoch = self._recover_from_nan(str(e))
+                continue
+            self._validate_if_due(epoch)
+            if self._fitness_collapsed():
+                epoch = self._recover_from_nan(f"fitness collapsed to {self.fitness}")
+                continue
+            self._log_epoch(epoch)
+            self._save_if_due(epoch)
+            self.run_callbacks("on_fit_epoch_end")
+            self.stop = self._should_stop(epoch)
+            epoch += 1
+        self._final_eval()
+        self.run_callbacks("on_train_end")
+
+    def _train_epoch(self, epoch):
+        self._begin_epoch(epoch)
+        if self._mid_epoch_state is not None:
+            self._apply_mid_epoch_state()
+        self.run_callbacks("on_train_epoch_start")
+        self._freeze_bn_stats_of_frozen_layers()
+        batches = self._progress(epoch)
+        for i, batch in batches:
+            self.run_callbacks("on_train_batch_start")
+            self._train_step(epoch, i, batch)
+            self._update_progress(batches, epoch, i, batch)
+            self.run_callbacks("on_train_batch_end")
+            if self._signals_received:
+                self._save_interrupted(epoch, i + 1)
+            if self._time_exceeded():
+                self.stop = True
+                break
+        self.start_batch = 0
+        self.lr = {f"lr/pg{j}": group["lr"] for j, group in enumerate(self.optimizer.param_groups)}
+        self.run_callbacks("on_train_epoch_end")
+
+    def _train_step(self, epoch, i, batch):
+        step = epoch * self.num_batches + i
+        self.accumulate = self.schedule.accumulate(epoch, i)
+        self.schedule.apply(self.optimizer, epoch, i)
+        batch = self.preprocess_batch(batch)
+        self.loss, self.loss_items = self._forward_loss(batch)
+        if not torch.isfinite(self.loss).all():
+            raise NonFiniteLossError(f"non-finite loss {self.loss.item()} at epoch {epoch + 1}, batch {i}")
+        self._backward(self.loss)
+        self._optimizer_step(step)
+        self._update_running_loss(self.loss_items.detach().float().cpu())
+
+    def _update_running_loss(self, items):
+        """tloss: the mean of the loss items over this epoch's batches so far."""
+        done = self._batches_in_epoch
+        self.tloss = items if self.tloss is None else (self.tloss * done + items) / (done + 1)
+        self._batches_in_epoch = done + 1
+
+    def _forward_loss(self, batch):
+        with self.stepper.autocast():
+            loss, loss_items = self.compute_loss(batch)
+        # The loss is summed over the batch; DDP averages gradients over ranks, so scale back up.
+        return loss * dist.world_size(), loss_items
+
+    def _backward(self, loss):
+        self.stepper.backward(loss)
+
+    def _optimizer_step(self, step):
+        self.stepper.step_if_due(
+            self.model,
+            self.ema,
+            self.accumulate,
+            step,
+            before_zero_grad=lambda: self.run_callbacks("on_before_zero_grad"),
+            after_step=lambda: self.run_callbacks("optimizer_step"),
+        )
+
+    # ------------------------------------------------------------------ set-up
+    def _setup(self):
+        self.run_callbacks("on_pretrain_routine_start")
+        if dist.is_main():
+            ensure_writable_dir(self.wdir)
+            save_atomic_text(yaml.safe_dump(vars(self.args), sort_keys=False), self.save_dir / "args.yaml")
+        init_seeds(self.args.seed, self.args.deterministic)
+        with dist.main_process_first():
+            self.data = self.get_dataset()
+        self.model = self.get_model(cfg=self.args.model, weights=self._pretrained_weights())
+        self.model.to(self.device)
+        self._freeze_layers()
+        self._resolve_batch()
+        with dist.main_process_first():
+            self.train_loader = self.get_dataloader(self.data["train"], self.batch_size, dist.rank(), "train")
+            self.test_loader = self.get_dataloader(self.data["val"], self.batch_size * 2, -1, "val")
+        self.num_batches = len(self.train_loader)
+        self.set_model_attributes()
+        self.validator = self.get_validator()
+        self.ema = ModelEMA(self.model)
+        self._build_optimization()
+        self.stopper = EarlyStopping(self.args.patience)
+        self.train_model = self._wrap_model()
+        if self.resume_path:
+            self._load_state(load_checkpoint(self.resume_path))
+        else:
+            self._initial_state = self._state_snapshot()
+        self._log_resolved()
+        self.run_callbacks("on_pretrain_routine_end")
+
+    def _resolve_batch(self):
+        world = dist.world_size()
+        if self.args.batch % world:
+            raise YoloTrainError(f"batch={self.args.batch} does not divide over {world} processes")
+        self.batch_size = self.args.batch // world
+
+    def _build_optimization(self):
+        """Optimizer, schedule and optimizer-step helper, with values derived from (not written into) args."""
+        global_batch = self.batch_size * dist.world_size()
+        accumulate = max(round(self.args.nbs / global_batch), 1)
+        weight_decay = scaled_weight_decay(self.args.weight_decay, global_batch, accumulate, self.args.nbs)
+        iterations = math.ceil(len(self.train_loader.dataset) / max(global_batch, self.args.nbs)) * self.epochs
+        self.optimizer = self.build_optimizer(
+            model=self.model,
+            name=self.args.optimizer,
+            lr=self.args.lr0,
+            momentum=self.args.momentum,
+            decay=weight_decay,
+            iterations=iterations,
+        )
+        self.schedule = TrainSchedule(
+            initial_lrs=[g.get("initial_lr", g["lr"]) for g in self.optimizer.param_groups],
+            bias_groups=[bool(g.get("bias_group", False)) for g in self.optimizer.param_groups],
+            epochs=self.epochs,
+            num_batches=self.num_batches,
+            warmup_epochs=self.args.warmup_epochs,
+            warmup_bias_lr=self.args.warmup_bias_lr,
+            warmup_momentum=self.args.warmup_momentum,
+            momentum=self._optimizer_momentum(),
+            lrf=self.args.lrf,
+            cos_lr=self.args.cos_lr,
+            nominal_batch=self.args.nbs,
+            batch_size=global_batch,
+        )
+        self.amp_dtype = self._resolve_amp()
+        self.stepper = OptimizerStepper(self.optimizer, self.amp_dtype, self.device.type, max_norm=10.0)
+        self.resolved.__dict__.update(
+            batch_per_rank=self.batch_size,
+            accumulate=accumulate,
+            weight_decay=weight_decay,
+            warmup_iters=self.schedule.warmup_iters,
+            amp=str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
+        )
+
+    def _optimizer_momentum(self):
+        group = self.optimizer.param_groups[0]
+        if "betas" in group:
+            return group["betas"][0]
+        return group.get("momentum", self.args.momentum)
+
+    def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
+        """Return the optimizer. Called once at set-up with the decay already scaled to the batch.
+
+        Default: three groups (weights with decay, normalisation weights and biases without). `name="auto"` picks
+        SGD for long runs and AdamW with an lr fitted to the class count otherwise. Each group's starting lr is its
+        schedule's base: warmup and decay scale every group by the same factor, so ratios between groups hold.
+        """
+        if name.lower() == "auto":
+            nc = getattr(model, "nc", 10)
+            name, lr, momentum = resolve_auto_optimizer(iterations, nc)
+            LOGGER.info(
+                f"optimizer: 'optimizer=auto' picked {name}(lr={lr}, momentum={momentum}) for {int(iterations)} "
+                f"iterations, ignoring lr0 and momentum"
+            )
+        self.resolved.optimizer = f"{name}(lr={lr}, momentum={momentum})"
+        return make_optimizer(name, build_param_groups(model, decay), lr, momentum)
+
+    def _resolve_amp(self):
+        """torch dtype for autocast, or None. fp16 only on CUDA, checked against fp32 first; bf16 on request."""
+        amp = self.args.amp
+        if not amp or self.device.type != "cuda":
+            return None
+        if amp == "bf16":
+            return torch.bfloat16
+        return torch.float16 if self._amp_output_matches() else None
+
+    def _amp_output_matches(self):
+        """Run the model once in fp32 and fp16 autocast on a synthetic image; fall back to fp32 on a mismatch."""
+        model = copy.deepcopy(de_parallel(self.model)).eval()
+        image = torch.rand(1, 3, 64, 64, device=self.device)
+        with torch.no_grad():
+            reference = self._first_tensor(model(image)).float()
+            with torch.autocast("cuda", dtype=torch.float16):
+                mixed = self._first_tensor(model(image)).float()
+        ok = torch.allclose(reference, mixed, atol=0.5, rtol=0.05) and torch.isfinite(mixed).all()
+        if not ok:
+            LOGGER.warning("AMP check failed: fp16 outputs differ from fp32 on this GPU, training in fp32")
+        return bool(ok)
+
+    @staticmethod
+    def _first_tensor(output):
+        while isinstance(output, (list, tuple)):
+            output = output[0]
+        return output
+
+    def _wrap_model(self):
+        """The module the training step calls: compiled and/or DDP-wrapped views of self.model."""
+        model = self.model
+        if self.args.compile:
+            model = self._compile(model)
+        if dist.is_dist():
+            model = self._ddp_wrap(model)
+        return model
+
+    def _compile(self, model):
+        try:
+            compiled = torch.compile(model)
+            LOGGER.info("compile: torch.compile enabled")
+            return compiled
+        except Exception as e:  # torch.compile is unavailable on some platforms/python versions
+            LOGGER.warning(f"compile: torch.compile is not available here ({e}); training uncompiled")
+            return model
+
+    def _ddp_wrap(self, model):
+        from torch.nn.parallel import DistributedDataParallel
+
+        if self.args.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
+
+    def compute_loss(self, batch):
+        """Return (loss summed over the batch, detached loss items). Runs under autocast."""
+        return self.train_model(batch)
+
+    # ------------------------------------------------------------------ freezing
+    def _freeze_layers(self):
+        prefixes = self._frozen_prefixes()
+        frozen = []
+        for name, param in self.model.named_parameters():
+            if any(name.startswith(p) for p in prefixes):
+                param.requires_grad = False
+                frozen.append(name)
+        if frozen and self.args.freeze is not None:
+            LOGGER.info(f"freeze: {len(frozen)} parameters frozen ({', '.join(sorted(set(prefixes)))})")
+
+    def _frozen_prefixes(self):
+        """Name prefixes to freeze: `freeze=N` is layers 0..N-1; a list holds layer indices or name prefixes."""
+        freeze = self.args.freeze
+        if freeze is None:
+            items = []
+        elif isinstance(freeze, int):
+            items = list(range(freeze))
+        else:
+            items = list(freeze)
+        prefixes = [f"model.{x}." if isinstance(x, int) else str(x) for x in items]
+        return prefixes + list(self.always_frozen())
+
+    def always_frozen(self):
+        """Name prefixes that never train (e.g. a fixed DFL projection)."""
+        return ()
+
+    def _freeze_bn_stats_of_frozen_layers(self):
+        """Keep running statistics of frozen normalisation layers fixed (callbacks may unfreeze, so check now)."""
+        for module in self.model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                if module.weight is not None and not module.weight.requires_grad:
+                    module.eval()
+
+    # ------------------------------------------------------------------ epochs
+    def _begin_epoch(self, epoch):
+        self.model.train()
+        self._seed_epoch(epoch)
+        self._set_loader_epoch(epoch)
+        if self.args.close_mosaic and epoch == self.epochs - self.args.close_mosaic:
+            self._close_dataloader_mosaic()
+        self.tloss = None
+        self._batches_in_epoch = 0
+        self.stepper.zero_grad()
+
+    def _seed_epoch(self, epoch):
+        """Make epoch `epoch` a pure function of (seed, epoch): resume replays it exactly.
+
+        After a NaN rollback the salt changes the replay, so the same bad step is not repeated.
+        """
+        seed = self.args.seed + 1_000_003 * epoch + 7919 * self._nan_recoveries
+        init_seeds(seed, self.args.deterministic)
+
+    def _set_loader_epoch(self, epoch):
+        from yolotrain.data.loader import set_loader_epoch
+
+        set_loader_epoch(self.train_loader, epoch, start_batch=self.start_batch, salt=self._nan_recoveries)
+
+    def _close_dataloader_mosaic(self):
+        """Switch mosaic (and the augmentations that go with it) off for the final epochs."""
+        LOGGER.info("close_mosaic: mosaic off for the final epochs")
+        from yolotrain.data.loader import reset_loader_workers
+
+        dataset = self.train_loader.dataset
+        if hasattr(dataset, "close_mosaic"):
+            dataset.close_mosaic(self.args)
+            reset_loader_workers(self.train_loader)  # persistent workers hold their own copy of the dataset
+
+    def _validate_if_due(self, epoch):
+        final_epoch = epoch + 1 >= self.epochs or self.stop or self.stopper.possible_stop
+        due = self.args.val and (epoch + 1) % max(self.args.val_period, 1) == 0
+        if dist.is_main() and (due or final_epoch):
+            self.ema.module.to(self.device)
+            self.metrics, self.fitness = self.validate()
+        else:
+            self.metrics, self.fitness = None, None
+        self.metrics, self.fitness = dist.broadcast_object((self.metrics, self.fitness))
+        if self.fitness is not None:
+            self.stopper.update(epoch, self.fitness)
+            self.best_fitness = self.stopper.best_fitness
+
+    def validate(self):
+        """Run the validator on the EMA weights; return (metrics dict, fitness float)."""
+        metrics = self.validator(trainer=self)
+        fitness = metrics.pop("fitness", None)
+        if fitness is None:
+            fitness = -float(self.tloss.sum()) if self.tloss is not None else 0.0
+        return metrics, float(fitness)
+
+    def _fitness_collapsed(self):
+        if self.fitness is None:
+            return False
+        return not math.isfinite(self.fitness) or (bool(self.best_fitness and self.best_fitness > 0) and self.fitness == 0)
+
+    def _log_epoch(self, epoch):
+        if not dist.is_main():
+            return
+        row = {"epoch": epoch + 1, "time": round(self._elapsed(), 3)}
+        row.update(self.label_loss_items(self.tloss, prefix="train"))
+        row.update(self._metrics_row())
+        row.update(self.lr)
+        self.results.append(row)
+        if self.args.plots:
+            self._plot_results()
+
+    def _metrics_row(self):
+        if self.metrics is not None:
+            return {k: float(v) for k, v in self.metrics.items()}
+        return {k: float("nan") for k in self.metric_keys()}
+
+    def metric_keys(self):
+        """Columns the validator reports (used to fill rows of epochs without validation)."""
+        return [k for k in getattr(self.validator, "metric_keys", lambda: [])()]
+
+    def _plot_results(self):
+        try:
+            from yolotrain.utils.plotting import plot_results
+
+            plot_results(self.csv)
+        except Exception as e:  # a plot must never stop training
+            self._warn_once("plot_results", f"results plot failed: {e}")
+
+    def _should_stop(self, epoch):
+        stop = self.stop or self.stopper.should_stop
+        if self.args.time:
+            stop = stop or self._replan_epochs_for_time_budget(epoch)
+        return bool(dist.broadcast_object(stop))
+
+    # ------------------------------------------------------------------ time budget
+    def _elapsed(self):
+        return self._train_time_before + time.time() - self._train_start
+
+    def _time_exceeded(self):
+        return bool(self.args.time) and self._elapsed() > self.args.time * 3600
+
+    def _replan_epochs_for_time_budget(self, epoch):
+        """Re-plan the epoch count from the measured epoch time so the run ends within `time` hours."""
+        epochs_done_here = epoch + 1 - self.start_epoch
+        seconds_per_epoch = (time.time() - self._train_start) / max(epochs_done_here, 1)
+        remaining = self.args.time * 3600 - self._elapsed()
+        planned = epoch + 1 + max(int(remaining // seconds_per_epoch), 0)
+        if planned != self.epochs:
+            self.epochs = planned
+            self.schedule.set_epochs(planned)
+            self.resolved.epochs = planned
+        return epoch + 1 >= self.epochs or self._time_exceeded()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_if_due(self, epoch):
+        if not (self.args.save and dist.is_main()):
+            return
+        try:
+            self.save_model()
+            self._pending_save_retry = False
+        except NonFiniteCheckpointError as e:
+            LOGGER.warning(f"checkpoint not written: {e}")
+        except OSError as e:
+            # Disk full or folder gone: keep the previous last.pt and try again next epoch.
+            self._pending_save_retry = True
+            LOGGER.warning(f"checkpoint save failed ({e}); the previous last.pt is kept, retrying next epoch")
+            return
+        self.run_callbacks("on_model_save")
+
+    def save_model(self):
+        """Write weights/last.pt, weights/best.pt at the best fitness and weights/epochN.pt every save_period."""
+        checkpoint = self.checkpoint_state()
+        save_checkpoint(checkpoint, self.last)
+        if self.fitness is not None and self.best_fitness == self.fitness:
+            save_checkpoint(checkpoint, self.best)
+        period = self.args.save_period
+        if period > 0 and (self.epoch + 1) % period == 0:
+            save_checkpoint(checkpoint, self.wdir / f"epoch{self.epoch + 1}.pt")
+
+    def checkpoint_state(self, batch_index=None):
+        """Everything resume needs, as state dicts and plain types (loads with weights_only=True)."""
+        state = self._state_snapshot()
+        state.update(
+            format_version=CHECKPOINT_FORMAT_VERSION,
+            version=__version__,
+            date=datetime.now(timezone.utc).isoformat(),
+            epoch=self.epoch,
+            best_fitness=None if self.best_fitness is None else float(self.best_fitness),
+            train_args=dict(vars(self.args)),
+            train_metrics={**(self.metrics or {}), "fitness": self.fitness},
+            train_time=self._elapsed(),
+            planned_epochs=self.epochs,
+            nan_recoveries=self._nan_recoveries,
+            callbacks=self.callbacks.state_dict(),
+            rng=rng_state(),
+        )
+        state.update(self.checkpoint_extras())
+        if batch_index is not None:
+            state["batch_index"] = batch_index
+            state["grads"] = self._accumulated_grads()
+            state["tloss"] = None if self.tloss is None else self.tloss.tolist()
+            state["batches_in_epoch"] = self._batches_in_epoch
+        return state
+
+    def checkpoint_extras(self):
+        """Task-specific plain entries added to every checkpoint (e.g. the model yaml and class names)."""
+        return {}
+
+    def _state_snapshot(self):
+        return copy.deepcopy(
+            {
+                "model": de_parallel(self.model).state_dict(),
+                "ema": self.ema.module.state_dict(),
+                "ema_updates": int(self.ema.updates),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.stepper.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                "stopper": self.stopper.state_dict(),
+            }
+        )
+
+    def _load_state(self, state, restore_progress=True):
+        """Continue from a checkpoint: the same code path as a fresh start, plus state dicts."""
+        de_parallel(self.model).load_state_dict(state["model"])
+        self.ema.module.load_state_dict(state["ema"])
+        self.ema.updates = state["ema_updates"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stepper.load_state_dict(state["scaler"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.stopper.load_state_dict(state["stopper"])
+        if not restore_progress:
+            return
+        self.schedule.set_epochs(self.epochs)
+        self.best_fitness = state.get("best_fitness")
+        self._train_time_before = state.get("train_time", 0.0)
+        self._nan_recoveries = state.get("nan_recoveries", 0)
+        self.callbacks.load_state_dict(state.get("callbacks", {}))
+        if "batch_index" in state:
+            self._restore_mid_epoch(state)
+        else:
+            self.start_epoch = state["epoch"] + 1
+        self.results.keep_epochs_up_to(self.start_epoch)
+        LOGGER.info(f"resume: continuing {self.resume_path} from epoch {self.start_epoch + 1} to {self.epochs}")
+
+    def _restore_mid_epoch(self, state):
+        self.start_epoch = state["epoch"]
+        self.start_batch = state["batch_index"]
+        self._mid_epoch_state = state
+
+    def _apply_mid_epoch_state(self):
+        """After the epoch's normal start: put back RNGs, running loss and not-yet-stepped gradients."""
+        state, self._mid_epoch_state = self._mid_epoch_state, None
+        set_rng_state(state["rng"])
+        self.tloss = None if state.get("tloss") is None else torch.tensor(state["tloss"])
+        self._batches_in_epoch = state.get("batches_in_epoch", 0)
+        for param, grad in zip(de_parallel(self.model).parameters(), state.get("grads", [])):
+            param.grad = None if grad is None else grad.to(param.device)
+
+    def _accumulated_grads(self):
+        return [None if p.grad is None else p.grad.detach().clone() for p in de_parallel(self.model).parameters()]
+
+    # ------------------------------------------------------------------ NaN recovery
+    def _recover_from_nan(self, reason):
+        """Roll back to the last good checkpoint (or the initial state) and replay with a new seed salt."""
+        self._nan_recoveries += 1
+        if self._nan_recoveries > MAX_NAN_RECOVERIES:
+            raise YoloTrainError(f"training diverged: {reason}; gave up after {MAX_NAN_RECOVERIES} recoveries")
+        good = self._last_good_state()
+        self._load_state(good["state"], restore_progress=False)
+        self.epoch = good["next_epoch"]
+        self.best_fitness = self.stopper.best_fitness
+        self.tloss = self.fitness = None
+        self.stepper.zero_grad()
+        LOGGER.warning(
+            f"NaN recovery {self._nan_recoveries}/{MAX_NAN_RECOVERIES}: {reason}; "
+            f"reloaded {good['source']} and continuing from epoch {good['next_epoch'] + 1}"
+        )
+        return good["next_epoch"]
+
+    def _last_good_state(self):
+        if self.last.exists():
+            state = load_checkpoint(self.last)
+            if "batch_index" not in state:
+                return {"state": state, "next_epoch": state["epoch"] + 1, "source": str(self.last)}
+        return {"state": self._initial_state, "next_epoch": 0, "source": "the initial weights"}
+
+    # ------------------------------------------------------------------ end of training
+    def _final_eval(self):
+        """Validate best.pt (the weights users ship) with plots; strip its optimizer for release."""
+        if not dist.is_main():
+            return
+        if self.best.exists() and self.args.save:
+            strip_optimizer(self.best)
+            if self.args.val or self.metrics is not None:
+                LOGGER.info(f"\nValidating {self.best}...")
+                self.metrics = self.validate_checkpoint(self.best)
+                self.metrics.pop("fitness", None)
+
+    def validate_checkpoint(self, path):
+        """Validate the weights in `path` (task-specific); default: validate the EMA in memory."""
+        metrics, _ = self.validate()
+        return metrics
+
+    # ------------------------------------------------------------------ resume
+    def _find_resume_checkpoint(self):
+        resume = self.args.resume
+        if isinstance(resume, str):
+            path = Path(resume)
+            if not path.exists():
+                raise CheckpointError(f"resume checkpoint '{resume}' does not exist")
+            return path
+        search_dir = Path(self.args.project or Path("runs") / self.args.task)
+        path = find_latest_checkpoint(search_dir)
+        if path is None:
+            raise CheckpointError(f"resume=True but no last.pt was found under '{search_dir}'")
+        return path
+
+    def _args_for_resume(self, path, overrides):
+        """The checkpoint's arguments, with the few that may change on resume taken from the user."""
+        checkpoint = load_checkpoint(path)
+        if "optimizer" not in checkpoint or "train_args" not in checkpoint:
+            raise CheckpointError(f"'{path}' holds no optimizer state (stripped release weights); cannot resume it")
+        args = dict(checkpoint["train_args"])
+        changed = {k: overrides[k] for k in RESUME_OVERRIDABLE if k in overrides and overrides[k] != args.get(k)}
+        ignored = sorted(k for k in overrides if k not in RESUME_OVERRIDABLE and k not in ("resume", "model", "cfg"))
+        args.update(changed)
+        args.update(resume=str(path), exist_ok=True)
+        if changed:
+            LOGGER.info(f"resume: using the new values {changed}")
+        if ignored:
+            LOGGER.warning(f"resume: ignoring {ignored}; these come from the checkpoint when resuming")
+        epochs = args["epochs"]
+        last_epoch = checkpoint["epoch"] + (0 if "batch_index" in checkpoint else 1)
+        if last_epoch >= epochs and not args.get("time"):
+            raise YoloTrainError(
+                f"'{path}' already finished its {epochs} epochs; resume with epochs=N (N > {epochs}) to train further"
+            )
+        return get_cfg(args)
+
+    def _resolve_save_dir(self):
+        if self.resume_path:  # a resumed run continues in its own folder: <save_dir>/weights/last.pt
+            return Path(self.resume_path).resolve().parent.parent
+        project = Path(self.args.project or Path("runs") / self.args.task)
+        name = self.args.name or self.args.mode
+        save_dir = increment_path(project / name, exist_ok=self.args.exist_ok)
+        return dist.broadcast_object(save_dir)
+
+    def _pretrained_weights(self):
+        pretrained = self.args.pretrained
+        model = self.args.model
+        if isinstance(pretrained, str):
+            return pretrained
+        if pretrained and isinstance(model, str) and model.endswith(".pt"):
+            return model
+        return None
+
+    # ------------------------------------------------------------------ signals
+    def _install_signal_handlers(self):
+        """SIGTERM/SIGINT: finish the batch, save a mid-epoch checkpoint, exit; a second signal exits at once."""
+        if not self._in_main_thread():
+            return None
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, self._on_signal)
+        return previous
+
+    def _on_signal(self, signum, frame):
+        self._signals_received += 1
+        if self._signals_received > 1:
+            LOGGER.warning("second signal received: exiting now without saving")
+            raise SystemExit(128 + signum)
+        LOGGER.warning(f"{signal.Signals(signum).name} received: finishing this batch and saving a checkpoint")
+
+    def _save_interrupted(self, epoch, next_batch):
+        if dist.is_main() and self.args.save:
+            save_checkpoint(self.checkpoint_state(batch_index=next_batch), self.last)
+        raise TrainingInterrupted(
+            f"training interrupted at epoch {epoch + 1}, batch {next_batch}; state saved to {self.last}, "
+            f"continue with resume={self.last}"
+        )
+
+    def _restore_signal_handlers(self, previous):
+        for sig, handler in (previous or {}).items():
+            signal.signal(sig, handler)
+
+    @staticmethod
+    def _in_main_thread():
+        import threading
+
+        return threading.current_thread() is threading.main_thread()
+
+    # ------------------------------------------------------------------ progress and logging
+    def _progress(self, epoch):
+        batches = enumerate(self.train_loader, start=self.start_batch)
+        if dist.is_main() and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            LOGGER.info(self.progress_string())
+            return tqdm(batches, total=self.num_batches, initial=self.start_batch, bar_format="{l_bar}{bar:10}{r_bar}")
+        return batches
+
+    def _update_progress(self, batches, epoch, i, batch):
+        if hasattr(batches, "set_description"):
+            batches.set_description(self._progress_line(epoch, batch))
+        elif dist.is_main() and i + 1 == self.num_batches:
+            LOGGER.info(self._progress_line(epoch, batch))
+
+    def _progress_line(self, epoch, batch):
+        losses = "".join(f"{x:11.4g}" for x in (self.tloss.tolist() if self.tloss is not None else []))
+        instances = int(batch["cls"].shape[0]) if isinstance(batch, dict) and "cls" in batch else 0
+        size = batch["img"].shape[-1] if isinstance(batch, dict) and "img" in batch else 0
+        return f"{f'{epoch + 1}/{self.epochs}':>11}{self._memory():>11}{losses}{instances:>11}{size:>11}"
+
+    def _memory(self):
+        if self.device.type == "cuda":
+            return f"{torch.cuda.memory_reserved(self.device) / 2**30:.3g}G"
+        import psutil
+
+        return f"{psutil.Process().memory_info().rss / 2**30:.3g}G"
+
+    def progress_string(self):
+        """Header of the per-epoch progress line."""
+        names = ("Epoch", "Mem", *self.loss_names, "Instances", "Size")
+        return "".join(f"{n:>11}" for n in names)
+
+    def _log_resolved(self):
+        if dist.is_main():
+            values = ", ".join(f"{k}={v}" for k, v in vars(self.resolved).items())
+            LOGGER.info(f"resolved: {values}")
+
+    def _warn_once(self, key, message):
+        warned = self.__dict__.setdefault("_warned", set())
+        if key not in warned:
+            warned.add(key)
+            LOGGER.warning(message)
+
+    # ------------------------------------------------------------------ task override points
+    def get_dataset(self):
+        """Return the data dict ({"train": ..., "val": ..., "names": {...}, "nc": int}). Called once at set-up."""
+        raise NotImplementedError
+
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        """Return the model to train (an nn.Module), loading `weights` when given."""
+        raise NotImplementedError
+
+    def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
+        """Return the DataLoader for `mode` ("train" or "val")."""
+        raise NotImplementedError
+
+    def build_dataset(self, img_path, mode="train", batch=None):
+        """Return the Dataset for `mode`."""
+        raise NotImplementedError
+
+    def preprocess_batch(self, batch):
+        """Move a collated batch to the device and normalise it. Called once per training batch."""
+        return batch
+
+    def get_validator(self):
+        """Return the validator used after each epoch; it is called as `validator(trainer=self)`."""
+        raise NotImplementedError
+
+    def set_model_attributes(self):
+        """Attach task information (class count, names, hyperparameters) to the model; called once the
+        dataloaders exist, before the optimizer is built."""
+
+    def label_loss_items(self, loss_items=None, prefix="train"):
+        """Loss items as {f"{prefix}/{name}": value}, or the list of keys when loss_items is None."""
+        keys = [f"{prefix}/{name}" for name in self.loss_names]
+        if loss_items is None:
+            return keys
+        return {k: round(float(v), 5) for k, v in zip(keys, loss_items)}

@@ -1,0 +1,287 @@
+"""BaseValidator: the task-agnostic evaluation driver.
+
+A validator is an evaluator (`reset()`, `update(preds, batch)`, `compute() -> dict`) plus the driver `__call__`
+that runs a model over a dataloader. It runs in two modes:
+
+- during training, `validator(trainer=trainer)`: evaluates the trainer's EMA weights on `trainer.test_loader`,
+  also averages the validation losses, and returns the metrics the trainer logs;
+- standalone, `validator(model=DetectionModel | "path/to/best.pt")`: evaluates a fused copy of the model on
+  `args.device`, builds the data loader from `args.data` / `args.split` (unless one was given) and returns the
+  metrics.
+
+Tasks subclass it (`DetectionValidator`) and fill in the override points: `preprocess`, `postprocess`,
+`init_metrics`, `reset`, `update`, `compute`, `build_dataloader`, `load_model`, `log_results`, `plot_batch`,
+`save_outputs`.
+
+Callback events (each `fn(validator)`, in registration order): on_val_start, on_val_batch_start (`self.batch_i`
+and `self.batch`, the collated batch before preprocessing, are set), on_val_batch_end, on_val_end.
+"""
+
+import contextlib
+import copy
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from yolotrain.cfg import Args, get_cfg
+from yolotrain.engine.callbacks import Callbacks
+from yolotrain.errors import YoloTrainError
+from yolotrain.utils.files import ensure_writable_dir, increment_path
+from yolotrain.utils.torch_utils import de_parallel, select_device
+
+LOGGER = logging.getLogger(__name__)
+
+SPEED_STAGES = ("preprocess", "inference", "loss", "postprocess")
+# Batches drawn as image mosaics (labels and predictions) when plots are on.
+PLOTTED_BATCHES = 3
+
+
+class StageTimer:
+    """Wall time spent in named stages; waits for CUDA so GPU work is charged to the stage that queued it."""
+
+    def __init__(self, device):
+        self.device = device
+        self.seconds = dict.fromkeys(SPEED_STAGES, 0.0)
+
+    def _sync(self):
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def __call__(self, stage):
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[stage] += time.perf_counter() - start
+
+    def per_image_ms(self, num_images):
+        """{stage: milliseconds per image}."""
+        return {stage: 1e3 * s / max(num_images, 1) for stage, s in self.seconds.items()}
+
+
+class BaseValidator:
+    """Evaluates a model on a dataset; see the module docstring for the two modes.
+
+    Args:
+        dataloader: the loader to evaluate on; None builds one from `args` (standalone) or uses the trainer's.
+        save_dir: folder for plots and predictions.json; None uses `project/name` (default runs/<task>/val).
+        args: an `Args` (used as given, never mutated) or a dict of overrides of the defaults.
+        _callbacks: a `Callbacks` registry, shared with the trainer when created by it.
+
+    Public attributes after a run: `metrics`, `speed` ({stage: ms per image}), `seen` (images), `names`, `nc`,
+    `loss` (mean validation loss items during training, else None), `device`, `save_dir`, `training`.
+    """
+
+    # Names of the loss items `model.loss` returns; the trainer's `label_loss_items` gives the final keys.
+    loss_names = ()
+
+    def __init__(self, dataloader=None, save_dir=None, args=None, _callbacks=None):
+        self.args = args if isinstance(args, Args) else get_cfg(dict(args or {}))
+        self.dataloader = dataloader
+        self.save_dir = Path(save_dir) if save_dir is not None else None
+        self.callbacks = _callbacks if _callbacks is not None else Callbacks()
+        self.training = False
+        self.device = None
+        self.amp_dtype = None  # autocast dtype during training on CUDA, else None
+        self.model = None
+        self.data = None
+        self.names = {}
+        self.nc = 0
+        self.metrics = None
+        self.seen = 0
+        self.loss = None
+        self.batch_i = None
+        self.batch = None
+        self.plots = False  # whether this run draws plots (args.plots, limited to the final epoch in training)
+        self.speed = dict.fromkeys(SPEED_STAGES, 0.0)
+
+    # ------------------------------------------------------------------ callbacks
+    def add_callback(self, event, fn):
+        """Append `fn(validator)` to `event`'s callbacks."""
+        self.callbacks.add(event, fn)
+
+    def run_callbacks(self, event):
+        """Run every callback of `event` with this validator."""
+        self.callbacks.run(event, self)
+
+    # ------------------------------------------------------------------ driver
+    def __call__(self, trainer=None, model=None):
+        """Evaluate and return the results dict (see `results`). Give `trainer` during training, else `model`."""
+        self.training = trainer is not None
+        if self.training:
+            model, dataloader = self._setup_training(trainer)
+        else:
+            model, dataloader = self._setup_standalone(model)
+        was_training = model.training
+        model.eval()
+        try:
+            self.model = model
+            self.init_metrics(model, dataloader)
+            self.reset()
+            self.run_callbacks("on_val_start")
+            self._run_batches(model, dataloader)
+            stats = self.compute()
+            self._log_speed()
+            self.log_results()
+            if self.plots:
+                self.plot_metrics()
+            self.save_outputs()
+            self.run_callbacks("on_val_end")
+        finally:
+            model.train(was_training)
+        return self.results(stats, trainer)
+
+    def _setup_training(self, trainer):
+        """The EMA weights (the model's when there is no EMA), the trainer's device and val loader."""
+        ema = getattr(trainer, "ema", None)
+        model = de_parallel(ema.module if ema is not None else trainer.model)
+        self.device = trainer.device
+        self.amp_dtype = getattr(trainer, "amp_dtype", None) if self.device.type == "cuda" else None
+        if self.save_dir is None:
+            self.save_dir = Path(trainer.save_dir)
+        self.plots = bool(self.args.plots) and self._is_final_epoch(trainer)
+        dataloader = getattr(trainer, "test_loader", None)
+        return model, dataloader if dataloader is not None else self.dataloader
+
+    @staticmethod
+    def _is_final_epoch(trainer):
+        """Plots are drawn once per run: on the last epoch, or when the trainer is about to stop early."""
+        possible_stop = bool(getattr(getattr(trainer, "stopper", None), "possible_stop", False))
+        return trainer.epoch + 1 >= trainer.epochs or bool(getattr(trainer, "stop", False)) or possible_stop
+
+    def _setup_standalone(self, model):
+        """Load/fuse the model on `args.device` and build the data loader unless one was given."""
+        if model is None:
+            raise YoloTrainError("validation needs model= (a DetectionModel or a checkpoint .pt path), got None")
+        self.device = select_device(self.args.device)
+        self.amp_dtype = None
+        model = self.load_model(model) if isinstance(model, (str, Path)) else de_parallel(model)
+        if hasattr(model, "fuse") and not getattr(model, "is_fused", lambda: True)():
+            # Fusing removes BatchNorm in place: fuse a copy so the caller's model can still be trained.
+            model = copy.deepcopy(model).fuse()
+        model = model.to(self.device)
+        dataloader = self.dataloader
+        if dataloader is None:
+            dataloader = self.dataloader = self.build_dataloader(model)
+        if self.save_dir is None:
+            project = self.args.project or f"runs/{self.args.task}"
+            self.save_dir = increment_path(Path(project) / (self.args.name or "val"), self.args.exist_ok)
+        self.plots = bool(self.args.plots)
+        if self.plots or self.args.save_json:
+            ensure_writable_dir(self.save_dir)
+        return model, dataloader
+
+    def _run_batches(self, model, dataloader):
+        timer = StageTimer(self.device)
+        loss_sum, num_batches = None, 0
+        for self.batch_i, batch in enumerate(self._progress(dataloader)):
+            self.batch = batch
+            self.run_callbacks("on_val_batch_start")
+            with timer("preprocess"):
+                batch = self.preprocess(batch)
+            with timer("inference"), torch.no_grad(), self._autocast():
+                preds = model(batch["img"])
+            if self.training:
+                with timer("loss"), torch.no_grad(), self._autocast():
+                    items = model.loss(batch, preds[1])[1].detach().float()
+                loss_sum = items if loss_sum is None else loss_sum + items
+                num_batches += 1
+            with timer("postprocess"):
+                preds = self.postprocess(preds)
+            self.update(preds, batch)
+            if self.plots and self.batch_i < PLOTTED_BATCHES:
+                self.plot_batch(batch, preds, self.batch_i)
+            self.run_callbacks("on_val_batch_end")
+        self.loss = (loss_sum / num_batches).cpu() if num_batches else None
+        self.speed = timer.per_image_ms(self.seen)
+
+    def _autocast(self):
+        """fp16/bf16 autocast on CUDA when the trainer trains with it; the EMA weights stay fp32."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def _progress(self, dataloader):
+        """A tqdm bar on a terminal; plain iteration otherwise (logs and CI stay readable)."""
+        if not sys.stdout.isatty():
+            return dataloader
+        from tqdm import tqdm
+
+        return tqdm(dataloader, desc=self.progress_description(), total=len(dataloader), leave=False)
+
+    def _log_speed(self):
+        if self.training:
+            return
+        speeds = ", ".join(f"{ms:.1f}ms {stage}" for stage, ms in self.speed.items() if stage != "loss")
+        LOGGER.info(f"Speed: {speeds} per image")
+
+    def results(self, stats, trainer=None):
+        """The metrics dict; during training the mean val losses come after the metrics and "fitness" last."""
+        stats = dict(stats)
+        fitness = stats.pop("fitness", None)
+        if trainer is not None and self.loss is not None:
+            stats.update(trainer.label_loss_items(self.loss, prefix="val"))
+        if fitness is not None:
+            stats["fitness"] = fitness
+        return stats
+
+    def metric_keys(self):
+        """The result keys without "fitness": metric columns then val loss columns (for epochs not validated)."""
+        return [*self.metric_names(), *(f"val/{name}" for name in self.loss_names)]
+
+    # ------------------------------------------------------------------ override points
+    def metric_names(self):
+        """Names of the metric values in the results dict, in order (without losses and fitness)."""
+        return []
+
+    def load_model(self, path):
+        """Rebuild the model stored in a checkpoint file. Called in standalone mode for a path."""
+        raise NotImplementedError
+
+    def build_dataloader(self, model):
+        """Return the loader of `args.data` / `args.split`. Called in standalone mode when none was given."""
+        raise NotImplementedError
+
+    def init_metrics(self, model, dataloader):
+        """Set names, nc and the metric containers before a run."""
+
+    def reset(self):
+        """Forget everything accumulated by `update`."""
+        self.seen = 0
+
+    def preprocess(self, batch):
+        """Move a collated batch to the device and normalise it; returns the batch."""
+        return batch
+
+    def postprocess(self, preds):
+        """Turn the model's raw output into final predictions (e.g. NMS)."""
+        return preds
+
+    def update(self, preds, batch):
+        """Accumulate one batch of postprocessed predictions against its labels."""
+
+    def compute(self):
+        """Return the metrics dict from everything accumulated (the place to gather across ranks)."""
+        return {}
+
+    def progress_description(self):
+        """Text shown left of the progress bar."""
+        return "validating"
+
+    def log_results(self):
+        """Log the metrics table."""
+
+    def plot_batch(self, batch, preds, batch_i):
+        """Draw one batch with labels and predictions (first batches only, when plots are on)."""
+
+    def plot_metrics(self):
+        """Draw the dataset-level plots (curves, confusion matrix) after `compute`."""
+
+    def save_outputs(self):
+        """Write files such as predictions.json after `compute`."""

@@ -1,0 +1,173 @@
+"""Task-aligned label assignment (Feng et al., TOOD, 2021) for an anchor-free detection head.
+
+Every ground-truth box picks as positives the `topk` anchor points that lie inside it and whose prediction is best
+*aligned* with it, where alignment = class score ** alpha * IoU ** beta. The soft classification target of a positive
+anchor is its alignment rescaled so that, per ground truth, the best-aligned anchor gets that ground truth's best IoU.
+
+Images are batched with padded ground truths: M is the largest number of boxes in one image and `mask_gt` marks the
+real rows. Shapes use B = images, A = anchor points, M = ground truths per image (padded), C = classes.
+"""
+
+import torch
+from torch import nn
+
+# Re-exported so the loss package offers the whole assignment toolbox from one place (see docs/architecture.md).
+from yolotrain.nn.anchors import bbox2dist, dist2bbox, make_anchors  # noqa: F401
+
+
+class TaskAlignedAssigner(nn.Module):
+    """Assign ground truths to anchor points by task alignment.
+
+    Args:
+        topk: number of candidate anchors each ground truth keeps.
+        num_classes: number of classes; also the label given to background anchors.
+        alpha: exponent of the class score in the alignment metric.
+        beta: exponent of the IoU in the alignment metric.
+        eps: small value that keeps divisions and the "inside the box" test stable.
+    """
+
+    def __init__(self, topk=10, num_classes=80, alpha=0.5, beta=6.0, eps=1e-9):
+        super().__init__()
+        self.topk = topk
+        self.num_classes = num_classes
+        self.alpha = alpha
+        self.beta = beta
+        self.eps = eps
+
+    @torch.no_grad()
+    def forward(self, pred_scores, pred_bboxes, anchor_points, gt_labels, gt_bboxes, mask_gt):
+        """Assign targets to every anchor of every image.
+
+        Args:
+            pred_scores: (B, A, C) class probabilities (after sigmoid).
+            pred_bboxes: (B, A, 4) predicted boxes, xyxy, in the same units as `anchor_points` and `gt_bboxes`.
+            anchor_points: (A, 2) anchor centres (x, y).
+            gt_labels: (B, M, 1) class index of each ground truth.
+            gt_bboxes: (B, M, 4) ground-truth boxes, xyxy.
+            mask_gt: (B, M, 1) 1 for real ground truths, 0 for padding rows.
+
+        Returns:
+            target_labels (B, A) long, `num_classes` for background anchors;
+            target_bboxes (B, A, 4) xyxy, zeros for background anchors;
+            target_scores (B, A, C) soft one-hot targets, zeros for background anchors;
+            fg_mask (B, A) bool, True for foreground anchors;
+            target_gt_idx (B, A) long, index of the assigned ground truth within its image (0 for background).
+        """
+        batch_size, num_anchors, _ = pred_scores.shape
+        num_max_boxes = gt_bboxes.shape[1]
+        if num_max_boxes == 0:
+            return self._all_background(pred_scores)
+
+        # Work in float32: under autocast the inputs may be fp16 (IoU ** 6 underflows) or bf16 (too coarse to rank).
+        pred_scores, pred_bboxes = pred_scores.float(), pred_bboxes.float()
+        anchor_points, gt_bboxes = anchor_points.float(), gt_bboxes.float()
+        gt_labels = gt_labels.long().clamp(0, self.num_classes - 1)
+
+        candidates = self._anchors_inside_boxes(anchor_points, gt_bboxes) & mask_gt.bool()  # (B, M, A)
+        align_metric, overlaps = self._alignment(pred_scores, pred_bboxes, gt_labels, gt_bboxes, candidates)
+        is_positive = self._select_topk(align_metric, candidates)  # (B, M, A)
+        is_positive = self._keep_best_gt_per_anchor(is_positive, overlaps)  # (B, M, A)
+
+        fg_mask = is_positive.any(1)  # (B, A)
+        target_gt_idx = is_positive.to(torch.uint8).argmax(1)  # (B, A)
+        target_labels, target_bboxes, target_scores = self._gather_targets(
+            gt_labels, gt_bboxes, target_gt_idx, fg_mask
+        )
+        quality = self._normalised_alignment(align_metric, overlaps, is_positive)  # (B, A)
+        target_scores = target_scores * quality.unsqueeze(-1)
+        return target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx
+
+    def _all_background(self, pred_scores):
+        """Targets for a batch without any ground truth."""
+        batch_size, num_anchors, num_classes = pred_scores.shape
+        device = pred_scores.device
+        return (
+            torch.full((batch_size, num_anchors), self.num_classes, dtype=torch.long, device=device),
+            torch.zeros((batch_size, num_anchors, 4), device=device),
+            torch.zeros((batch_size, num_anchors, num_classes), device=device),
+            torch.zeros((batch_size, num_anchors), dtype=torch.bool, device=device),
+            torch.zeros((batch_size, num_anchors), dtype=torch.long, device=device),
+        )
+
+    def _anchors_inside_boxes(self, anchor_points, gt_bboxes):
+        """(B, M, A) True where the anchor centre lies strictly inside the ground-truth box."""
+        top_left, bottom_right = gt_bboxes[:, :, None, :2], gt_bboxes[:, :, None, 2:]  # (B, M, 1, 2)
+        points = anchor_points[None, None]  # (1, 1, A, 2)
+        margin = torch.minimum(points - top_left, bottom_right - points)  # (B, M, A, 2)
+        return margin.amin(-1) > self.eps
+
+    def _alignment(self, pred_scores, pred_bboxes, gt_labels, gt_bboxes, candidates):
+        """Alignment metric and IoU between every ground truth and anchor, zero outside the candidates.
+
+        IoU is only computed for candidate pairs: the full (B, M, A, 4) pair tensor would cost hundreds of MB
+        for a real batch.
+        """
+        batch_size, num_max_boxes, num_anchors = candidates.shape
+        # Score of each anchor for the class of each ground truth.
+        scores_by_class = pred_scores.transpose(1, 2)  # (B, C, A)
+        gt_class_scores = scores_by_class.gather(1, gt_labels.expand(-1, -1, num_anchors))  # (B, M, A)
+
+        gt_expanded = gt_bboxes[:, :, None, :].expand(-1, -1, num_anchors, -1)  # (B, M, A, 4)
+        pred_expanded = pred_bboxes[:, None, :, :].expand(-1, num_max_boxes, -1, -1)  # (B, M, A, 4)
+        overlaps = torch.zeros_like(gt_class_scores)  # (B, M, A)
+        overlaps[candidates] = _pairwise_aligned_iou(gt_expanded[candidates], pred_expanded[candidates])
+
+        align_metric = gt_class_scores.pow(self.alpha) * overlaps.pow(self.beta)  # (B, M, A)
+        return align_metric * candidates, overlaps
+
+    def _select_topk(self, align_metric, candidates):
+        """(B, M, A) True for the `topk` best-aligned candidate anchors of each ground truth."""
+        num_anchors = align_metric.shape[-1]
+        k = min(self.topk, num_anchors)
+        # Non-candidates rank below every candidate, so a box with few candidates never borrows outside anchors.
+        ranking = align_metric.masked_fill(~candidates, -1.0)  # (B, M, A)
+        topk_idx = ranking.topk(k, dim=-1).indices  # (B, M, k)
+        in_topk = torch.zeros_like(candidates)
+        in_topk.scatter_(-1, topk_idx, True)
+        return in_topk & candidates
+
+    @staticmethod
+    def _keep_best_gt_per_anchor(is_positive, overlaps):
+        """An anchor selected by several ground truths keeps only the one it overlaps most."""
+        num_max_boxes = is_positive.shape[1]
+        shared = is_positive.sum(1, keepdim=True) > 1  # (B, 1, A)
+        if not shared.any():
+            return is_positive
+        # Restrict the choice to the ground truths that actually selected the anchor.
+        best_gt = overlaps.masked_fill(~is_positive, -1.0).argmax(1)  # (B, A)
+        gt_ids = torch.arange(num_max_boxes, device=best_gt.device)[None, :, None]  # (1, M, 1)
+        best_one_hot = gt_ids == best_gt[:, None, :]  # (B, M, A)
+        return torch.where(shared, best_one_hot & is_positive, is_positive)
+
+    def _gather_targets(self, gt_labels, gt_bboxes, target_gt_idx, fg_mask):
+        """Look up each anchor's assigned ground truth; background anchors get label `num_classes`."""
+        batch_size, num_max_boxes = gt_labels.shape[:2]
+        image_offset = torch.arange(batch_size, device=gt_labels.device)[:, None] * num_max_boxes  # (B, 1)
+        flat_idx = target_gt_idx + image_offset  # (B, A) index into the flattened (B*M) ground truths
+        target_labels = gt_labels.view(-1)[flat_idx]  # (B, A)
+        target_bboxes = gt_bboxes.view(-1, 4)[flat_idx]  # (B, A, 4)
+        num_anchors = target_labels.shape[1]
+        one_hot = torch.zeros((batch_size, num_anchors, self.num_classes), device=gt_labels.device)  # (B, A, C)
+        one_hot.scatter_(-1, target_labels.unsqueeze(-1), 1.0)
+
+        target_labels = target_labels.masked_fill(~fg_mask, self.num_classes)
+        target_bboxes = target_bboxes * fg_mask.unsqueeze(-1)
+        target_scores = one_hot * fg_mask.unsqueeze(-1)
+        return target_labels, target_bboxes, target_scores
+
+    def _normalised_alignment(self, align_metric, overlaps, is_positive):
+        """(B, A) soft target of each positive anchor: alignment / best alignment of its gt * best IoU of its gt."""
+        align_metric = align_metric * is_positive  # (B, M, A)
+        best_align_per_gt = align_metric.amax(-1, keepdim=True)  # (B, M, 1)
+        best_iou_per_gt = (overlaps * is_positive).amax(-1, keepdim=True)  # (B, M, 1)
+        quality = align_metric * best_iou_per_gt / (best_align_per_gt + self.eps)  # (B, M, A)
+        return quality.amax(1)  # (B, A): at most one positive gt per anchor, so this picks it
+
+
+def _pairwise_aligned_iou(boxes1, boxes2, eps=1e-7):
+    """IoU of matching rows of two (N, 4) xyxy tensors, clamped at 0."""
+    inter_wh = (torch.minimum(boxes1[:, 2:], boxes2[:, 2:]) - torch.maximum(boxes1[:, :2], boxes2[:, :2])).clamp(0)
+    inter = inter_wh.prod(-1)
+    area1 = (boxes1[:, 2:] - boxes1[:, :2]).clamp(0).prod(-1)
+    area2 = (boxes2[:, 2:] - boxes2[:, :2]).clamp(0).prod(-1)
+    return (inter / (area1 + area2 - inter + eps)).clamp(0)

@@ -1,0 +1,240 @@
+"""Detection loss of an anchor-free YOLO head: classification BCE, CIoU box loss and distribution focal loss.
+
+Shapes: B = images, A = anchor points over all levels, M = ground truths per image (padded), C = classes,
+R = reg_max (DFL bins per box side), N = ground truths in the whole batch.
+"""
+
+import logging
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from yolotrain.errors import CfgError, DatasetError
+from yolotrain.loss.assigner import TaskAlignedAssigner
+from yolotrain.nn.anchors import bbox2dist, dist2bbox, make_anchors
+from yolotrain.utils.boxes import bbox_ciou, xywh2xyxy
+
+LOGGER = logging.getLogger(__name__)
+
+
+class DetectionLoss:
+    """Loss of a `DetectionModel`: `(box, cls, dfl)` scaled by the gains in `model.args`.
+
+    Reads `nc`, `reg_max` and `stride` from the head (`model.model[-1]`) and the gains `box`, `cls`, `dfl` and
+    `label_smoothing` from `model.args` (defaults 7.5, 0.5, 1.5, 0.0 when absent).
+
+    Class weights (a hook for imbalanced data): the classification BCE is weighted per class by the vector returned
+    from `class_weight_vector()`, called once when the loss is built. By default it returns `model.class_weights`,
+    so either set `model.class_weights = torch.tensor([...])` (float, shape (nc,)) before the loss is built (the
+    trainer does this with `class_weights_from_labels` when `cls_pw > 0`), or subclass `DetectionLoss` and override
+    `class_weight_vector(self) -> torch.Tensor | None`. None means every class weighs 1.
+
+    Label smoothing moves the fraction `label_smoothing` of each foreground anchor's target mass evenly over all
+    classes; background anchors keep all-zero targets, so smoothing never raises the score of empty regions.
+    """
+
+    def __init__(self, model, tal_topk=10):
+        self.model = model
+        head = model.model[-1]
+        self.device = next(model.parameters()).device
+        self.num_classes = int(head.nc)
+        self.reg_max = int(head.reg_max)
+        self.stride = torch.as_tensor(head.stride, dtype=torch.float32)
+        args = getattr(model, "args", None)
+        self.box_gain = float(getattr(args, "box", 7.5))
+        self.cls_gain = float(getattr(args, "cls", 0.5))
+        self.dfl_gain = float(getattr(args, "dfl", 1.5))
+        self.label_smoothing = float(getattr(args, "label_smoothing", 0.0))
+
+        self.class_weights = self._checked_class_weights(self.class_weight_vector())
+        self.assigner = TaskAlignedAssigner(topk=tal_topk, num_classes=self.num_classes, alpha=0.5, beta=6.0)
+        # Bin centres 0..R-1: the DFL expectation is the softmax over bins dotted with these.
+        self.bin_values = torch.arange(self.reg_max, dtype=torch.float32, device=self.device)
+
+    def class_weight_vector(self):
+        """Per-class BCE weights, float tensor (nc,), or None for uniform weights. Override to customise."""
+        return getattr(self.model, "class_weights", None)
+
+    def _checked_class_weights(self, weights):
+        if weights is None:
+            return None
+        weights = torch.as_tensor(weights, dtype=torch.float32)
+        if weights.shape != (self.num_classes,):
+            raise CfgError(
+                f"model.class_weights has shape {tuple(weights.shape)}; expected a float tensor of shape "
+                f"({self.num_classes},), one weight per class"
+            )
+        LOGGER.debug("classification loss weighted per class: %s", weights.tolist())
+        return weights.to(self.device)
+
+    def __call__(self, preds, batch):
+        """Compute the loss of one batch.
+
+        Args:
+            preds: list of 3 feature maps (B, 4*R + C, H_i, W_i) from the train-mode forward, or the eval-mode
+                `(y, feats)` tuple (its feats are used).
+            batch: dict with `batch_idx` (N,), `cls` (N, 1), `bboxes` (N, 4) normalised xywh and `img` (B, 3, H, W).
+
+        Returns:
+            (loss.sum() * B, loss.detach()) where loss = tensor([box, cls, dfl]) after gains.
+        """
+        feats = _feature_maps(preds)
+        device_type = feats[0].device.type
+        # The loss needs float32 (DFL log-softmax, IoU ** 6 in the assigner) even when the forward ran in bf16/fp16.
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self._loss(feats, batch)
+
+    def _loss(self, feats, batch):
+        """Assign targets and compute the three weighted losses, all in float32."""
+        batch_size = feats[0].shape[0]
+        device = feats[0].device
+        pred_distri, pred_logits = self._flatten_predictions(feats)  # (B, A, 4R), (B, A, C)
+        # Float32 shape stand-ins: anchors made in the maps' bf16 would round grid coordinates above 128.
+        level_shapes = [torch.empty(f.shape[-2:], device=device) for f in feats]
+        anchor_points, stride_tensor = make_anchors(level_shapes, self.stride.tolist(), 0.5)  # (A, 2), (A, 1)
+
+        image_hw = batch["img"].shape[2:]
+        gt_labels, gt_bboxes, mask_gt = self.build_targets(batch, batch_size, image_hw, device)
+        pred_bboxes = self.decode_boxes(anchor_points, pred_distri)  # (B, A, 4) xyxy, grid units
+
+        _, target_bboxes, target_scores, fg_mask, _ = self.assigner(
+            pred_logits.detach().sigmoid(),
+            pred_bboxes.detach() * stride_tensor,
+            anchor_points * stride_tensor,
+            gt_labels,
+            gt_bboxes,
+            mask_gt,
+        )
+        target_scores_sum = target_scores.sum().clamp(min=1.0)
+
+        cls_targets = self._smoothed(target_scores, fg_mask)
+        loss_cls = self._classification_loss(pred_logits, cls_targets) / target_scores_sum
+        loss_box, loss_dfl = self._box_losses(
+            pred_distri, pred_bboxes, anchor_points, target_bboxes / stride_tensor, target_scores,
+            target_scores_sum, fg_mask,
+        )
+        loss = torch.stack((loss_box * self.box_gain, loss_cls * self.cls_gain, loss_dfl * self.dfl_gain))
+        return loss.sum() * batch_size, loss.detach()
+
+    def _flatten_predictions(self, feats):
+        """Concatenate the levels: (B, A, 4R) box-side logits and (B, A, C) class logits, float32."""
+        batch_size = feats[0].shape[0]
+        outputs_per_anchor = 4 * self.reg_max + self.num_classes
+        flat = torch.cat([f.reshape(batch_size, outputs_per_anchor, -1) for f in feats], 2).float()  # (B, 4R+C, A)
+        pred_distri, pred_logits = flat.split((4 * self.reg_max, self.num_classes), 1)
+        return pred_distri.permute(0, 2, 1).contiguous(), pred_logits.permute(0, 2, 1).contiguous()
+
+    def build_targets(self, batch, batch_size, image_hw, device):
+        """Pad the batch's ground truths per image.
+
+        Returns gt_labels (B, M, 1), gt_bboxes (B, M, 4) pixel xyxy and mask_gt (B, M, 1), M = most boxes in one
+        image. Boxes keep their order within each image; rows past an image's count are zero and masked out.
+        """
+        batch_idx = batch["batch_idx"].to(device).long().view(-1)  # (N,)
+        classes = batch["cls"].to(device).float().view(-1, 1)  # (N, 1)
+        boxes = batch["bboxes"].to(device).float().view(-1, 4)  # (N, 4)
+        counts = torch.bincount(batch_idx, minlength=batch_size)  # (B,)
+        num_max_boxes = int(counts.max()) if batch_idx.numel() else 0
+
+        # Slot of each box within its image = its rank among that image's boxes (stable sort keeps input order).
+        order = torch.sort(batch_idx, stable=True).indices
+        first_slot_of_image = torch.cumsum(counts, 0) - counts  # (B,)
+        slot = torch.empty_like(batch_idx)
+        slot[order] = torch.arange(batch_idx.numel(), device=device) - first_slot_of_image[batch_idx[order]]
+
+        height, width = image_hw
+        scale = torch.tensor([width, height, width, height], device=device, dtype=torch.float32)
+        targets = torch.zeros((batch_size, num_max_boxes, 5), device=device)  # (B, M, 5) cls, xyxy
+        targets[batch_idx, slot] = torch.cat((classes, xywh2xyxy(boxes * scale)), 1)
+        mask_gt = (torch.arange(num_max_boxes, device=device)[None] < counts[:, None]).unsqueeze(-1)  # (B, M, 1)
+        return targets[..., :1].long(), targets[..., 1:], mask_gt
+
+    def decode_boxes(self, anchor_points, pred_distri):
+        """(B, A, 4) xyxy boxes in grid units from the DFL logits: each side is the expected bin under softmax."""
+        batch_size, num_anchors, _ = pred_distri.shape
+        bin_probs = pred_distri.view(batch_size, num_anchors, 4, self.reg_max).softmax(-1)  # (B, A, 4, R)
+        distances = bin_probs @ self.bin_values.to(pred_distri.device)  # (B, A, 4)
+        return dist2bbox(distances, anchor_points, xywh=False)
+
+    def _classification_loss(self, pred_logits, cls_targets):
+        """Summed BCE-with-logits over every anchor and class, each class scaled by its weight."""
+        weight = None if self.class_weights is None else self.class_weights.to(pred_logits.device)
+        return F.binary_cross_entropy_with_logits(pred_logits, cls_targets, weight=weight, reduction="sum")
+
+    def _smoothed(self, target_scores, fg_mask):
+        """Classification targets with label smoothing applied to foreground anchors only."""
+        if self.label_smoothing <= 0:
+            return target_scores
+        mass = target_scores.sum(-1, keepdim=True)  # (B, A, 1) the anchor's soft target, 0 for background
+        spread = mass * self.label_smoothing / self.num_classes
+        return target_scores * (1 - self.label_smoothing) + spread * fg_mask.unsqueeze(-1)
+
+    def _box_losses(self, pred_distri, pred_bboxes, anchor_points, target_bboxes, target_scores,
+                    target_scores_sum, fg_mask):
+        """CIoU and DFL losses over foreground anchors, each weighted by the anchor's target score.
+
+        target_bboxes are in grid units, like pred_bboxes and anchor_points.
+        """
+        if not fg_mask.any():
+            # Zero that still touches the box outputs, so every parameter gets a gradient (DDP expects it).
+            zero = pred_distri.sum() * 0.0
+            return zero, zero
+        weight = target_scores.sum(-1)[fg_mask].unsqueeze(-1)  # (F, 1), F = foreground anchors
+        ciou = bbox_ciou(pred_bboxes[fg_mask], target_bboxes[fg_mask]).unsqueeze(-1)  # (F, 1)
+        loss_box = ((1.0 - ciou) * weight).sum() / target_scores_sum
+
+        anchors_fg = anchor_points.unsqueeze(0).expand(fg_mask.shape[0], -1, -1)[fg_mask]  # (F, 2)
+        target_distances = bbox2dist(anchors_fg, target_bboxes[fg_mask], self.reg_max)  # (F, 4)
+        side_logits = pred_distri[fg_mask].view(-1, 4, self.reg_max)  # (F, 4, R)
+        loss_dfl = (distribution_focal_loss(side_logits, target_distances) * weight).sum() / target_scores_sum
+        return loss_box, loss_dfl
+
+
+def distribution_focal_loss(side_logits, target_distances):
+    """DFL (Li et al., GFL, 2020): cross entropy on the two bins around each continuous target, mixed linearly.
+
+    Args:
+        side_logits: (F, 4, R) logits over the R bins of each box side.
+        target_distances: (F, 4) targets in [0, R - 1), so both neighbour bins exist.
+
+    Returns:
+        (F, 1) loss per anchor, averaged over the four sides.
+    """
+    num_bins = side_logits.shape[-1]
+    left_bin = target_distances.long()  # (F, 4)
+    right_bin = left_bin + 1
+    left_weight = right_bin.float() - target_distances  # closer to the left bin -> more weight on it
+    right_weight = 1.0 - left_weight
+    log_probs = side_logits.float().log_softmax(-1).view(-1, num_bins)  # (F*4, R)
+    left_nll = -log_probs.gather(1, left_bin.view(-1, 1)).view_as(left_weight)
+    right_nll = -log_probs.gather(1, right_bin.view(-1, 1)).view_as(right_weight)
+    return (left_nll * left_weight + right_nll * right_weight).mean(-1, keepdim=True)
+
+
+def class_weights_from_labels(labels_cls, nc, power):
+    """Inverse-frequency class weights: (1 / count) ** power, normalised to mean 1.
+
+    Args:
+        labels_cls: class indices of every ground truth in the dataset (any shape; e.g. the concatenated (n, 1)
+            `cls` arrays of the label records).
+        nc: number of classes.
+        power: exponent; 0 gives all ones, larger values favour rare classes more.
+
+    Classes that never appear are weighted as if seen once. Returns a float32 tensor of shape (nc,).
+    """
+    classes = np.asarray(labels_cls).reshape(-1).astype(np.int64)
+    if classes.size and (classes.min() < 0 or classes.max() >= nc):
+        bad = classes[(classes < 0) | (classes >= nc)][0]
+        raise DatasetError(f"label class {bad} is outside 0..{nc - 1}; class ids must be below nc={nc}")
+    counts = np.bincount(classes, minlength=nc).astype(np.float64)
+    counts[counts == 0] = 1.0
+    weights = (1.0 / counts) ** power
+    return torch.from_numpy(weights / weights.mean()).float()
+
+
+def _feature_maps(preds):
+    """The per-level feature maps, whether given directly or inside an eval-mode `(y, feats)` tuple."""
+    if isinstance(preds, tuple) and len(preds) == 2 and isinstance(preds[1], (list, tuple)):
+        return list(preds[1])
+    return list(preds)

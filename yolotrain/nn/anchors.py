@@ -1,0 +1,54 @@
+"""Anchor points and the distance <-> box conversions shared by the Detect head and the loss.
+
+An anchor-free head predicts, for every grid cell centre (an *anchor point*), the distances from that point to
+the four sides of the box: (left, top, right, bottom), in units of the level's stride.
+"""
+
+import torch
+
+
+def make_anchors(feats, strides, offset=0.5):
+    """Grid-cell centres of every feature level, concatenated level after level.
+
+    Args:
+        feats: list of (B, C, H_i, W_i) tensors (only their shapes, dtype and device are used).
+        strides: the stride of each level (sequence or tensor, same length as feats).
+        offset: position of the point inside its cell (0.5 = the centre).
+
+    Returns:
+        anchor_points (A, 2) as (x, y) in grid units of their level, and stride_tensor (A, 1), with
+        A = sum(H_i * W_i).
+    """
+    points, stride_columns = [], []
+    dtype, device = feats[0].dtype, feats[0].device
+    for feat, stride in zip(feats, strides):
+        height, width = feat.shape[-2:]
+        xs = torch.arange(width, device=device, dtype=dtype) + offset
+        ys = torch.arange(height, device=device, dtype=dtype) + offset
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        points.append(torch.stack((grid_x, grid_y), -1).view(-1, 2))  # (H*W, 2), row-major like the flattened map
+        stride_columns.append(torch.full((height * width, 1), float(stride), dtype=dtype, device=device))
+    return torch.cat(points), torch.cat(stride_columns)
+
+
+def dist2bbox(distance, anchor_points, xywh=True, dim=-1):
+    """Turn (left, top, right, bottom) distances from anchor points into boxes (xywh or xyxy) along `dim`."""
+    left_top, right_bottom = distance.chunk(2, dim)
+    top_left_corner = anchor_points - left_top
+    bottom_right_corner = anchor_points + right_bottom
+    if xywh:
+        centre = (top_left_corner + bottom_right_corner) / 2
+        size = bottom_right_corner - top_left_corner
+        return torch.cat((centre, size), dim)
+    return torch.cat((top_left_corner, bottom_right_corner), dim)
+
+
+def bbox2dist(anchor_points, bbox, reg_max):
+    """Turn xyxy boxes into (left, top, right, bottom) distances from anchor points, clamped to [0, reg_max - 1.01].
+
+    reg_max is the number of DFL bins (`Detect.reg_max`, 16), so bins cover distances 0..reg_max-1. The 0.01 margin
+    keeps the upper neighbour bin of a target (floor + 1) inside the range when the loss interpolates between bins.
+    Inputs share units (grid units of each anchor's level, as the loss uses them).
+    """
+    top_left, bottom_right = bbox.chunk(2, -1)
+    return torch.cat((anchor_points - top_left, bottom_right - anchor_points), -1).clamp_(0, reg_max - 1 - 0.01)

@@ -1,0 +1,406 @@
+"""DetectionModel: a YOLO detector built from a model yaml (`nc`, `scales`, `backbone`, `head`).
+
+A model yaml lists layers as `[from, repeats, module, args]`. `from` is -1 (previous layer), a layer index, or a
+list of them; `repeats` is scaled by the depth multiple; the first arg of channel-producing modules is their output
+width, scaled by the width multiple and capped by max channels. `yolo-<scale>.yaml` resolves to `yolo.yaml` built
+at that scale; the same works for a user's own `name.yaml` -> `name-<scale>.yaml`.
+"""
+
+import copy
+import logging
+import math
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import yaml
+
+from yolotrain.errors import CfgError, CheckpointError
+from yolotrain.nn.modules import C2f, C3, C3k, C3k2, SPPF, Bottleneck, Concat, Conv, Detect
+from yolotrain.utils.torch_utils import intersect_dicts, model_info
+
+LOGGER = logging.getLogger(__name__)
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "cfg" / "models"
+STRIDE_PROBE_SIZE = 256  # square zero image used once to measure the head's strides
+
+# Modules whose first arg is the output width (scaled by the width multiple); they receive the input width first.
+_WIDTH_MODULES = (Conv, Bottleneck, C2f, C3, C3k, C3k2, SPPF)
+# Modules that take the repeat count as their third argument instead of being stacked in an nn.Sequential.
+_REPEAT_ARG_MODULES = (C2f, C3, C3k, C3k2)
+
+
+def _module_table():
+    """Module names a yaml may use -> class (built per call: no module-level mutable registry)."""
+    table = {cls.__name__: cls for cls in (Conv, Bottleneck, C2f, C3, C3k, C3k2, SPPF, Concat, Detect)}
+    for cls in (nn.Upsample, nn.Identity, nn.MaxPool2d):  # shape-preserving in channels
+        table[cls.__name__] = cls
+        table[f"nn.{cls.__name__}"] = cls
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------- yaml loading
+def load_model_yaml(cfg):
+    """Resolve `cfg` (a dict, a yaml path, or a name like `yolo-n.yaml`) to a validated model dict.
+
+    The returned dict is a deep copy with `scale` set when the yaml has `scales`, and `yaml_file` naming its source.
+    Raises CfgError (one line) for a missing file, unreadable yaml, unknown scale or malformed layer list.
+    """
+    if isinstance(cfg, dict):
+        model_dict = copy.deepcopy(cfg)
+        source = str(model_dict.get("yaml_file", "model dict"))
+    else:
+        model_dict, source = _read_model_file(cfg)
+    _validate_model_dict(model_dict, source)
+    model_dict.setdefault("yaml_file", source)
+    _resolve_scale(model_dict, source)
+    return model_dict
+
+
+def _read_model_file(cfg):
+    requested = Path(str(cfg))
+    if requested.suffix not in (".yaml", ".yml"):
+        raise CfgError(f"model file '{cfg}' is not a .yaml model definition (expected e.g. yolo-n.yaml)")
+    path, scale_from_name = _find_model_file(requested)
+    try:
+        model_dict = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise CfgError(f"model file '{path}' cannot be read: {' '.join(str(error).split())}") from None
+    if not isinstance(model_dict, dict):
+        raise CfgError(f"model file '{path}' must contain a mapping with nc, backbone and head")
+    if scale_from_name is not None:
+        model_dict["scale"] = scale_from_name
+    elif "scale" not in model_dict:
+        # `name-s.yaml` that exists as its own file still picks scale s from its name.
+        match = re.fullmatch(r".+-(\w+)", requested.stem)
+        if match and match.group(1) in (model_dict.get("scales") or {}):
+            model_dict["scale"] = match.group(1)
+    return model_dict, str(path)
+
+
+def _find_model_file(requested):
+    """The file for `requested` and the scale named by its `-<scale>` suffix when it resolved to a base yaml."""
+    for candidate in _candidate_paths(requested):
+        if candidate.is_file():
+            return candidate, None
+    match = re.fullmatch(r"(.+)-(\w+)", requested.stem)
+    if match:
+        base = requested.with_name(match.group(1) + requested.suffix)
+        for candidate in _candidate_paths(base):
+            if candidate.is_file():
+                return candidate, match.group(2)
+    available = ", ".join(sorted(p.name for p in MODELS_DIR.glob("*.yaml")))
+    raise CfgError(
+        f"model file '{requested}' not found (expected a model yaml path, or a built-in name like yolo-n.yaml; "
+        f"built-in: {available})"
+    )
+
+
+def _candidate_paths(path):
+    yield path
+    if not path.is_absolute() and len(path.parts) == 1:
+        yield MODELS_DIR / path
+
+
+def _validate_model_dict(model_dict, source):
+    for key in ("backbone", "head"):
+        if not isinstance(model_dict.get(key), list):
+            raise CfgError(f"model yaml '{source}': '{key}' must be a list of [from, repeats, module, args] rows")
+    nc = model_dict.get("nc", 80)
+    if not isinstance(nc, int) or isinstance(nc, bool) or nc < 1:
+        raise CfgError(f"model yaml '{source}': nc={nc!r} must be a positive integer")
+    modules = _module_table()
+    rows = model_dict["backbone"] + model_dict["head"]
+    for index, row in enumerate(rows):
+        _validate_row(index, row, modules, source)
+    if modules[rows[-1][2]] is not Detect:
+        raise CfgError(f"model yaml '{source}': the last layer must be Detect, got '{rows[-1][2]}'")
+
+
+def _validate_row(index, row, modules, source):
+    where = f"model yaml '{source}': layer {index}"
+    if not (isinstance(row, list) and len(row) == 4):
+        raise CfgError(f"{where} must be [from, repeats, module, args], got {row!r}")
+    source_index, repeats, module_name, args = row
+    if not isinstance(module_name, str) or module_name not in modules:
+        raise CfgError(f"{where}: unknown module {module_name!r} (expected one of: {', '.join(sorted(modules))})")
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise CfgError(f"{where}: repeats={repeats!r} must be a positive integer")
+    if not isinstance(args, list):
+        raise CfgError(f"{where}: args must be a list, got {args!r}")
+    sources = source_index if isinstance(source_index, list) else [source_index]
+    for value in sources:
+        if not _is_valid_source(value, index):
+            raise CfgError(
+                f"{where}: bad from index {value!r} (expected -1 or an earlier layer index, "
+                f"0..{index - 1} or -1..-{index})" if index else f"{where}: bad from index {value!r} (expected -1)"
+            )
+
+
+def _is_valid_source(value, index):
+    if not isinstance(value, int) or isinstance(value, bool):
+        return False
+    if index == 0:
+        return value == -1  # only the input image
+    return -index <= value < 0 or 0 <= value < index
+
+
+def _resolve_scale(model_dict, source):
+    scales = model_dict.get("scales")
+    if not scales:
+        return
+    if not isinstance(scales, dict) or not all(isinstance(v, list) and len(v) == 3 for v in scales.values()):
+        raise CfgError(f"model yaml '{source}': scales must map names to [depth, width, max_channels]")
+    scale = model_dict.get("scale")
+    if scale is None:
+        scale = next(iter(scales))
+        LOGGER.warning("model yaml '%s' names no scale; using scale '%s' (pick one with e.g. yolo-s.yaml)", source, scale)
+        model_dict["scale"] = scale
+    if scale not in scales:
+        raise CfgError(f"model yaml '{source}': unknown scale '{scale}' (expected one of: {', '.join(scales)})")
+
+
+# ---------------------------------------------------------------------------------------------------- model parsing
+def make_divisible(value, divisor=8):
+    """The smallest multiple of `divisor` >= value (channel widths stay hardware-friendly)."""
+    return int(math.ceil(value / divisor) * divisor)
+
+
+def _multipliers(model_dict):
+    if model_dict.get("scales"):
+        depth, width, max_channels = model_dict["scales"][model_dict["scale"]]
+        return depth, width, max_channels
+    return model_dict.get("depth_multiple", 1.0), model_dict.get("width_multiple", 1.0), float("inf")
+
+
+def _resolve_arg(value, nc):
+    if value == "nc":
+        return nc
+    if value == "None":
+        return None
+    return value
+
+
+def parse_model(model_dict, in_channels, source="model dict", verbose=True):
+    """Build the layers of `model_dict` -> (nn.Sequential of layers, sorted indices whose outputs are reused)."""
+    nc = model_dict.get("nc", 80)
+    depth, width, max_channels = _multipliers(model_dict)
+    modules = _module_table()
+    out_channels, layers, save = [], [], set()
+    if verbose:
+        LOGGER.info("%3s %18s %3s %10s  %-20s %s", "", "from", "n", "params", "module", "arguments")
+    for index, (source_index, repeats, module_name, args) in enumerate(model_dict["backbone"] + model_dict["head"]):
+        module_cls = modules[module_name]
+        args = [_resolve_arg(a, nc) for a in args]
+        channels_in = [in_channels if index == 0 else out_channels[s] for s in _as_list(source_index)]
+        repeats = max(round(repeats * depth), 1) if repeats > 1 else repeats
+        layer, channels, args = _build_layer(module_cls, args, repeats, channels_in, width, max_channels, nc)
+        layer.i, layer.f, layer.type = index, source_index, module_name
+        layer.np = sum(p.numel() for p in layer.parameters())
+        save.update(s % index for s in _as_list(source_index) if s != -1)
+        layers.append(layer)
+        out_channels.append(channels)
+        if verbose:
+            LOGGER.info("%3s %18s %3s %10s  %-20s %s", index, source_index, repeats, f"{layer.np:,}", module_name, args)
+    if not isinstance(layers[-1], Detect):
+        raise CfgError(f"model yaml '{source}': the last layer must be Detect")
+    return nn.Sequential(*layers), sorted(save)
+
+
+def _as_list(value):
+    return value if isinstance(value, list) else [value]
+
+
+def _build_layer(module_cls, args, repeats, channels_in, width, max_channels, nc):
+    """One layer (possibly repeats stacked in nn.Sequential), its output width and its constructor args."""
+    if module_cls in _WIDTH_MODULES:
+        channels_out = args[0]
+        if channels_out != nc:  # a layer sized by nc keeps exactly nc channels
+            channels_out = make_divisible(min(channels_out, max_channels) * width, 8)
+        args = [channels_in[0], channels_out, *args[1:]]
+        if module_cls in _REPEAT_ARG_MODULES:
+            args.insert(2, repeats)
+            repeats = 1
+        # Stacked copies after the first take the layer's own output as input.
+        copies = [module_cls(*args)] + [module_cls(channels_out, *args[1:]) for _ in range(repeats - 1)]
+    elif module_cls is Concat:
+        channels_out = sum(channels_in)
+        copies = [module_cls(*args) for _ in range(repeats)]
+    elif module_cls is Detect:
+        args = [*args[:1], channels_in]
+        channels_out = None
+        copies = [module_cls(*args)]
+    else:
+        channels_out = channels_in[0]
+        copies = [module_cls(*args) for _ in range(repeats)]
+    return (copies[0] if len(copies) == 1 else nn.Sequential(*copies)), channels_out, args
+
+
+# ------------------------------------------------------------------------------------------------------------ model
+class DetectionModel(nn.Module):
+    """YOLO detector built from a model yaml.
+
+    Args:
+        cfg: a model yaml path or built-in name (`yolo-n.yaml`, `yolo-s.yaml`, ...) or an already loaded dict.
+        ch: input image channels.
+        nc: number of classes; overrides the yaml's `nc` when given.
+        verbose: log the per-layer table and a summary.
+
+    Attributes: `model` (nn.Sequential of layers with `.i`, `.f`, `.type`, `.np`), `save`, `yaml` (the resolved
+    dict, enough to rebuild the model), `stride` (tensor [8, 16, 32]), `nc`, `names`, `args` (set by the trainer;
+    the loss reads its gains there), `class_weights` (None or (nc,) tensor, read by the loss when built).
+    """
+
+    def __init__(self, cfg="yolo-n.yaml", ch=3, nc=None, verbose=True):
+        super().__init__()
+        self.yaml = load_model_yaml(cfg)
+        source = self.yaml["yaml_file"]
+        ch = self.yaml["ch"] = self.yaml.get("ch", ch)
+        if nc is not None and nc != self.yaml.get("nc", 80):
+            LOGGER.info("Overriding model yaml nc=%s with nc=%s", self.yaml.get("nc", 80), nc)
+            self.yaml["nc"] = nc
+        self.yaml.setdefault("nc", 80)
+        self.nc = self.yaml["nc"]
+        try:
+            self.model, self.save = parse_model(self.yaml, ch, source, verbose)
+        except (TypeError, ValueError, IndexError, KeyError) as error:
+            raise CfgError(f"model yaml '{source}': cannot build layers: {' '.join(str(error).split())}") from None
+        self.names = {i: str(i) for i in range(self.nc)}
+        self.args = None
+        self.class_weights = None
+        self.criterion = None
+        self.stride = self._measure_strides(ch, source)
+        self.head.set_stride(self.stride)
+        self.head.bias_init()
+        self.initialize_weights()
+        if verbose:
+            self.info()
+
+    @property
+    def head(self):
+        """The Detect layer (last layer)."""
+        return self.model[-1]
+
+    def _measure_strides(self, ch, source):
+        was_training = self.training
+        self.eval()  # eval: the probe must not move BatchNorm running statistics
+        try:
+            with torch.no_grad():
+                _, feats = self.forward(torch.zeros(1, ch, STRIDE_PROBE_SIZE, STRIDE_PROBE_SIZE))
+        except RuntimeError as error:
+            message = " ".join(str(error).split())[:300]
+            raise CfgError(f"model yaml '{source}': layers do not fit together (probe forward failed: {message})") from None
+        finally:
+            self.train(was_training)
+        return torch.tensor([STRIDE_PROBE_SIZE / f.shape[-2] for f in feats])
+
+    def initialize_weights(self):
+        """YOLO-family defaults: BatchNorm eps 1e-3 / momentum 0.03, in-place activations (convs keep torch init)."""
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eps = 1e-3
+                module.momentum = 0.03
+            elif isinstance(module, (nn.Hardswish, nn.LeakyReLU, nn.ReLU, nn.ReLU6, nn.SiLU)):
+                module.inplace = True
+
+    # ----------------------------------------------------------------------------------------------- forward/loss
+    def forward(self, x):
+        """Image tensor (B, ch, H, W) float in [0, 1] -> head output (see `Detect`); a batch dict -> `loss(batch)`.
+
+        Accepting the batch dict lets a DistributedDataParallel wrapper compute the loss through its own forward.
+        """
+        if isinstance(x, dict):
+            return self.loss(x)
+        outputs = []  # outputs[i] is kept only for layers listed in self.save
+        for layer in self.model:
+            if layer.f != -1:
+                x = outputs[layer.f] if isinstance(layer.f, int) else [x if j == -1 else outputs[j] for j in layer.f]
+            x = layer(x)
+            outputs.append(x if layer.i in self.save else None)
+        return x
+
+    def init_criterion(self):
+        """The loss used by `loss()`; override to plug in another criterion."""
+        from yolotrain.loss.detection import DetectionLoss
+
+        return DetectionLoss(self)
+
+    def loss(self, batch, preds=None):
+        """(loss_sum * batch_size, detached (box, cls, dfl)) for a collated batch whose `img` is float [0, 1]."""
+        if self.criterion is None:
+            self.criterion = self.init_criterion()
+        return self.criterion(preds if preds is not None else self.forward(batch["img"]), batch)
+
+    # ----------------------------------------------------------------------------------------------- inference
+    def is_fused(self):
+        """True when no BatchNorm layer is left (after `fuse()`)."""
+        return not any(isinstance(m, nn.BatchNorm2d) for m in self.modules())
+
+    def fuse(self, verbose=False):
+        """Fold every Conv's BatchNorm into its convolution for faster inference; returns self."""
+        for module in self.model.modules():
+            if isinstance(module, Conv):
+                module.fuse()
+        if verbose:
+            self.info()
+        return self
+
+    def info(self, imgsz=640, verbose=True):
+        """Log and return (layers, parameters, gradients, GFLOPs at imgsz)."""
+        name = Path(self.yaml.get("yaml_file", "YOLO")).stem
+        if self.yaml.get("scale"):
+            name = f"{name}-{self.yaml['scale']}"
+        return model_info(self, imgsz=imgsz, verbose=verbose, name=name)
+
+    # ----------------------------------------------------------------------------------------------- weights
+    def load(self, weights, verbose=True):
+        """Copy every weight whose name and shape match from `weights`; returns the number transferred.
+
+        `weights` may be another model, a state dict, a checkpoint dict (its `ema` or `model` entry) or a
+        checkpoint path. Mismatched layers (e.g. a head for another nc) keep their current values.
+        """
+        source_state = _state_dict_of(weights)
+        own_state = self.state_dict()
+        matched = intersect_dicts(source_state, own_state)
+        self.load_state_dict(matched, strict=False)
+        if verbose:
+            LOGGER.info("Transferred %d/%d items from pretrained weights", len(matched), len(own_state))
+        return len(matched)
+
+    @classmethod
+    def from_yaml_and_state(cls, yaml_dict, state_dict, nc=None, verbose=False):
+        """Rebuild a model saved as (model yaml dict, state dict); every weight must match exactly."""
+        model = cls(yaml_dict, nc=nc, verbose=verbose)
+        state = {k: v for k, v in state_dict.items()}
+        own = model.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        mismatched = [k for k in own if k in state and own[k].shape != state[k].shape]
+        if missing or unexpected or mismatched:
+            first = (missing or unexpected or mismatched)[0]
+            raise CheckpointError(
+                f"checkpoint weights do not fit the model yaml '{model.yaml.get('yaml_file')}': {len(missing)} "
+                f"missing, {len(unexpected)} unexpected, {len(mismatched)} shape mismatches (first: {first})"
+            )
+        model.load_state_dict(state)
+        return model
+
+
+def _state_dict_of(weights):
+    if isinstance(weights, (str, Path)):
+        from yolotrain.utils.checkpoint import load_checkpoint
+
+        weights = load_checkpoint(weights)
+    if isinstance(weights, nn.Module):
+        return weights.state_dict()
+    if isinstance(weights, dict):
+        for key in ("ema", "model"):
+            nested = weights.get(key)
+            if isinstance(nested, nn.Module):
+                return nested.state_dict()
+            if isinstance(nested, dict) and nested and all(isinstance(v, torch.Tensor) for v in nested.values()):
+                return nested
+        if all(isinstance(v, torch.Tensor) for v in weights.values()):
+            return weights
+    raise CheckpointError(f"cannot load weights from {type(weights).__name__}: expected a model, state dict or checkpoint")

@@ -1,0 +1,183 @@
+"""DetectionTrainer: BaseTrainer plus the YOLO dataset, the anchor-free model, its loss and the validator."""
+
+import copy
+import logging
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from yolotrain.engine.trainer import BaseTrainer
+from yolotrain.utils import dist
+from yolotrain.utils.torch_utils import de_parallel
+
+LOGGER = logging.getLogger(__name__)
+
+TRAIN_BATCH_PLOTS = 3  # training mosaics drawn with their boxes at the start of a run
+
+
+class DetectionTrainer(BaseTrainer):
+    """Trains a `DetectionModel` on a YOLO-format dataset (the built-in shapes dataset when `data` is empty).
+
+    Example:
+        >>> from yolotrain import DetectionTrainer
+        >>> DetectionTrainer(overrides={"model": "yolo-n.yaml", "epochs": 3}).train()
+    """
+
+    def __init__(self, cfg=None, overrides=None, _callbacks=None):
+        super().__init__(cfg, overrides, _callbacks)
+        self.loss_names = ("box_loss", "cls_loss", "dfl_loss")
+        self._plotted_batches = 0
+
+    def get_dataset(self):
+        """Check the data yaml (or generate the built-in dataset) and return the resolved data dict."""
+        from yolotrain.data.builtin import builtin_data_yaml
+        from yolotrain.data.data_yaml import check_det_dataset
+
+        data = self.args.data
+        if not data:
+            data = builtin_data_yaml()
+            LOGGER.info(f"data: no data= given, using the built-in shapes dataset at {data}")
+        return check_det_dataset(data)
+
+    def build_dataset(self, img_path, mode="train", batch=None):
+        """A `YOLODataset` for `mode`: augmented for training, letterboxed with rect batches for validation."""
+        from yolotrain.data.dataset import YOLODataset
+
+        training = mode == "train"
+        return YOLODataset(
+            img_path,
+            imgsz=self.args.imgsz,
+            augment=training,
+            hyp=self.args,
+            rect=self.args.rect if training else True,
+            batch_size=batch or self.args.batch,
+            stride=self._model_stride(),
+            pad=0.0 if training else 0.5,
+            single_cls=self.args.single_cls,
+            fraction=self.args.fraction if training else 1.0,
+            cache=self.args.cache or False,
+            data=self.data,
+            prefix=mode,
+        )
+
+    def _model_stride(self):
+        return max(int(de_parallel(self.model).stride.max()), 32) if self.model is not None else 32
+
+    def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
+        """The DataLoader for `mode`; each rank reads its own shard when distributed."""
+        from yolotrain.data.loader import build_dataloader
+
+        dataset = self.build_dataset(dataset_path, mode, batch_size)
+        shuffle = mode == "train" and not dataset.rect
+        workers = self.args.workers if mode == "train" else self.args.workers * 2
+        return build_dataloader(
+            dataset, batch_size, workers, shuffle, rank=rank, seed=self.args.seed, world_size=dist.world_size()
+        )
+
+    def preprocess_batch(self, batch):
+        """Move the batch to the device, scale images to [0, 1] and, with multi_scale, resize the batch."""
+        batch["img"] = batch["img"].to(self.device, non_blocking=True).float() / 255
+        for key in ("cls", "bboxes", "batch_idx"):
+            batch[key] = batch[key].to(self.device, non_blocking=True)
+        if self.args.multi_scale:
+            batch["img"] = self._random_rescale(batch["img"])
+        self._plot_training_batch(batch)
+        return batch
+
+    def _random_rescale(self, images):
+        """Resize a batch to a random multiple of the stride in [0.5, 1.5] x imgsz (labels are normalised)."""
+        stride = self._model_stride()
+        size = random.randrange(int(self.args.imgsz * 0.5), int(self.args.imgsz * 1.5) + stride) // stride * stride
+        scale = size / max(images.shape[2:])
+        if scale == 1:
+            return images
+        new_shape = [max(stride, round(x * scale / stride) * stride) for x in images.shape[2:]]
+        return F.interpolate(images, size=new_shape, mode="bilinear", align_corners=False)
+
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        """Build the model from a yaml (or a checkpoint's stored yaml) with the dataset's class count."""
+        from yolotrain.nn.model import DetectionModel
+        from yolotrain.utils.checkpoint import load_checkpoint
+
+        cfg = cfg or "yolo-n.yaml"
+        if str(cfg).endswith(".pt"):
+            cfg = load_checkpoint(cfg)["model_yaml"]
+        model = DetectionModel(cfg, nc=self.data["nc"], verbose=verbose and dist.is_main())
+        if weights:
+            checkpoint = load_checkpoint(weights)
+            model.load(checkpoint.get("ema") or checkpoint["model"])
+            LOGGER.info(f"pretrained: weights transferred from {weights}")
+        return model
+
+    def set_model_attributes(self):
+        """Give the model its classes, hyperparameters (read by the loss) and optional class weights."""
+        from yolotrain.loss.detection import class_weights_from_labels
+
+        model = de_parallel(self.model)
+        model.nc = self.data["nc"]
+        model.names = self.data["names"]
+        model.args = self.args
+        if self.args.cls_pw > 0:
+            classes = np.concatenate([label["cls"].reshape(-1) for label in self.train_loader.dataset.labels])
+            model.class_weights = class_weights_from_labels(classes, model.nc, self.args.cls_pw).to(self.device)
+            LOGGER.info(f"cls_pw: class weights {model.class_weights.cpu().numpy().round(3).tolist()}")
+        if dist.is_main() and self.args.plots:
+            self._plot_training_labels()
+
+    def compute_loss(self, batch):
+        """Forward the batch and return (summed loss, loss items); the model computes its loss from a dict."""
+        return self.train_model(batch)
+
+    def get_validator(self):
+        """A `DetectionValidator` over the val loader, sharing this trainer's callbacks."""
+        from yolotrain.tasks.detect.val import DetectionValidator
+
+        return DetectionValidator(
+            self.test_loader, save_dir=self.save_dir, args=copy.copy(self.args), _callbacks=self.callbacks
+        )
+
+    def always_frozen(self):
+        """The DFL projection is a fixed integral, never trained."""
+        return (".dfl",)
+
+    def checkpoint_extras(self):
+        """What a checkpoint needs to rebuild the model on its own."""
+        model = de_parallel(self.model)
+        return {"model_yaml": model.yaml, "names": dict(self.data["names"]), "nc": int(self.data["nc"])}
+
+    def validate_checkpoint(self, path):
+        """Validate the weights stored in `path` (best.pt at the end of training), with plots."""
+        self.validator.args.plots = self.args.plots
+        return self.validator(model=path)
+
+    def _plot_training_labels(self):
+        try:
+            from yolotrain.utils.plotting import plot_labels
+
+            labels = self.train_loader.dataset.labels
+            boxes = np.concatenate([label["bboxes"] for label in labels], 0)
+            classes = np.concatenate([label["cls"].reshape(-1) for label in labels], 0)
+            plot_labels(classes, boxes, self.data["names"], self.save_dir)
+        except Exception as e:  # a plot must never stop training
+            self._warn_once("plot_labels", f"label statistics plot failed: {e}")
+
+    def _plot_training_batch(self, batch):
+        if self._plotted_batches >= TRAIN_BATCH_PLOTS or not (self.args.plots and dist.is_main()):
+            return
+        try:
+            from yolotrain.utils.plotting import plot_images
+
+            plot_images(
+                (batch["img"] * 255).to(torch.uint8).cpu(),
+                batch["batch_idx"].cpu(),
+                batch["cls"].cpu().view(-1),
+                batch["bboxes"].cpu(),
+                paths=batch.get("im_file"),
+                fname=self.save_dir / f"train_batch{self._plotted_batches}.jpg",
+                names=self.data["names"],
+            )
+        except Exception as e:
+            self._warn_once("plot_images", f"training batch plot failed: {e}")
+        self._plotted_batches += 1

@@ -1,0 +1,260 @@
+"""Checkpoint I/O: atomic saves, safe (weights-only) loads, RNG state, stripping and safetensors export.
+
+A save never damages the previous file: the data goes to a temporary file in the same folder, is flushed to disk
+and then renamed over the target in one step. A load never executes code from the file: ``torch.load`` runs with
+``weights_only=True``, so a checkpoint may only hold tensors and plain Python types.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Optional, Union
+
+import numpy as np
+import torch
+
+from yolotrain.errors import CheckpointError
+
+LOGGER = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# Keys whose values are weight state dicts that must be finite before they are written.
+WEIGHT_KEYS = ("model", "ema")
+# Keys only needed to resume training; a stripped (inference/fine-tune) checkpoint drops them.
+RESUME_ONLY_KEYS = ("optimizer", "scaler", "ema", "ema_updates", "rng", "schedule", "stopper", "callbacks")
+
+
+class NonFiniteCheckpointError(CheckpointError, ValueError):
+    """Refusal to save weights that contain NaN or infinity (the training run has diverged)."""
+
+
+# ----------------------------------------------------------------------------------------------------------- saving
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable; directories cannot be opened this way on Windows, where it is skipped."""
+    if os.name == "nt":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(file)`` on a temp file next to ``path``, fsync it and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Includes KeyboardInterrupt: the half-written temp file must not be left behind.
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def save_atomic_bytes(data: bytes, path: PathLike) -> Path:
+    """Write ``data`` to ``path`` atomically (readers see the old file or the new one, never a mix)."""
+    return _write_atomic(path, lambda file: file.write(data))
+
+
+def save_atomic_text(text: str, path: PathLike, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (for results.csv, args.yaml and other small text files)."""
+    return save_atomic_bytes(text.encode(encoding), path)
+
+
+def _as_state_dict(weights: Any) -> Optional[Mapping]:
+    if isinstance(weights, torch.nn.Module):
+        return weights.state_dict()
+    return weights if isinstance(weights, Mapping) else None
+
+
+def _first_non_finite(state_dict: Mapping) -> Optional[str]:
+    for name, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            return name
+    return None
+
+
+def check_finite_weights(obj: Mapping, path: PathLike = "<checkpoint>") -> None:
+    """Raise ``NonFiniteCheckpointError`` if a floating tensor of ``obj["model"]`` or ``obj["ema"]`` is NaN/inf."""
+    for key in WEIGHT_KEYS:
+        state_dict = _as_state_dict(obj.get(key))
+        if state_dict is None:
+            continue
+        bad = _first_non_finite(state_dict)
+        if bad is not None:
+            raise NonFiniteCheckpointError(
+                f"refusing to save {path}: {key}['{bad}'] contains NaN or inf (training diverged; "
+                "lower lr0, check the data or disable amp)"
+            )
+
+
+def save_checkpoint(obj: dict, path: PathLike) -> Path:
+    """Save ``obj`` with ``torch.save`` atomically; refuse non-finite model/EMA weights before writing anything.
+
+    On any failure the temporary file is removed and the exception re-raised; the previous ``path`` is untouched.
+    """
+    check_finite_weights(obj, path)
+    return _write_atomic(path, lambda file: torch.save(obj, file))
+
+
+# ---------------------------------------------------------------------------------------------------------- loading
+def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint with ``torch.load(weights_only=True)``; nothing in the file is executed.
+
+    Raises ``CheckpointError`` (one line) when the file is missing, needs arbitrary code to unpickle, is corrupt,
+    or does not hold a dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found; expected an existing .pt file")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path} needs arbitrary code to unpickle and was refused; yolotrain checkpoints contain only tensors "
+            "and plain types. Only load files you trust, and convert them to plain state dicts first"
+        ) from error
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {first_line}") from error
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a yolotrain checkpoint dict")
+    return obj
+
+
+# -------------------------------------------------------------------------------------------------------- stripping
+def _to_half(state_dict: Mapping) -> dict:
+    return {
+        name: value.half() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+        for name, value in state_dict.items()
+    }
+
+
+def strip_optimizer(path: PathLike, out: Optional[PathLike] = None) -> Path:
+    """Turn a training checkpoint into a small inference/fine-tune one, atomically.
+
+    ``model`` becomes the EMA weights (the model's when there is no EMA) in float16; everything only needed to
+    resume (optimizer, scaler, ema, rng, schedule, stopper, callbacks) is dropped. Other keys (epoch, best_fitness,
+    train_args, train_metrics, date, version, ...) are kept. Writes to ``out`` (default: over ``path``).
+    """
+    ckpt = load_checkpoint(path)
+    weights = ckpt.get("ema") if ckpt.get("ema") is not None else ckpt.get("model")
+    if weights is not None:
+        ckpt["model"] = _to_half(_as_state_dict(weights) or {})
+    for key in RESUME_ONLY_KEYS:
+        ckpt.pop(key, None)
+    out = Path(out) if out is not None else Path(path)
+    save_checkpoint(ckpt, out)
+    LOGGER.info("stripped optimizer from %s, saved as %s (%.1f MB)", path, out, out.stat().st_size / 1e6)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------- RNG state
+def rng_state() -> dict:
+    """Capture Python, NumPy and torch (CPU and CUDA) RNG states as plain types and tensors.
+
+    The result loads with ``torch.load(weights_only=True)``.
+    """
+    py_version, py_internal, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    state = {
+        "python": {"version": py_version, "state": list(py_internal), "gauss_next": py_gauss},
+        "numpy": {
+            "bit_generator": str(np_name),
+            "keys": [int(k) for k in np_keys],
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping) -> None:
+    """Restore RNG states captured by ``rng_state()``; parts absent from ``state`` are left as they are."""
+    if "python" in state:
+        py = state["python"]
+        random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    if "numpy" in state:
+        npy = state["numpy"]
+        keys = np.asarray(npy["keys"], dtype=np.uint32)
+        np.random.set_state((npy["bit_generator"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") and torch.cuda.is_available():
+        # A resume on fewer GPUs restores the devices that still exist.
+        for device_index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), device_index)
+
+
+# ------------------------------------------------------------------------------------------------------ safetensors
+def _safetensors_torch():
+    try:
+        import safetensors.torch as st
+    except ImportError as error:
+        raise CheckpointError(
+            "safetensors export/import needs the 'safetensors' package: pip install safetensors"
+        ) from error
+    return st
+
+
+def _safetensors_ready(state_dict: Mapping) -> dict:
+    """Detached, contiguous CPU tensors; tensors sharing storage with an earlier one are cloned (safetensors
+    refuses shared storage)."""
+    tensors: dict = {}
+    seen_storages: set = set()
+    for name, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            LOGGER.warning("safetensors export skips '%s': %s is not a tensor", name, type(value).__name__)
+            continue
+        tensor = value.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in seen_storages or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            tensor = tensor.clone()
+        seen_storages.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor
+    return tensors
+
+
+def export_safetensors(state_dict: Mapping, path: PathLike, metadata: Optional[dict] = None) -> Path:
+    """Write a tensor state dict to a ``.safetensors`` file atomically (optional ``metadata`` of str -> str)."""
+    st = _safetensors_torch()
+    text_metadata = {str(k): str(v) for k, v in metadata.items()} if metadata else None
+    data = st.save(_safetensors_ready(state_dict), metadata=text_metadata)
+    return save_atomic_bytes(data, path)
+
+
+def load_safetensors(path: PathLike) -> dict:
+    """Read a ``.safetensors`` file into a dict of CPU tensors."""
+    st = _safetensors_torch()
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"safetensors file {path} not found; expected an existing .safetensors file")
+    try:
+        return st.load_file(str(path), device="cpu")
+    except Exception as error:  # safetensors raises its own SafetensorError for bad headers
+        raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
+
+
+# ------------------------------------------------------------------------------------------------------- discovery
+def find_latest_checkpoint(search_dir: PathLike = ".") -> Optional[Path]:
+    """The most recently modified ``last.pt`` under ``search_dir`` (recursively), or None when there is none."""
+    candidates = [p for p in Path(search_dir).rglob("last.pt") if p.is_file()]
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None

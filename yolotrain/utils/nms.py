@@ -1,0 +1,164 @@
+"""Non-maximum suppression for the detection head's eval output.
+
+torchvision is optional: when it imports, its compiled `nms` kernel is used; otherwise an exact, vectorised
+pure-torch greedy kernel (`greedy_nms`) gives the same result.
+"""
+
+import functools
+import logging
+import time
+
+import torch
+
+from yolotrain.utils.boxes import box_iou, xywh2xyxy
+
+LOGGER = logging.getLogger(__name__)
+
+# Boxes are suppressed in blocks of this many so the IoU matrix stays O(block * n) in memory.
+NMS_BLOCK_SIZE = 1024
+# Fixed time allowance per call on top of the per-image allowance (first-call warm-up, slow machines).
+NMS_TIME_BASE_S = 0.5
+
+
+@functools.lru_cache(maxsize=1)
+def torchvision_nms():
+    """Return `torchvision.ops.nms` if torchvision imports, else None (looked up once, then cached)."""
+    try:
+        from torchvision.ops import nms
+    except Exception:  # ImportError, or a torchvision built against another torch
+        return None
+    return nms
+
+
+def _suppress_within_block(iou_over):
+    """Exact greedy keep-mask for boxes already sorted by descending score.
+
+    `iou_over` (n, n) bool: IoU above the threshold. Greedy NMS keeps box i iff no *kept* box j < i overlaps it.
+    We solve that recurrence by fixpoint iteration on the strictly upper-triangular suppression matrix: starting
+    from "all kept", recompute keep = not(any kept earlier box overlaps). After k rounds the first k boxes are
+    final (box 0 is always kept, box i only depends on boxes before it), so the iteration reaches the unique
+    fixpoint, which is exactly the greedy answer. Each round is one matrix-vector product, and the number of
+    rounds is the longest chain of "suppressor of a suppressor" (a handful in practice), not the number of boxes.
+    """
+    suppresses = torch.triu(iou_over, diagonal=1).to(torch.float32)  # (n, n): row j can suppress column i > j
+    keep = torch.ones(iou_over.shape[0], dtype=torch.bool, device=iou_over.device)
+    while True:
+        suppressed = (keep.to(torch.float32) @ suppresses) > 0
+        new_keep = ~suppressed
+        if torch.equal(new_keep, keep):
+            return keep
+        keep = new_keep
+
+
+def greedy_nms(boxes, scores, iou_thres, groups=None):
+    """Exact greedy NMS in pure torch; returns kept indices sorted by descending score.
+
+    boxes (n, 4) xyxy, scores (n,), groups (n,) optional int ids: boxes only suppress boxes of the same group
+    (class-aware NMS without coordinate offsets, so IoUs keep full float precision).
+    Boxes are handled in blocks of NMS_BLOCK_SIZE in score order: a block is first pruned by the boxes kept from
+    earlier blocks (any overlap above the threshold suppresses), then resolved internally by
+    `_suppress_within_block`. Both steps are exact, so the result equals box-by-box greedy NMS.
+    """
+    order = torch.sort(scores, descending=True, stable=True).indices
+    boxes = boxes[order]
+    groups = groups[order] if groups is not None else None
+    kept_positions = []
+    for start in range(0, boxes.shape[0], NMS_BLOCK_SIZE):
+        block = torch.arange(start, min(start + NMS_BLOCK_SIZE, boxes.shape[0]), device=boxes.device)
+        if kept_positions:
+            block = _prune_by_kept(boxes, groups, block, torch.cat(kept_positions), iou_thres)
+        if block.numel():
+            iou_over = _overlaps(boxes, groups, block, block, iou_thres)
+            kept_positions.append(block[_suppress_within_block(iou_over)])
+    if not kept_positions:
+        return order[:0]
+    return order[torch.cat(kept_positions)]
+
+
+def _overlaps(boxes, groups, rows, cols, iou_thres):
+    """(len(rows), len(cols)) bool: IoU above the threshold and, when grouped, the same group."""
+    over = box_iou(boxes[rows], boxes[cols]) > iou_thres
+    if groups is not None:
+        over &= groups[rows, None] == groups[None, cols]
+    return over
+
+
+def _prune_by_kept(boxes, groups, block, kept, iou_thres):
+    """Drop the block's boxes that overlap any box already kept from an earlier (higher-score) block."""
+    return block[~_overlaps(boxes, groups, kept, block, iou_thres).any(0)]
+
+
+def _nms_indices(boxes, scores, classes, iou_thres, agnostic):
+    """Kept indices (descending score) of class-aware or agnostic NMS, via torchvision when available."""
+    tv_nms = torchvision_nms()
+    if tv_nms is None:
+        return greedy_nms(boxes, scores, iou_thres, groups=None if agnostic else classes)
+    if not agnostic and boxes.numel():
+        # Offset each class into its own disjoint coordinate range so one NMS call never mixes classes.
+        span = (boxes.max() - boxes.min()).clamp(min=0) + 1
+        boxes = boxes + (classes.to(boxes.dtype) * span)[:, None]
+    return tv_nms(boxes, scores, iou_thres)
+
+
+def _split_prediction(prediction, conf_thres, classes):
+    """Best class per anchor and the candidate mask. prediction (B, 4 + nc, A) -> boxes (B, A, 4) xyxy, ..."""
+    prediction = prediction.transpose(1, 2)  # (B, A, 4 + nc)
+    boxes = xywh2xyxy(prediction[..., :4])  # (B, A, 4)
+    conf, cls = prediction[..., 4:].max(-1)  # (B, A) single best class per anchor, like YOLO's val default
+    candidate = conf > conf_thres  # (B, A)
+    if classes is not None:
+        wanted = torch.as_tensor(classes, device=prediction.device).reshape(-1)
+        candidate &= torch.isin(cls, wanted)
+    return boxes, conf, cls, candidate
+
+
+def non_max_suppression(
+    prediction,
+    conf_thres=0.25,
+    iou_thres=0.45,
+    classes=None,
+    agnostic=False,
+    max_det=300,
+    max_nms=30000,
+    max_time_img=0.05,
+):
+    """Filter the model's eval output to final detections per image.
+
+    prediction: (B, 4 + nc, A) tensor with boxes xywh in input pixels and class scores (the model's eval output;
+    a tuple/list `(y, feats)` is accepted and its first element used).
+    Each anchor keeps its single best class; anchors with conf <= conf_thres (or whose class is not in `classes`)
+    are dropped; at most `max_nms` highest-scoring candidates enter NMS; at most `max_det` survive.
+    Returns a list of B tensors (n, 6): x1, y1, x2, y2, conf, cls (float), sorted by descending conf.
+    If the time limit (0.5 s + max_time_img per image) runs out, a warning is logged once and the images not yet
+    processed get empty results.
+    """
+    if isinstance(prediction, (list, tuple)):
+        prediction = prediction[0]
+    batch_size = prediction.shape[0]
+    boxes, conf, cls, candidate = _split_prediction(prediction, conf_thres, classes)
+    output = [prediction.new_zeros((0, 6)) for _ in range(batch_size)]
+    time_limit = NMS_TIME_BASE_S + max_time_img * batch_size
+    deadline = time.monotonic() + time_limit
+    for image in range(batch_size):  # per image, as torchvision's batched NMS does; no per-box loop
+        output[image] = _nms_one_image(
+            boxes[image][candidate[image]],
+            conf[image][candidate[image]],
+            cls[image][candidate[image]],
+            iou_thres,
+            agnostic,
+            max_det,
+            max_nms,
+        )
+        if time.monotonic() > deadline:
+            LOGGER.warning(f"NMS time limit {time_limit:.3f}s exceeded after {image + 1}/{batch_size} images")
+            break
+    return output
+
+
+def _nms_one_image(boxes, conf, cls, iou_thres, agnostic, max_det, max_nms):
+    """NMS over one image's candidates -> (n, 6) x1, y1, x2, y2, conf, cls sorted by descending conf."""
+    if conf.numel() > max_nms:
+        top = conf.topk(max_nms).indices
+        boxes, conf, cls = boxes[top], conf[top], cls[top]
+    keep = _nms_indices(boxes, conf, cls, iou_thres, agnostic)[:max_det]
+    return torch.cat([boxes[keep], conf[keep, None], cls[keep, None].to(boxes.dtype)], 1)

@@ -1,0 +1,160 @@
+"""Torch helpers: device selection, seeding, model unwrapping, BN fusion, parameter/FLOP counting."""
+
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from yolotrain.errors import CfgError
+
+LOGGER = logging.getLogger(__name__)
+
+
+def select_device(device=None):
+    """Resolve a user's `device` argument to a torch.device.
+
+    "" / None: the first GPU when CUDA is available, else the CPU. "cpu", "mps", "cuda", "cuda:N", "N" or a list
+    "N,M,..." (the first index is this process's device; DDP assigns the others by local rank).
+    Raises CfgError (one line) when the requested accelerator is missing or an index is out of range.
+    """
+    text = "" if device is None else str(device).strip().lower().replace(" ", "")
+    text = text.replace("cuda:", "").replace("[", "").replace("]", "").replace("'", "")
+    if text in ("", "none"):
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise CfgError("device='mps' requested but MPS is not available on this machine; use device=cpu")
+        return torch.device("mps")
+    if text == "cuda":
+        text = "0"
+    return torch.device("cuda", _first_cuda_index(device, text))
+
+
+def _first_cuda_index(device, text):
+    indices = text.split(",")
+    if not all(index.isdigit() for index in indices):
+        raise CfgError(f"device={device!r} is not understood; expected cpu, mps, a GPU index like 0, or a list like 0,1")
+    if not torch.cuda.is_available():
+        raise CfgError(f"device={device!r} requests CUDA but no CUDA GPU is available; use device=cpu")
+    count = torch.cuda.device_count()
+    out_of_range = [int(index) for index in indices if int(index) >= count]
+    if out_of_range:
+        raise CfgError(f"device={device!r}: GPU index {out_of_range[0]} is out of range (this machine has {count} GPU(s))")
+    return int(indices[0])
+
+
+def de_parallel(model):
+    """The plain model inside DataParallel/DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def init_seeds(seed=0, deterministic=False):
+    """Seed Python, NumPy and torch (all devices); optionally ask torch for deterministic algorithms."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        # warn_only: ops without a deterministic kernel warn instead of stopping a training run.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # required by cuBLAS for deterministic matmuls
+        os.environ["PYTHONHASHSEED"] = str(seed)
+    else:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+
+
+def copy_attr(target, source, include=(), exclude=()):
+    """Copy the public attributes of `source` onto `target` (only `include` when given, never `exclude`)."""
+    for key, value in source.__dict__.items():
+        if (include and key not in include) or key.startswith("_") or key in exclude:
+            continue
+        setattr(target, key, value)
+
+
+def intersect_dicts(state_a, state_b, exclude=()):
+    """Entries of `state_a` whose key is in `state_b` with the same shape, skipping keys containing any of `exclude`."""
+    return {
+        key: value
+        for key, value in state_a.items()
+        if key in state_b and not any(part in key for part in exclude) and value.shape == state_b[key].shape
+    }
+
+
+def fuse_conv_and_bn(conv, bn):
+    """A Conv2d (with bias) computing bn(conv(x)) for a BatchNorm2d in eval mode."""
+    fused = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=True,
+    ).requires_grad_(False)
+    fused = fused.to(device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
+        fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+        conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        fused.bias.copy_((conv_bias - bn.running_mean) * scale + bn.bias)
+    return fused
+
+
+def get_flops(model, imgsz=640):
+    """GFLOPs of one forward at `imgsz` (int or (h, w)), counted by torch's FlopCounterMode; 0.0 if counting fails.
+
+    Counts on a small stride-sized input and scales by area: convolution FLOPs grow exactly with the pixel count,
+    and the small input keeps the count cheap.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = de_parallel(model)
+    try:
+        parameter = next(model.parameters())
+    except StopIteration:
+        return 0.0
+    height, width = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
+    stride = max(int(model.stride.max()), 32) if hasattr(model, "stride") else 32
+    channels = model.yaml.get("ch", 3) if isinstance(getattr(model, "yaml", None), dict) else 3
+    probe = torch.zeros((1, channels, stride, stride), device=parameter.device, dtype=parameter.dtype)
+    was_training = model.training
+    try:
+        model.eval()  # eval: BatchNorm running statistics must not move
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(probe)
+        return counter.get_total_flops() / 1e9 * (height / stride) * (width / stride)
+    except Exception as error:  # a count is informative only; never fail a build over it
+        LOGGER.debug("FLOP count failed: %s", error)
+        return 0.0
+    finally:
+        model.train(was_training)
+
+
+def model_info(model, imgsz=640, verbose=True, name="YOLO"):
+    """Log and return (layers, parameters, gradients, GFLOPs) of a model."""
+    layers = len(list(model.modules()))
+    parameters = sum(p.numel() for p in model.parameters())
+    gradients = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    gflops = get_flops(model, imgsz)
+    if verbose:
+        fused = " (fused)" if getattr(model, "is_fused", lambda: False)() else ""
+        LOGGER.info(
+            "%s summary%s: %d layers, %s parameters, %s gradients, %.1f GFLOPs",
+            name, fused, layers, f"{parameters:,}", f"{gradients:,}", gflops,
+        )
+    return layers, parameters, gradients, gflops
