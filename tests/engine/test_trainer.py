@@ -125,7 +125,7 @@ def test_callback_order(train_overrides):
     for event in EVENTS:
         if not event.startswith("on_val"):
             model.add_callback(event, lambda t, e=event: events.append(e))
-    model.train(**{k: v for k, v in train_overrides.items() if k != "model"}, epochs=1, nbs=8, warmup_epochs=0)
+    model.train(**{**train_overrides, "epochs": 1, "nbs": 8, "warmup_epochs": 0})
     assert events[:3] == ["on_pretrain_routine_start", "on_pretrain_routine_end", "on_train_start"]
     first_batch = events.index("on_train_batch_start")
     assert events[first_batch - 1] == "on_train_epoch_start"
@@ -171,12 +171,19 @@ def test_early_stopping_after_patience_epochs(train_overrides):
     assert trainer.best_fitness == 0.5
 
 
-def test_nan_fitness_is_never_an_improvement(train_overrides):
-    class NaNFitness(FitnessScript):
-        script = [0.2, float("nan"), 0.1, 0.1, 0.1]
+def test_nan_fitness_is_never_an_improvement_and_rolls_back(train_overrides):
+    class NaNOnce(DetectionTrainer):
+        calls = []
 
-    trainer = train(train_overrides, trainer_class=NaNFitness, epochs=3, patience=10)
+        def validate(self):
+            fitness = [0.2, float("nan"), 0.1, 0.1, 0.1][len(self.calls)]
+            self.calls.append(self.epoch)
+            return {"metrics/mAP50(B)": fitness}, fitness
+
+    trainer = train(train_overrides, trainer_class=NaNOnce, epochs=3, patience=10)
     assert trainer.best_fitness == 0.2
+    assert trainer._nan_recoveries == 1
+    assert NaNOnce.calls[:3] == [0, 1, 1]  # epoch 2 (index 1) replayed from epoch 1's checkpoint
 
 
 def test_time_budget_replans_epochs(train_overrides):
@@ -222,20 +229,35 @@ def state_equal(a, b, atol=0.0):
     return all(torch.allclose(a[k].float(), b[k].float(), atol=atol) for k in a)
 
 
-def test_resume_equivalence(train_overrides, tmp_path):
+class Crash(Exception):
+    pass
+
+
+def crash_after_epoch(n):
+    def crash(trainer):
+        if trainer.epoch + 1 == n:
+            raise Crash(f"simulated crash after epoch {n}")
+
+    return crash
+
+
+def test_resume_equivalence(train_overrides):
+    """3 epochs straight == 2 epochs, crash, resume, 1 epoch: same results.csv rows and weights."""
     straight = train(train_overrides, epochs=3, name="straight")
-    first = train(train_overrides, epochs=2, name="resumed")
-    # Change the planned length on resume: epochs is one of the arguments that may change.
-    resumed = train({"resume": str(first.last), "epochs": 3})
-    assert resumed.save_dir == first.save_dir
+    with pytest.raises(Crash):
+        train(train_overrides, epochs=3, name="resumed", callbacks=[("on_fit_epoch_end", crash_after_epoch(2))])
+    last = straight.save_dir.parent / "resumed" / "weights" / "last.pt"
+    resumed = train({"resume": str(last)})
+    assert resumed.save_dir == last.parent.parent
     rows_a, rows_b = read_rows(straight.csv), read_rows(resumed.csv)
-    assert len(rows_b) == 3
+    assert [r["epoch"] for r in rows_b] == ["1", "2", "3"]
     for a, b in zip(rows_a, rows_b):
         for column in RESULTS_COLUMNS[2:]:
             assert float(a[column]) == pytest.approx(float(b[column]), abs=1e-6, nan_ok=True), column
     a, b = load_checkpoint(straight.last), load_checkpoint(resumed.last)
     assert state_equal(a["model"], b["model"]) and state_equal(a["ema"], b["ema"])
     assert a["ema_updates"] == b["ema_updates"]
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
 
 
 def test_resuming_a_finished_run_says_so(train_overrides):
