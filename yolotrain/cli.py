@@ -23,14 +23,17 @@ from yolotrain.errors import CfgError, YoloTrainError
 LOGGER = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "yolo-n.yaml"
-USAGE = "usage: yolotrain MODE [key=value ...]   (MODE: train, val, help, convert, sync, version)"
+USAGE = "usage: yolotrain MODE [key=value ...]   (MODE: train, val, help, convert, sync, export, version)"
 CONVERT_USAGE = "yolotrain convert coco SRC.json IMAGES_DIR OUT_DIR"
 SYNC_USAGE = "yolotrain sync RUN_DIR"
+EXPORT_USAGE = "yolotrain export model=best.pt format=safetensors"
+EXPORT_FORMATS = ("safetensors",)
 MODE_HELP = (
     ("train", "train a detector", "yolotrain train data=data.yaml model=yolo-n.yaml epochs=100"),
     ("val", "validate a trained model", "yolotrain val model=runs/detect/train/weights/best.pt data=data.yaml"),
     ("convert", "convert COCO json labels to YOLO txt labels", CONVERT_USAGE),
     ("sync", "upload a run folder to the remote tracking server", SYNC_USAGE),
+    ("export", "write a checkpoint's weights as .safetensors (with its model yaml)", EXPORT_USAGE),
     ("help", "show this help", "yolotrain help"),
     ("version", "print the version", "yolotrain version"),
 )
@@ -78,6 +81,8 @@ def _dispatch(argv: list) -> int:
         return _run_convert(argv[1:])
     if argv[0] == "sync":
         return _run_sync(argv[1:])
+    if argv[0] == "export":
+        return _run_export(argv[1:])
     mode, overrides = parse_cli_args(argv)
     if mode == "help":
         print(help_text())
@@ -94,12 +99,18 @@ def _run_train_or_val(mode: str, overrides: dict) -> int:
     given = user_args(overrides)  # the user's arguments only (cfg file merged under key=value), checked
     args = get_cfg({**given, "mode": mode})  # every value checked before the heavy import below
     _configure_logging()
-    from yolotrain.engine.model import YOLO  # imports torch
+    from torch.distributed.elastic.multiprocessing.errors import record
 
+    from yolotrain.engine.model import YOLO  # imports torch
+    from yolotrain.utils import dist
+
+    if not dist.is_main():  # a torchrun worker other than rank 0: warnings and errors only
+        logging.getLogger("yolotrain").setLevel(logging.WARNING)
     model = YOLO(args.model or DEFAULT_MODEL)
     # The model and mode are already given by the call itself; the rest goes through exactly as the user set it.
     kwargs = {key: value for key, value in given.items() if key not in ("model", "mode")}
-    getattr(model, mode)(**kwargs)
+    # Under torchrun, `record` hands an uncaught error's traceback to the launcher's failure report.
+    record(getattr(model, mode))(**kwargs)
     return 0
 
 
@@ -123,6 +134,22 @@ def _run_sync(positional: list) -> int:
     from yolotrain.integrations.remote import sync_run
 
     sync_run(positional[0])
+    return 0
+
+
+def _run_export(pairs: list) -> int:
+    given = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+    unknown = sorted(set(given) - {"model", "format"}) or [p for p in pairs if "=" not in p]
+    if unknown or "model" not in given:
+        raise CfgError(f"export takes model=FILE.pt and format=safetensors, got {' '.join(pairs)!r}: {EXPORT_USAGE}")
+    export_format = given.get("format", "safetensors")
+    if export_format not in EXPORT_FORMATS:
+        raise CfgError(f"format='{export_format}' is not supported by export: expected one of {EXPORT_FORMATS}")
+    _configure_logging()
+    from yolotrain.utils.checkpoint import export_checkpoint_safetensors
+
+    out = export_checkpoint_safetensors(given["model"])
+    print(out)
     return 0
 
 

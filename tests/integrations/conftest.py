@@ -68,14 +68,14 @@ class MlflowServer:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(10)
+                self.process.wait(3)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
 
     # ------------------------------------------------------------------ queries the tests use
-    def get(self, path, **query):
-        with urllib.request.urlopen(f"{self.url}{path}?{urlencode(query)}", timeout=10) as response:
+    def get(self, api_path, **query):
+        with urllib.request.urlopen(f"{self.url}{api_path}?{urlencode(query)}", timeout=10) as response:
             return json.loads(response.read())
 
     def post(self, path, payload):

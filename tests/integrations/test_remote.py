@@ -13,7 +13,7 @@ from yolotrain.integrations.remote import PENDING_FILE, sync_run
 
 from .conftest import expected_metrics, fake_training, make_fake_trainer
 
-FAST = dict(remote_metrics_period=0.0, remote_ckpt_period=0.0, remote_heartbeat_period=300.0, remote_timeout=5.0,
+FAST = dict(remote_metrics_period=0.01, remote_ckpt_period=0.01, remote_heartbeat_period=300.0, remote_timeout=5.0,
             remote_final_timeout=20.0)
 CHECKED_KEYS = ("metrics/mAP50-95_B", "train/box_loss", "lr/pg0", "val/box_loss")
 

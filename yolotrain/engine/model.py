@@ -31,20 +31,39 @@ class YOLO:
         """Run `fn(trainer)` (or `fn(validator)` for on_val_* events) on `event`, after earlier callbacks."""
         self.callbacks.add(event, fn)
 
-    def train(self, trainer=None, **overrides):
+    def train(self, trainer=None, nprocs=None, **overrides):
         """Train with `overrides` (cfg argument names) and return the final validation metrics.
 
         `trainer` is the trainer class to use, e.g. a user subclass of `DetectionTrainer`.
+        Multi-GPU: `device="0,1,2,3"` starts one process per listed GPU (DDP); `nprocs=N` starts N processes on
+        this machine whatever the device (e.g. `nprocs=2, device="cpu"`: two CPU processes over gloo). The trainer
+        class and this model's callbacks run in every process; they must be module-level (picklable) objects,
+        except on CPU-only/CUDA-untouched parents where workers are forked. After a multi-process run
+        `self.trainer` is None (the trainers lived in the worker processes).
         """
+        from yolotrain.engine import launch
         from yolotrain.tasks.detect.train import DetectionTrainer
 
         args = {**overrides, "model": overrides.get("model", self.model_path), "mode": "train", "task": self.task}
         setup_logging(get_cfg(args).verbose)
         trainer_class = trainer or DetectionTrainer
+        processes = launch.processes_to_launch(args.get("device"), nprocs)
+        if processes:
+            return self._train_distributed(trainer_class, args, processes)
         self.trainer = trainer_class(overrides=args, _callbacks=self.callbacks)
         self.metrics = self.trainer.train()
         if self.trainer.best.exists():
             self.model_path = str(self.trainer.best)
+        return self.metrics
+
+    def _train_distributed(self, trainer_class, args, processes):
+        from yolotrain.engine.launch import launch_training
+
+        result = launch_training(trainer_class, args, self.callbacks, processes)
+        self.trainer = None
+        self.metrics = result["metrics"]
+        if Path(result["best"]).exists():
+            self.model_path = result["best"]
         return self.metrics
 
     def val(self, validator=None, **overrides):

@@ -51,7 +51,7 @@ from yolotrain.utils.checkpoint import (
     strip_optimizer,
 )
 from yolotrain.utils.files import ensure_writable_dir, increment_path
-from yolotrain.utils.torch_utils import de_parallel, init_seeds, select_device
+from yolotrain.utils.torch_utils import de_parallel, init_seeds
 
 LOGGER = logging.getLogger(__name__)
 
@@ -71,6 +71,35 @@ class TrainingInterrupted(YoloTrainError):
     exit_code = 130
 
 
+class CompiledWithFallback(torch.nn.Module):
+    """A torch.compile'd module that turns back into the eager one if compiling fails when it is called.
+
+    torch.compile compiles lazily, so a missing C++ compiler or an unsupported op only shows at the first forward
+    (or at a recompilation for a new shape); training then continues uncompiled instead of stopping.
+    """
+
+    def __init__(self, compiled, eager):
+        super().__init__()
+        self.module = compiled
+        self._eager = (eager,)  # a tuple: not registered twice (the compiled module already holds its parameters)
+
+    @property
+    def _orig_mod(self):
+        """The eager model (what `de_parallel` unwraps to, as for torch.compile's own wrapper)."""
+        return self._eager[0]
+
+    def forward(self, *args, **kwargs):
+        if self.module is self._eager[0]:
+            return self.module(*args, **kwargs)
+        try:
+            return self.module(*args, **kwargs)
+        except Exception as e:  # a backend/compiler failure; an error of the model itself re-raises below
+            message = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+            LOGGER.warning(f"compile: torch.compile failed when running the model ({message}); training uncompiled")
+            self.module = self._eager[0]
+            return self.module(*args, **kwargs)
+
+
 class BaseTrainer:
     """Task-agnostic trainer. Public attributes user code relies on: args, epoch, epochs, model, ema, optimizer,
     validator, metrics, fitness, best_fitness, loss, tloss, save_dir, device, stop."""
@@ -82,12 +111,8 @@ class BaseTrainer:
         self.resume_path = self._find_resume_checkpoint() if self.args.resume else None
         if self.resume_path:
             self.args = self._args_for_resume(self.resume_path, overrides)
-        self.device = select_device(self.args.device)
-        self.save_dir = self._resolve_save_dir()
-        self.wdir = self.save_dir / "weights"
-        self.last, self.best = self.wdir / "last.pt", self.wdir / "best.pt"
-        self.results = ResultsCSV(self.save_dir / "results.csv")
-        self.csv = self.results.path
+        self.device = dist.rank_device(self.args.device)  # cuda:LOCAL_RANK (or cpu) in a DDP worker
+        self._use_save_dir(self._resolve_save_dir())
         self.epochs = self.args.epochs
         self.epoch = self.start_epoch = 0
         self.start_batch = 0
@@ -104,6 +129,7 @@ class BaseTrainer:
         self._train_time_before = 0.0  # seconds trained before a resume (the time budget counts them)
         self._pending_save_retry = False
         self._mid_epoch_state = None
+        self._wait_group = None  # DDP: gloo group with a long timeout for waiting on rank-0-only work
 
     # ------------------------------------------------------------------ callbacks
     def add_callback(self, event, fn):
@@ -122,6 +148,7 @@ class BaseTrainer:
     def train(self):
         """Train and return the final validation metrics (a dict)."""
         previous_handlers = self._install_signal_handlers()
+        joined_group = self._join_process_group()
         try:
             self._setup()
             self._fit()
@@ -129,6 +156,8 @@ class BaseTrainer:
         finally:
             self._restore_signal_handlers(previous_handlers)
             self.run_callbacks("teardown")
+            if joined_group:  # also on error, so a failed rank leaves the group instead of hanging it
+                dist.destroy_process_group()
 
     def _fit(self):
         self.run_callbacks("on_train_start")
@@ -148,6 +177,8 @@ class BaseTrainer:
             self._log_epoch(epoch)
             self._save_if_due(epoch)
             self.run_callbacks("on_fit_epoch_end")
+            if self._signals_received and epoch + 1 < self.epochs:  # came during validation/saving: epoch complete
+                self._interrupt_at_epoch_end(epoch)
             self.stop = self._should_stop(epoch)
             epoch += 1
         self._final_eval()
@@ -171,6 +202,8 @@ class BaseTrainer:
                 self.stop = True
                 break
         self.start_batch = 0
+        if self.tloss is not None:  # DDP: log the loss of the global batch, not rank 0's shard
+            self.tloss = dist.all_reduce_mean(self.tloss, group=self._wait_group)
         self.lr = {f"lr/pg{j}": group["lr"] for j, group in enumerate(self.optimizer.param_groups)}
         self.run_callbacks("on_train_epoch_end")
 
@@ -180,7 +213,8 @@ class BaseTrainer:
         self.schedule.apply(self.optimizer, epoch, i)
         batch = self.preprocess_batch(batch)
         self.loss, self.loss_items = self._forward_loss(batch)
-        if not torch.isfinite(self.loss).all():
+        # Agreed over ranks: no rank may enter DDP's backward (a collective) while another rolls back.
+        if dist.any_rank(not torch.isfinite(self.loss).all(), self.device):
             raise NonFiniteLossError(f"non-finite loss {self.loss.item()} at epoch {epoch + 1}, batch {i}")
         self._backward(self.loss)
         self._optimizer_step(step)
@@ -195,7 +229,8 @@ class BaseTrainer:
     def _forward_loss(self, batch):
         with self.stepper.autocast():
             loss, loss_items = self.compute_loss(batch)
-        # The loss is summed over the batch; DDP averages gradients over ranks, so scale back up.
+        # `loss` is this rank's mean loss times its batch size; DDP averages gradients over ranks, so times the world
+        # size the gradient is that of (mean loss x global batch), the same scale as one process on the global batch.
         return loss * dist.world_size(), loss_items
 
     def _backward(self, loss):
@@ -218,13 +253,13 @@ class BaseTrainer:
             ensure_writable_dir(self.wdir)
             save_atomic_text(yaml.safe_dump(vars(self.args), sort_keys=False), self.save_dir / "args.yaml")
         init_seeds(self.args.seed, self.args.deterministic)
-        with dist.main_process_first():
+        with dist.main_process_first(self._wait_group):
             self.data = self.get_dataset()
         self.model = self.get_model(cfg=self.args.model, weights=self._pretrained_weights())
         self.model.to(self.device)
         self._freeze_layers()
         self._resolve_batch()
-        with dist.main_process_first():
+        with dist.main_process_first(self._wait_group):
             self.train_loader = self.get_dataloader(self.data["train"], self.batch_size, dist.rank(), "train")
             self.test_loader = self.get_dataloader(self.data["val"], self.batch_size * 2, -1, "val")
         self.num_batches = len(self.train_loader)
@@ -236,8 +271,10 @@ class BaseTrainer:
         self.train_model = self._wrap_model()
         if self.resume_path:
             self._load_state(load_checkpoint(self.resume_path))
-        else:
-            self._initial_state = self._state_snapshot()
+        elif dist.is_main():
+            self.results.reset()  # a fresh run in an existing folder (exist_ok=True) starts a new results.csv
+        # NaN recovery falls back to where this process started when last.pt is missing or mid-epoch.
+        self._initial_state, self._initial_epoch = self._state_snapshot(), self.start_epoch
         self._log_resolved()
         self.run_callbacks("on_pretrain_routine_end")
 
@@ -349,7 +386,7 @@ class BaseTrainer:
         try:
             compiled = torch.compile(model)
             LOGGER.info("compile: torch.compile enabled")
-            return compiled
+            return CompiledWithFallback(compiled, model)
         except Exception as e:  # torch.compile is unavailable on some platforms/python versions
             LOGGER.warning(f"compile: torch.compile is not available here ({e}); training uncompiled")
             return model
@@ -357,8 +394,10 @@ class BaseTrainer:
     def _ddp_wrap(self, model):
         from torch.nn.parallel import DistributedDataParallel
 
-        if self.args.sync_bn:
+        if self.args.sync_bn and self.device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif self.args.sync_bn:
+            LOGGER.warning("sync_bn: SyncBatchNorm needs CUDA; training with per-process BatchNorm statistics")
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
 
@@ -442,7 +481,7 @@ class BaseTrainer:
             self.metrics, self.fitness = self.validate()
         else:
             self.metrics, self.fitness = None, None
-        self.metrics, self.fitness = dist.broadcast_object((self.metrics, self.fitness))
+        self.metrics, self.fitness = dist.broadcast_object((self.metrics, self.fitness), group=self._wait_group)
         if self.fitness is not None:
             self.stopper.update(epoch, self.fitness)
             self.best_fitness = self.stopper.best_fitness
@@ -467,7 +506,10 @@ class BaseTrainer:
         row.update(self.label_loss_items(self.tloss, prefix="train"))
         row.update(self._metrics_row())
         row.update(self.lr)
-        self.results.append(row)
+        try:
+            self.results.append(row)
+        except OSError as e:  # disk full: ResultsCSV keeps the row and writes it with the next one
+            LOGGER.warning(f"could not write {self.csv} ({e}); the row is kept and written with the next epoch")
         if self.args.plots:
             self._plot_results()
 
@@ -492,14 +534,14 @@ class BaseTrainer:
         stop = self.stop or self.stopper.should_stop
         if self.args.time:
             stop = stop or self._replan_epochs_for_time_budget(epoch)
-        return bool(dist.broadcast_object(stop))
+        return bool(dist.broadcast_object(stop, group=self._wait_group))
 
     # ------------------------------------------------------------------ time budget
     def _elapsed(self):
         return self._train_time_before + time.time() - self._train_start
 
     def _time_exceeded(self):
-        return bool(self.args.time) and self._elapsed() > self.args.time * 3600
+        return bool(self.args.time) and dist.any_rank(self._elapsed() > self.args.time * 3600, self.device)
 
     def _replan_epochs_for_time_budget(self, epoch):
         """Re-plan the epoch count from the measured epoch time so the run ends within `time` hours."""
@@ -601,7 +643,8 @@ class BaseTrainer:
             self._restore_mid_epoch(state)
         else:
             self.start_epoch = state["epoch"] + 1
-        self.results.keep_epochs_up_to(self.start_epoch)
+        if dist.is_main():
+            self.results.keep_epochs_up_to(self.start_epoch)
         LOGGER.info(f"resume: continuing {self.resume_path} from epoch {self.start_epoch + 1} to {self.epochs}")
 
     def _restore_mid_epoch(self, state):
@@ -632,6 +675,7 @@ class BaseTrainer:
         self.epoch = good["next_epoch"]
         self.best_fitness = self.stopper.best_fitness
         self.tloss = self.fitness = None
+        self.start_batch, self._mid_epoch_state = 0, None  # the replayed epoch starts from its first batch
         self.stepper.zero_grad()
         LOGGER.warning(
             f"NaN recovery {self._nan_recoveries}/{MAX_NAN_RECOVERIES}: {reason}; "
@@ -644,7 +688,8 @@ class BaseTrainer:
             state = load_checkpoint(self.last)
             if "batch_index" not in state:
                 return {"state": state, "next_epoch": state["epoch"] + 1, "source": str(self.last)}
-        return {"state": self._initial_state, "next_epoch": 0, "source": "the initial weights"}
+        source = "the initial weights" if self.resume_path is None else f"the weights resumed from {self.resume_path}"
+        return {"state": self._initial_state, "next_epoch": self._initial_epoch, "source": source}
 
     # ------------------------------------------------------------------ end of training
     def _final_eval(self):
@@ -699,6 +744,24 @@ class BaseTrainer:
             )
         return get_cfg(args)
 
+    def _use_save_dir(self, save_dir):
+        self.save_dir = Path(save_dir)
+        self.wdir = self.save_dir / "weights"
+        self.last, self.best = self.wdir / "last.pt", self.wdir / "best.pt"
+        self.results = ResultsCSV(self.save_dir / "results.csv")
+        self.csv = self.results.path
+
+    def _join_process_group(self):
+        """In a DDP worker (torchrun or `yolotrain.engine.launch`): join the process group, create the group that
+        waits on rank 0, and take rank 0's run folder. Returns True when this call created the process group."""
+        if not dist.launched_distributed():
+            return False
+        joined = dist.init_process_group(timeout_s=self.args.dist_timeout, device=self.device)
+        self._wait_group = dist.new_wait_group()
+        # Each rank numbered the run folder on its own before the group existed; rank 0's choice wins.
+        self._use_save_dir(dist.broadcast_object(self.save_dir, group=self._wait_group))
+        return joined
+
     def _resolve_save_dir(self):
         if self.resume_path:  # a resumed run continues in its own folder: <save_dir>/weights/last.pt
             return Path(self.resume_path).resolve().parent.parent
@@ -734,11 +797,22 @@ class BaseTrainer:
         LOGGER.warning(f"{signal.Signals(signum).name} received: finishing this batch and saving a checkpoint")
 
     def _save_interrupted(self, epoch, next_batch):
+        saved = "state saved to"
         if dist.is_main() and self.args.save:
-            save_checkpoint(self.checkpoint_state(batch_index=next_batch), self.last)
+            try:
+                save_checkpoint(self.checkpoint_state(batch_index=next_batch), self.last)
+            except (OSError, NonFiniteCheckpointError) as e:  # the previous last.pt is still intact
+                LOGGER.warning(f"mid-epoch checkpoint not written: {e}")
+                saved = "could not save this position; the previous checkpoint is kept at"
         raise TrainingInterrupted(
-            f"training interrupted at epoch {epoch + 1}, batch {next_batch}; state saved to {self.last}, "
+            f"training interrupted at epoch {epoch + 1}, batch {next_batch}; {saved} {self.last}, "
             f"continue with resume={self.last}"
+        )
+
+    def _interrupt_at_epoch_end(self, epoch):
+        saved = "state saved to" if self.args.save and not self._pending_save_retry else "last checkpoint kept at"
+        raise TrainingInterrupted(
+            f"training interrupted after epoch {epoch + 1}; {saved} {self.last}, continue with resume={self.last}"
         )
 
     def _restore_signal_handlers(self, previous):

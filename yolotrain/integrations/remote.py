@@ -104,10 +104,10 @@ class RemoteClient:
         self._headers = _auth_header()
         self.timeout = timeout
 
-    def call(self, method, path, payload=None, query=None, body=None, timeout=None):
+    def call(self, method, path, payload=None, query=None, body=None, timeout=None, headers=None):
         """Send one request; return the decoded JSON answer ({} when empty) or raise `RemoteError`."""
         url = self._prefix + path + (f"?{urlencode(query)}" if query else "")
-        headers = dict(self._headers)
+        headers = {**self._headers, **(headers or {})}
         if payload is not None:
             body = json.dumps(payload).encode()
             headers["Content-Type"] = "application/json"
@@ -260,8 +260,10 @@ class RemoteRun:
         if not self._artifact_path:
             raise RemoteError("the server does not serve artifacts (start it with --serve-artifacts)", retryable=False)
         path = f"/api/2.0/mlflow-artifacts/artifacts/{self._artifact_path}/{quote(artifact_path)}"
+        # Streamed from the file with an explicit length: no chunked encoding, which some proxies refuse.
+        headers = {"Content-Length": str(os.path.getsize(local_path)), "Content-Type": "application/octet-stream"}
         with open(local_path, "rb") as file:
-            self.client.call("PUT", path, body=file, timeout=timeout)
+            self.client.call("PUT", path, body=file, timeout=timeout, headers=headers)
 
     def set_tag(self, key, value, timeout=None):
         """Set one run tag (idempotent)."""

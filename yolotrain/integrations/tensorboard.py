@@ -5,6 +5,7 @@ Enabled with ``tensorboard=True``; the event file is written in the run folder (
 
 import copy
 import logging
+import warnings
 
 import torch
 
@@ -52,7 +53,8 @@ class TensorBoardLogger:
             image = torch.zeros(1, 3, GRAPH_IMAGE_SIZE, GRAPH_IMAGE_SIZE, device=parameter.device, dtype=parameter.dtype)
             # A copy in eval mode: tracing must not move the training model's BatchNorm statistics or mode.
             traced_model = copy.deepcopy(model).eval()
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracing warnings (deprecation, constant outputs) are noise here
                 self.writer.add_graph(traced_model, image, use_strict_trace=False)
         except Exception as error:  # models with data-dependent control flow do not trace
             LOGGER.debug("tensorboard: model graph skipped (%s: %s)", type(error).__name__, error)

@@ -7,6 +7,7 @@ and then renamed over the target in one step. A load never executes code from th
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -26,6 +27,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 # Keys whose values are weight state dicts that must be finite before they are written.
 WEIGHT_KEYS = ("model", "ema")
+SAFETENSORS_SUFFIX = ".safetensors"
+# Checkpoint entries stored as JSON in a .safetensors file's metadata, so the file rebuilds its model on its own.
+SAFETENSORS_METADATA_KEYS = ("model_yaml", "names", "nc")
 # Keys only needed to resume training; a stripped (inference/fine-tune) checkpoint drops them.
 RESUME_ONLY_KEYS = ("optimizer", "scaler", "ema", "ema_updates", "rng", "schedule", "stopper", "callbacks")
 
@@ -116,11 +120,13 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
     """Load a checkpoint with ``torch.load(weights_only=True)``; nothing in the file is executed.
 
     Raises ``CheckpointError`` (one line) when the file is missing, needs arbitrary code to unpickle, is corrupt,
-    or does not hold a dict.
+    or does not hold a dict. A ``.safetensors`` file is read with ``checkpoint_from_safetensors``.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; expected an existing .pt file")
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return checkpoint_from_safetensors(path)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -251,6 +257,50 @@ def load_safetensors(path: PathLike) -> dict:
         return st.load_file(str(path), device="cpu")
     except Exception as error:  # safetensors raises its own SafetensorError for bad headers
         raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
+
+
+def load_safetensors_metadata(path: PathLike) -> dict:
+    """The str -> str metadata of a ``.safetensors`` file (empty when it has none)."""
+    _safetensors_torch()
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as file:
+            return dict(file.metadata() or {})
+    except Exception as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
+
+
+def export_checkpoint_safetensors(checkpoint: PathLike, out: Optional[PathLike] = None) -> Path:
+    """Write the inference weights of a yolotrain checkpoint (its EMA, else its model) to ``.safetensors``.
+
+    The model yaml, class names and class count go into the metadata as JSON, so ``load_checkpoint`` (and so
+    ``pretrained=``, validation, ...) can rebuild the model from the file alone. Default ``out``: next to
+    ``checkpoint`` with the ``.safetensors`` suffix.
+    """
+    ckpt = load_checkpoint(checkpoint)
+    weights = _as_state_dict(ckpt.get("ema") if ckpt.get("ema") is not None else ckpt.get("model"))
+    if not weights:
+        raise CheckpointError(f"{checkpoint} holds no 'ema' or 'model' weights to export")
+    metadata = {"format": "yolotrain"}
+    metadata.update({key: json.dumps(ckpt[key], default=str) for key in SAFETENSORS_METADATA_KEYS if key in ckpt})
+    out = Path(out) if out is not None else Path(checkpoint).with_suffix(SAFETENSORS_SUFFIX)
+    return export_safetensors(weights, out, metadata)
+
+
+def checkpoint_from_safetensors(path: PathLike) -> dict:
+    """A checkpoint dict (``model`` weights plus the JSON metadata entries) read from a ``.safetensors`` file."""
+    metadata = load_safetensors_metadata(path)
+    ckpt = {"model": load_safetensors(path)}
+    for key in SAFETENSORS_METADATA_KEYS:
+        if key in metadata:
+            try:
+                ckpt[key] = json.loads(metadata[key])
+            except ValueError as error:
+                raise CheckpointError(f"{path}: metadata '{key}' is not valid JSON ({error})") from error
+    if isinstance(ckpt.get("names"), dict):  # JSON object keys are strings; class ids are ints
+        ckpt["names"] = {int(k) if str(k).isdigit() else k: v for k, v in ckpt["names"].items()}
+    return ckpt
 
 
 # ------------------------------------------------------------------------------------------------------- discovery

@@ -65,43 +65,66 @@ def is_main() -> bool:
     return rank() in (-1, 0)
 
 
-def barrier() -> None:
-    """Wait until every process reaches this point; a no-op when not distributed."""
+def barrier(group: Optional[Any] = None) -> None:
+    """Wait until every process reaches this point; a no-op when not distributed.
+
+    ``group``: a process group (e.g. the one from ``new_wait_group``) instead of the default one.
+    """
     if is_dist():
-        torch_dist.barrier()
+        torch_dist.barrier(group=group)
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
+def broadcast_object(obj: Any, src: int = 0, group: Optional[Any] = None) -> Any:
     """Return the ``src`` rank's ``obj`` on every rank (any picklable object); returns ``obj`` when alone."""
     if not is_dist():
         return obj
     holder = [obj]
-    torch_dist.broadcast_object_list(holder, src=src)
+    torch_dist.broadcast_object_list(holder, src=src, group=group)
     return holder[0]
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Average ``tensor`` in place over all ranks and return it; unchanged when not distributed."""
+def all_reduce_mean(tensor: torch.Tensor, group: Optional[Any] = None) -> torch.Tensor:
+    """Average ``tensor`` in place over all ranks and return it; unchanged when not distributed.
+
+    The tensor must live where the group's backend works: a CUDA tensor for NCCL, a CPU tensor for gloo.
+    """
     if not is_dist():
         return tensor
-    torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
-    tensor /= world_size()
+    torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM, group=group)
+    tensor /= torch_dist.get_world_size(group)
     return tensor
 
 
+def any_rank(flag: bool, device: Optional[torch.device] = None) -> bool:
+    """True on every rank when ``flag`` is true on at least one rank (one small all-reduce on the default group).
+
+    Used for decisions all ranks must take together (e.g. "this step's loss is not finite: roll back"), so no rank
+    enters a collective (DDP's backward) that the others skip. ``device``: this rank's device (CUDA for NCCL).
+    """
+    if not is_dist():
+        return bool(flag)
+    if device is None or torch_dist.get_backend() != "nccl":
+        device = torch.device("cpu")
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
 @contextlib.contextmanager
-def main_process_first() -> Iterator[None]:
+def main_process_first(group: Optional[Any] = None) -> Iterator[None]:
     """Let the main process run the block first (e.g. download or cache a dataset), then the others.
 
     Non-main ranks wait at a barrier until the main rank has finished the block and reached the matching barrier.
+    ``group``: the group to wait in; pass the ``new_wait_group`` one when the block may take longer than the
+    default group's timeout (label scanning of a large dataset).
     """
     if not is_main():
-        barrier()
+        barrier(group)
     try:
         yield
     finally:
         if is_main():
-            barrier()
+            barrier(group)
 
 
 def rank_zero_only(fn: _Fn) -> _Fn:
@@ -116,24 +139,69 @@ def rank_zero_only(fn: _Fn) -> _Fn:
     return wrapper  # type: ignore[return-value]
 
 
-def default_backend() -> str:
-    """``nccl`` when CUDA is usable, otherwise ``gloo``."""
-    return "nccl" if torch.cuda.is_available() and torch_dist.is_nccl_available() else "gloo"
+def default_backend(device: Optional[Any] = None) -> str:
+    """``nccl`` for a CUDA ``device`` (or, with no device given, when CUDA is usable), otherwise ``gloo``."""
+    cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    return "nccl" if cuda and torch_dist.is_nccl_available() else "gloo"
 
 
-def init_process_group(backend: Optional[str] = None, timeout_s: float = 600) -> None:
+def launched_distributed() -> bool:
+    """True in a worker started by a distributed launcher (torchrun, ``yolotrain.engine.launch``) for a run of
+    more than one process: the environment names a rendezvous and a world size above 1."""
+    return _env_int("WORLD_SIZE", 1) > 1 and "MASTER_ADDR" in os.environ
+
+
+def init_process_group(backend: Optional[str] = None, timeout_s: float = 600, device: Optional[Any] = None) -> bool:
     """Join the process group described by the launcher's environment (``torchrun`` sets it).
 
-    Does nothing when the group is already initialised. With NCCL, the process is bound to its ``LOCAL_RANK`` GPU
-    first so collectives use the right device.
+    Does nothing when the group is already initialised. With NCCL, the process is bound to ``device`` (default:
+    its ``LOCAL_RANK`` GPU) first so collectives use the right device. ``timeout_s`` bounds how long a collective
+    waits for a missing rank before the run is aborted. Returns True when this call created the group (so the
+    caller knows it should destroy it).
     """
     if _process_group_ready():
-        return
-    backend = backend or default_backend()
-    if backend == "nccl" and local_rank() >= 0:
-        torch.cuda.set_device(local_rank())
+        return False
+    backend = backend or default_backend(device)
+    if backend == "nccl":
+        torch.cuda.set_device(device if device is not None else max(local_rank(), 0))
     torch_dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     LOGGER.debug("joined process group: backend=%s rank=%d world_size=%d", backend, rank(), world_size())
+    return True
+
+
+# Long enough for any validation or checkpoint write; a rank that dies meanwhile is caught by the launcher
+# (torchrun / elastic_launch stop every worker when one exits with an error), not by this timeout.
+WAIT_GROUP_TIMEOUT_S = 7 * 24 * 3600
+
+
+def new_wait_group(timeout_s: float = WAIT_GROUP_TIMEOUT_S) -> Optional[Any]:
+    """A gloo group over all ranks for waiting on rank-0-only work (validation, saving, label scanning).
+
+    The default group's short timeout exists to catch hung collectives between training steps; validation on rank
+    0 may legitimately take longer, so the other ranks wait for its result in this group instead. Gloo also works
+    next to NCCL and moves small CPU objects without touching the GPU. Every rank must call this (collective);
+    returns None when not distributed.
+    """
+    if not is_dist():
+        return None
+    return torch_dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def rank_device(device_arg: Any) -> torch.device:
+    """This process's device for the user's ``device`` argument.
+
+    Not distributed: ``select_device(device_arg)``. In a distributed worker: the CPU for ``device=cpu``, otherwise
+    the GPU of this local rank: ``device=2,3`` puts local rank 0 on GPU 2 and local rank 1 on GPU 3; when the
+    argument lists fewer GPUs than local ranks (e.g. torchrun with ``device=0`` or none), local rank N uses GPU N.
+    """
+    from yolotrain.utils.torch_utils import select_device
+
+    device = select_device(device_arg)
+    if local_rank() < 0 or device.type != "cuda":
+        return device
+    listed = [int(i) for i in str(device_arg).replace("cuda:", "").replace(" ", "").split(",") if i.isdigit()]
+    index = listed[local_rank()] if local_rank() < len(listed) else local_rank()
+    return torch.device("cuda", index)
 
 
 def destroy_process_group() -> None:

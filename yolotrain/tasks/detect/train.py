@@ -23,12 +23,16 @@ class DetectionTrainer(BaseTrainer):
     Example:
         >>> from yolotrain import DetectionTrainer
         >>> DetectionTrainer(overrides={"model": "yolo-n.yaml", "epochs": 3}).train()
+
+    `last_batch_shape` is the (B, 3, H, W) shape of the last preprocessed training batch (with `multi_scale`, the
+    size the model actually saw), readable from `on_train_batch_end` callbacks.
     """
 
     def __init__(self, cfg=None, overrides=None, _callbacks=None):
         super().__init__(cfg, overrides, _callbacks)
         self.loss_names = ("box_loss", "cls_loss", "dfl_loss")
         self._plotted_batches = 0
+        self.last_batch_shape = None
 
     def get_dataset(self):
         """Check the data yaml (or generate the built-in dataset) and return the resolved data dict."""
@@ -83,6 +87,7 @@ class DetectionTrainer(BaseTrainer):
             batch[key] = batch[key].to(self.device, non_blocking=True)
         if self.args.multi_scale:
             batch["img"] = self._random_rescale(batch["img"])
+        self.last_batch_shape = tuple(batch["img"].shape)
         self._plot_training_batch(batch)
         return batch
 
