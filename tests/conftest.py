@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny detector yaml and a tiny generated dataset, both made on the fly."""
 
+import logging
 import os
 
 import pytest
@@ -41,6 +42,16 @@ TINY_MODEL = {
         [[15, 18, 21], 1, "Detect", ["nc"]],
     ],
 }
+
+
+@pytest.fixture(autouse=True)
+def _restore_yolotrain_logger():
+    """Entry points configure the yolotrain logger (level, handler); keep that from leaking between tests."""
+    logger = logging.getLogger("yolotrain")
+    level, handlers = logger.level, list(logger.handlers)
+    yield
+    logger.setLevel(level)
+    logger.handlers[:] = handlers
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 compile, optimizer=auto, cls_pw, save_period, val=False and val_period."""
 
 import csv
+import io
 import logging
 import math
 import os
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from yolotrain import YOLO, DetectionTrainer
+from yolotrain.utils.checkpoint import load_checkpoint
 
 METRIC_KEYS = ["metrics/precision(B)", "metrics/recall(B)", "metrics/mAP50(B)", "metrics/mAP50-95(B)"]
 VALIDATED_COLUMNS = [*METRIC_KEYS, "val/box_loss", "val/cls_loss", "val/dfl_loss"]
@@ -115,13 +117,14 @@ def test_facade_callbacks_reach_the_trainer_and_its_validator(facade_run):
 def test_val_of_best_pt_returns_the_validator_metrics_and_writes_its_folder(facade_run, tiny_data, tmp_path):
     model, train_metrics, _, _ = facade_run
     best = YOLO(model.trainer.best)
-    metrics = best.val(data=tiny_data, imgsz=64, batch=8, workers=0, device="cpu", project=str(tmp_path), plots=False, save_json=True)
+    val_args = dict(data=tiny_data, imgsz=64, batch=8, workers=0, device="cpu", project=str(tmp_path), plots=False)
+    metrics = best.val(**val_args, save_json=True)
     assert list(metrics) == [*METRIC_KEYS, "fitness"]
     # best.pt on the same val set with the training run's settings: the numbers of the run's final evaluation.
     assert {k: metrics[k] for k in METRIC_KEYS} == pytest.approx(train_metrics)
     assert metrics["fitness"] == pytest.approx(0.1 * metrics["metrics/mAP50(B)"] + 0.9 * metrics["metrics/mAP50-95(B)"])
     assert (tmp_path / "val" / "predictions.json").is_file()
-    best.val(data=tiny_data, imgsz=64, batch=8, workers=0, device="cpu", project=str(tmp_path), plots=False, save_json=True)
+    best.val(**val_args, save_json=True)
     assert (tmp_path / "val2" / "predictions.json").is_file()  # a second validation gets its own folder
 
 
@@ -168,12 +171,41 @@ def test_cli_progress_is_one_clean_line_per_epoch_when_not_a_terminal(cli_run):
 
 def test_cli_val_of_best_pt(cli_run, tiny_data, tmp_path):
     _, save_dir = cli_run
-    process = cli("val", f"model={save_dir / 'weights' / 'best.pt'}", f"data={tiny_data}", "imgsz=64", "batch=8",
-                  "workers=0", "device=cpu", f"project={tmp_path}", "save_json=True", "plots=False", cwd=tmp_path)  # fmt: skip
+    best = save_dir / "weights" / "best.pt"
+    process = cli(
+        "val", f"model={best}", f"data={tiny_data}", "imgsz=64", "batch=8", "workers=0", "device=cpu",
+        f"project={tmp_path}", "save_json=True", "plots=False", cwd=tmp_path,
+    )  # fmt: skip
     assert process.returncode == 0, process.stderr[-2000:]
     output = process.stdout + process.stderr
     assert re.search(r"^\s+all\s+8\s+\d+\s", output, re.M)  # the metrics table's "all" row over the 8 val images
     assert (tmp_path / "val" / "predictions.json").is_file()
+
+
+class Stream(io.StringIO):
+    def __init__(self, tty):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+@pytest.mark.parametrize(
+    "stdout_tty, stderr_tty, bar", [(True, True, True), (True, False, False), (False, True, False)]
+)
+def test_progress_bar_only_when_both_streams_are_terminals(
+    train_overrides, monkeypatch, yolotrain_log, stdout_tty, stderr_tty, bar
+):
+    """tqdm redraws go to stderr; `yolotrain train ... 2> train.log` from a terminal must log plain epoch lines."""
+    stderr = Stream(stderr_tty)
+    monkeypatch.setattr(sys, "stdout", Stream(stdout_tty))
+    monkeypatch.setattr(sys, "stderr", stderr)
+    train(train_overrides, epochs=1, val=False)
+    epoch_lines = [m for m in yolotrain_log if re.match(r"^\s*1/1\s", m)]
+    assert len(epoch_lines) == (0 if bar else 1)
+    if bar:
+        assert "\r" in stderr.getvalue()
 
 
 # ------------------------------------------------------------------------------------------------ engine flags
@@ -284,8 +316,6 @@ def test_save_period_writes_every_nth_epoch(train_overrides):
     trainer = train(train_overrides, epochs=3, val=False, save_period=2)
     weights = sorted(p.name for p in trainer.wdir.glob("*.pt"))
     assert weights == ["best.pt", "epoch2.pt", "last.pt"]
-    from yolotrain.utils.checkpoint import load_checkpoint
-
     assert load_checkpoint(trainer.wdir / "epoch2.pt")["epoch"] == 1
 
 
@@ -296,8 +326,6 @@ def test_val_false_validates_only_after_the_final_epoch(train_overrides):
     trainer = train(train_overrides, [("on_val_start", count_calls(calls, "val"))], epochs=3, val=False)
     assert validated_epochs(read_rows(trainer.csv)) == [3]
     assert len(calls) == 2  # epoch 3, then best.pt
-    from yolotrain.utils.checkpoint import load_checkpoint
-
     assert load_checkpoint(trainer.best)["epoch"] == 2
     assert set(trainer.metrics) == set(METRIC_KEYS)
 

@@ -6,6 +6,7 @@ SIGTERM exits with code 130 and one line; a second signal exits at once.
 """
 
 import csv
+import json
 import math
 import os
 import random
@@ -23,14 +24,17 @@ from yolotrain.utils.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
-# Runs `yolotrain.cli.main(argv)` with test hooks chosen by environment variables:
+# A fork server: it imports torch and yolotrain once, then for each JSON line {"argv", "env", "stderr"} on stdin
+# forks a child that runs `yolotrain.cli.main(argv)` (stderr to the given file), prints "pid N", waits for the child
+# and prints "exit CODE" (-9 when SIGKILLed). Forking skips the import cost, so 20 kill/resume cycles stay quick.
+# Test hooks, chosen by the child's environment:
 #   YT_PAUSE_AT="epoch,batches_done": in that batch, touch YT_MARKER and wait for a signal from the test
 #     (YT_HOLD=1: keep waiting after it, until a second signal ends the process)
 #   YT_KILL_AFTER_EPOCH=k: SIGKILL itself right after epoch k's checkpoint is saved
 #   YT_STARTED: touched when training starts; YT_SAVES: one line appended per torch.save, which then lingers
 #     (a slow disk) before the file is renamed into place, so that kills land inside saves
 DRIVER = r"""
-import os, signal, sys, time
+import json, os, signal, sys, time
 import torch
 torch.set_num_threads(1)
 from yolotrain import cli
@@ -49,51 +53,68 @@ def wait_for(condition, seconds=120):
         time.sleep(0.005)
 
 
-if os.environ.get("YT_PAUSE_AT"):
-    pause_epoch, pause_batch = map(int, os.environ["YT_PAUSE_AT"].split(","))
-    preprocess = DetectionTrainer.preprocess_batch
+def install_hooks(env):
+    if env.get("YT_PAUSE_AT"):
+        pause_epoch, pause_batch = map(int, env["YT_PAUSE_AT"].split(","))
+        preprocess = DetectionTrainer.preprocess_batch
 
-    def preprocess_and_pause(self, batch):
-        if (self.epoch, self._batches_in_epoch) == (pause_epoch, pause_batch) and not self._signals_received:
-            touch(os.environ["YT_MARKER"])
-            wait_for(lambda: self._signals_received)
-            if os.environ.get("YT_HOLD"):
-                touch(os.environ["YT_MARKER"] + ".got-first")
-                wait_for(lambda: False)
-        return preprocess(self, batch)
+        def preprocess_and_pause(self, batch):
+            if (self.epoch, self._batches_in_epoch) == (pause_epoch, pause_batch) and not self._signals_received:
+                touch(env["YT_MARKER"])
+                wait_for(lambda: self._signals_received)
+                if env.get("YT_HOLD"):
+                    touch(env["YT_MARKER"] + ".got-first")
+                    wait_for(lambda: False)
+            return preprocess(self, batch)
 
-    DetectionTrainer.preprocess_batch = preprocess_and_pause
+        DetectionTrainer.preprocess_batch = preprocess_and_pause
+    if env.get("YT_KILL_AFTER_EPOCH"):
+        save_if_due = BaseTrainer._save_if_due
 
-if os.environ.get("YT_KILL_AFTER_EPOCH"):
-    save_if_due = BaseTrainer._save_if_due
+        def save_then_die(self, epoch):
+            save_if_due(self, epoch)
+            if epoch + 1 == int(env["YT_KILL_AFTER_EPOCH"]):
+                os.kill(os.getpid(), signal.SIGKILL)
 
-    def save_then_die(self, epoch):
-        save_if_due(self, epoch)
-        if epoch + 1 == int(os.environ["YT_KILL_AFTER_EPOCH"]):
-            os.kill(os.getpid(), signal.SIGKILL)
+        BaseTrainer._save_if_due = save_then_die
+    if env.get("YT_STARTED"):
+        fit = BaseTrainer._fit
 
-    BaseTrainer._save_if_due = save_then_die
+        def fit_and_announce(self):
+            touch(env["YT_STARTED"])
+            return fit(self)
 
-if os.environ.get("YT_STARTED"):
-    fit = BaseTrainer._fit
+        BaseTrainer._fit = fit_and_announce
+    if env.get("YT_SAVES"):
+        torch_save = torch.save
 
-    def fit_and_announce(self):
-        touch(os.environ["YT_STARTED"])
-        return fit(self)
+        def slow_save(obj, f, *args, **kwargs):
+            touch(env["YT_SAVES"])
+            torch_save(obj, f, *args, **kwargs)
+            time.sleep(0.15)
 
-    BaseTrainer._fit = fit_and_announce
+        torch.save = slow_save
 
-if os.environ.get("YT_SAVES"):
-    torch_save = torch.save
 
-    def slow_save(obj, f, *args, **kwargs):
-        touch(os.environ["YT_SAVES"])
-        torch_save(obj, f, *args, **kwargs)
-        time.sleep(0.15)
+def run_child(command):
+    fd = os.open(command["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 2)
+    install_hooks(command["env"])
+    try:
+        code = cli.main(command["argv"])
+    except SystemExit as exit:
+        code = exit.code
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 1)
 
-    torch.save = slow_save
 
-sys.exit(cli.main(sys.argv[1:]))
+for line in sys.stdin:
+    command = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        run_child(command)
+    print(f"pid {pid}", flush=True)
+    print(f"exit {os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}", flush=True)
 """
 
 RUN_ARGS = dict(
@@ -112,23 +133,62 @@ def cli_args(args):
     return [f"{k}={v}" for k, v in args.items()]
 
 
-def start(tmp_path, mode_and_args, **env):
-    driver = tmp_path / "driver.py"
+class Child:
+    """One training process forked by the server: signal it, then `finish()` for (exit code, stderr)."""
+
+    def __init__(self, server, stderr_path):
+        self.server, self.stderr_path = server, stderr_path
+        self.pid = int(server.stdout.readline().split()[1])
+        self.returncode = None
+
+    def poll(self):
+        """None while the child runs, else its exit code."""
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:  # the server has reaped it
+                self.finish()
+        return self.returncode
+
+    def send_signal(self, signum):
+        os.kill(self.pid, signum)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+    def finish(self):
+        line = self.server.stdout.readline()
+        assert line.startswith("exit "), f"fork server died: {line!r}"
+        self.returncode = int(line.split()[1])
+        return self.returncode, self.stderr_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    driver = tmp_path_factory.mktemp("driver") / "driver.py"
     driver.write_text(DRIVER)
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in env.items()}}
-    return subprocess.Popen(
-        [sys.executable, str(driver), *mode_and_args],
-        env=environment,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    process = subprocess.Popen(
+        [sys.executable, str(driver)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
         text=True,
     )
+    yield process
+    process.stdin.close()
+    process.wait(timeout=60)
 
 
-def run(tmp_path, mode_and_args, **env):
-    process = start(tmp_path, mode_and_args, **env)
-    _, err = process.communicate(timeout=300)
-    return process.returncode, err
+def start(server, tmp_path, mode_and_args, **env):
+    stderr_path = tmp_path / f"stderr-{time.monotonic_ns()}.txt"
+    command = {"argv": list(mode_and_args), "env": {k: str(v) for k, v in env.items()}, "stderr": str(stderr_path)}
+    server.stdin.write(json.dumps(command) + "\n")
+    server.stdin.flush()
+    return Child(server, stderr_path)
+
+
+def run(server, tmp_path, mode_and_args, **env):
+    return start(server, tmp_path, mode_and_args, **env).finish()
 
 
 def wait_for_file(path, process, lines=1, timeout=120):
@@ -169,15 +229,15 @@ def assert_same_run(reference, save_dir):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(reference, tiny_model_yaml, tiny_data, tmp_path, workers):
+def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(server, reference, tiny_model_yaml, tiny_data, tmp_path, workers):
     project = tmp_path / "runs"
     args = {**RUN_ARGS, "model": tiny_model_yaml, "data": tiny_data, "workers": workers, "project": project}
     marker = tmp_path / "paused"
     # Batch index 2 of epoch 2: with nbs=8 (2 batches per optimizer step) its gradients are still accumulating.
-    process = start(tmp_path, ["train", *cli_args(args)], YT_PAUSE_AT="1,2", YT_MARKER=marker)
-    assert wait_for_file(marker, process), process.communicate()[1]
+    process = start(server, tmp_path, ["train", *cli_args(args)], YT_PAUSE_AT="1,2", YT_MARKER=marker)
+    assert wait_for_file(marker, process), process.finish()[1]
     process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
+    _, err = process.finish()
 
     assert process.returncode == 130, err
     errors = [line for line in err.splitlines() if line.startswith("yolotrain: error:")]
@@ -190,35 +250,35 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(reference, tiny_mode
     assert any(g is not None and g.abs().sum() > 0 for g in checkpoint["grads"])  # not-yet-stepped gradients
     assert [r["epoch"] for r in read_rows(project / "train" / "results.csv")] == ["1"]
 
-    code, err = run(tmp_path, ["train", "resume=True", f"project={project}"])
+    code, err = run(server, tmp_path, ["train", "resume=True", f"project={project}"])
     assert code == 0, err
     assert_same_run(reference, project / "train")
 
 
-def test_sigkill_after_epoch_then_resume_equals_uninterrupted(reference, tiny_model_yaml, tiny_data, tmp_path):
+def test_sigkill_after_epoch_then_resume_equals_uninterrupted(server, reference, tiny_model_yaml, tiny_data, tmp_path):
     project = tmp_path / "runs"
     args = {**RUN_ARGS, "model": tiny_model_yaml, "data": tiny_data, "workers": 2, "project": project}
-    code, _ = run(tmp_path, ["train", *cli_args(args)], YT_KILL_AFTER_EPOCH=2)
+    code, _ = run(server, tmp_path, ["train", *cli_args(args)], YT_KILL_AFTER_EPOCH=2)
     assert code == -signal.SIGKILL
     last_pt = project / "train" / "weights" / "last.pt"
     assert load_checkpoint(last_pt)["epoch"] == 1 and "batch_index" not in load_checkpoint(last_pt)
 
-    code, err = run(tmp_path, ["train", f"resume={last_pt}"])
+    code, err = run(server, tmp_path, ["train", f"resume={last_pt}"])
     assert code == 0, err
     assert_same_run(reference, project / "train")
 
 
-def test_second_signal_exits_at_once(tiny_model_yaml, tiny_data, tmp_path):
+def test_second_signal_exits_at_once(server, tiny_model_yaml, tiny_data, tmp_path):
     project = tmp_path / "runs"
     args = {**RUN_ARGS, "model": tiny_model_yaml, "data": tiny_data, "workers": 0, "project": project}
     marker = tmp_path / "paused"
     # The paused batch never finishes on its own: only the second signal can end the process.
-    process = start(tmp_path, ["train", *cli_args(args)], YT_PAUSE_AT="1,1", YT_MARKER=marker, YT_HOLD=1)
-    assert wait_for_file(marker, process), process.communicate()[1]
+    process = start(server, tmp_path, ["train", *cli_args(args)], YT_PAUSE_AT="1,1", YT_MARKER=marker, YT_HOLD=1)
+    assert wait_for_file(marker, process), process.finish()[1]
     process.send_signal(signal.SIGTERM)
     assert wait_for_file(Path(f"{marker}.got-first"), process)
     process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=60)
+    _, err = process.finish()
     assert process.returncode == 128 + signal.SIGTERM, err
     assert "second signal received" in err
     checkpoint = load_checkpoint(project / "train" / "weights" / "last.pt")
@@ -236,7 +296,7 @@ def assert_intact(weights_dir):
                     assert torch.isfinite(tensor.float()).all(), (name, key)
 
 
-def test_sigkill_at_random_moments_never_breaks_checkpoints(tiny_model_yaml, tmp_path):
+def test_sigkill_at_random_moments_never_breaks_checkpoints(server, tiny_model_yaml, tmp_path):
     """20 SIGKILLs, half of them inside a save; after each, the files load and the run resumes to the end."""
     from yolotrain.data.builtin import generate_shapes_dataset
 
@@ -252,15 +312,15 @@ def test_sigkill_at_random_moments_never_breaks_checkpoints(tiny_model_yaml, tmp
         for path in (started, saves):
             path.unlink(missing_ok=True)
         resume = ["resume=True", f"project={project}"] if (weights / "last.pt").exists() else cli_args(args)
-        process = start(tmp_path, ["train", *resume], YT_STARTED=started, YT_SAVES=saves)
-        assert wait_for_file(started, process), process.communicate()[1]
+        process = start(server, tmp_path, ["train", *resume], YT_STARTED=started, YT_SAVES=saves)
+        assert wait_for_file(started, process), process.finish()[1]
         in_save = kills % 2 == 0
         if in_save:  # the 1st, 2nd or 3rd save after training started: last.pt or best.pt
             assert wait_for_file(saves, process, lines=chooser.randint(1, 3))
         else:
             time.sleep(chooser.uniform(0.0, 1.5))
         process.kill()
-        _, err = process.communicate(timeout=120)
+        _, err = process.finish()
         assert process.returncode == -signal.SIGKILL, err
         kills += 1
         killed_in_save += in_save
@@ -269,12 +329,14 @@ def test_sigkill_at_random_moments_never_breaks_checkpoints(tiny_model_yaml, tmp
 
     # Finish the run two epochs after the last completed one (resume may change epochs).
     epochs = load_checkpoint(weights / "last.pt")["epoch"] + 3
-    code, err = run(tmp_path, ["train", "resume=True", f"project={project}", f"epochs={epochs}"])
+    code, err = run(server, tmp_path, ["train", "resume=True", f"project={project}", f"epochs={epochs}"])
     assert code == 0, err
     rows = read_rows(project / "train" / "results.csv")
     assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
     assert all(math.isfinite(float(r["train/box_loss"])) for r in rows)
     assert_intact(weights)
+    # Proof that kills landed inside saves: temp files written but never renamed over last.pt/best.pt.
+    assert any(".pt.tmp-" in p.name for p in weights.iterdir())
 
 
 def assert_consecutive_epochs(csv_path):

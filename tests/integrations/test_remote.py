@@ -23,6 +23,12 @@ def remote_trainer(tmp_path, uri, name, **overrides):
     return make_fake_trainer(tmp_path / "runs" / name, remote=uri, **settings)
 
 
+def wait_until(condition, limit_s=30.0):
+    deadline = time.monotonic() + limit_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def assert_each_epoch_once(server, run_id, epochs):
     """Every checked key has steps 1..epochs exactly once, in order, with the values the trainer reported."""
     for key in CHECKED_KEYS:
@@ -67,7 +73,7 @@ def test_faults_are_retried_without_duplicates(mlflow_server, proxy, tmp_path, f
     def switch(epoch):
         proxy.mode = fault if epoch == 0 else proxy.mode
         if epoch == 1:
-            time.sleep(1.5)  # let the worker hit the fault at least once
+            wait_until(lambda: any(mode == fault for _, _, mode in proxy.requests))  # the worker met the fault
             proxy.mode = "forward"
 
     trainer = remote_trainer(tmp_path, proxy.url, f"fault{fault}")
@@ -133,8 +139,10 @@ def test_credentials_never_reach_the_run_folder_or_the_logs(mlflow_server, proxy
 
     proxy.forward = recording_forward
 
-    def go_down(epoch):  # so the pending file, with everything it records, is written too
-        proxy.mode = "500" if epoch == 1 else proxy.mode
+    def go_down(epoch):  # after some requests went through, so the pending file is written too
+        if epoch == 1:
+            wait_until(lambda: len(seen_auth) >= 2)
+            proxy.mode = "500"
 
     trainer = remote_trainer(tmp_path, proxy.url, "secret", remote_final_timeout=0.5)
     with caplog.at_level(logging.DEBUG):

@@ -28,15 +28,6 @@ TINY_MODEL_YAML = {
 CLASS_COLOURS_BGR = ((40, 40, 230), (230, 160, 30), (40, 200, 40))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine is shared: keep each test on one core.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_yolo_dataset(root, images, names=("class0", "class1")):
     """Write PNG images and YOLO labels under root/images/val and root/labels/val plus root/data.yaml.
 

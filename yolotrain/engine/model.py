@@ -5,6 +5,7 @@ from pathlib import Path
 
 from yolotrain.cfg import get_cfg
 from yolotrain.engine.callbacks import Callbacks
+from yolotrain.utils.checkpoint import is_weights_file
 from yolotrain.utils.files import increment_path
 from yolotrain.utils.log import setup_logging
 
@@ -79,7 +80,7 @@ class YOLO:
         return self.metrics
 
     def _model_for_val(self):
-        if self.model_path.endswith(".pt"):
+        if is_weights_file(self.model_path):
             return self.model_path
         from yolotrain.nn.model import DetectionModel
 

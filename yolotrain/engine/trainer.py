@@ -43,6 +43,7 @@ from yolotrain.utils import dist
 from yolotrain.utils.checkpoint import (
     NonFiniteCheckpointError,
     find_latest_checkpoint,
+    is_weights_file,
     load_checkpoint,
     rng_state,
     save_atomic_text,
@@ -248,6 +249,11 @@ class BaseTrainer:
 
     # ------------------------------------------------------------------ set-up
     def _setup(self):
+        if dist.is_main():
+            # Before args.yaml is written: the remote integration refuses credentials inside its URI.
+            from yolotrain.integrations import add_integration_callbacks
+
+            add_integration_callbacks(self)
         self.run_callbacks("on_pretrain_routine_start")
         if dist.is_main():
             ensure_writable_dir(self.wdir)
@@ -775,7 +781,7 @@ class BaseTrainer:
         model = self.args.model
         if isinstance(pretrained, str):
             return pretrained
-        if pretrained and isinstance(model, str) and model.endswith(".pt"):
+        if pretrained and isinstance(model, str) and is_weights_file(model):
             return model
         return None
 
@@ -828,7 +834,9 @@ class BaseTrainer:
     # ------------------------------------------------------------------ progress and logging
     def _progress(self, epoch):
         batches = enumerate(self.train_loader, start=self.start_batch)
-        if dist.is_main() and sys.stdout.isatty():
+        # tqdm draws on stderr (where the CLI also logs): both streams must be terminals, or `2> train.log` fills
+        # the log with carriage-return redraws.
+        if dist.is_main() and sys.stdout.isatty() and sys.stderr.isatty():
             from tqdm import tqdm
 
             LOGGER.info(self.progress_string())

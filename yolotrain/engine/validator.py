@@ -209,7 +209,7 @@ class BaseValidator:
 
     def _progress(self, dataloader):
         """A tqdm bar on a terminal; plain iteration otherwise (logs and CI stay readable)."""
-        if not sys.stdout.isatty():
+        if not (sys.stdout.isatty() and sys.stderr.isatty()):
             return dataloader
         from tqdm import tqdm
 

@@ -64,10 +64,13 @@ class MLflowLogger:
     def _locations(trainer):
         """(tracking URI, artifact root for a new experiment or None): the env's server, else a local database."""
         tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
-        if tracking_uri:
-            return tracking_uri, None
         project_dir = Path(trainer.save_dir).resolve().parent
-        return f"sqlite:///{project_dir / 'mlflow.db'}", (project_dir / "mlartifacts").as_uri()
+        local_artifacts = (project_dir / "mlartifacts").as_uri()
+        if tracking_uri:
+            # A database store without a server would put artifacts in ./mlruns of whatever the working folder is.
+            remote = tracking_uri.startswith(("http://", "https://", "databricks"))
+            return tracking_uri, None if remote else local_artifacts
+        return f"sqlite:///{project_dir / 'mlflow.db'}", local_artifacts
 
     def _experiment_id(self, name, artifact_root):
         experiment = self.client.get_experiment_by_name(name)

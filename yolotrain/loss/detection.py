@@ -68,6 +68,23 @@ class DetectionLoss:
         LOGGER.debug("classification loss weighted per class: %s", weights.tolist())
         return weights.to(self.device)
 
+    @staticmethod
+    def _global_target_scores_sum(target_scores):
+        """The loss normaliser of the whole (global) batch, per rank.
+
+        Under DDP each rank sees a share of the batch; normalising by the global sum (clamped to 1, then split over
+        the ranks) makes the averaged gradient equal to a single process's at the same global batch, also early in
+        training when the clamp is active.
+        """
+        from yolotrain.utils import dist
+
+        total = target_scores.sum()
+        # Only training steps run on every rank; validation (no_grad, on rank 0 alone) must not wait for the others.
+        if dist.is_dist() and torch.is_grad_enabled():
+            total = total.detach().clone()
+            torch.distributed.all_reduce(total)
+        return total.clamp(min=1.0) / dist.world_size()
+
     def __call__(self, preds, batch):
         """Compute the loss of one batch.
 
@@ -106,7 +123,7 @@ class DetectionLoss:
             gt_bboxes,
             mask_gt,
         )
-        target_scores_sum = target_scores.sum().clamp(min=1.0)
+        target_scores_sum = self._global_target_scores_sum(target_scores)
 
         cls_targets = self._smoothed(target_scores, fg_mask)
         loss_cls = self._classification_loss(pred_logits, cls_targets) / target_scores_sum

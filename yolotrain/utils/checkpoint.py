@@ -39,6 +39,14 @@ class NonFiniteCheckpointError(CheckpointError, ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------------- saving
+
+WEIGHT_SUFFIXES = (".pt", ".safetensors")
+
+
+def is_weights_file(path):
+    """True for a path that names stored weights (a checkpoint or a safetensors export) rather than a yaml."""
+    return str(path).lower().endswith(WEIGHT_SUFFIXES)
+
 def _fsync_directory(directory: Path) -> None:
     """Make the rename itself durable; directories cannot be opened this way on Windows, where it is skipped."""
     if os.name == "nt":

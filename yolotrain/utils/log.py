@@ -13,5 +13,4 @@ def setup_logging(verbose=True):
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
-        logger.propagate = False
     return logger

@@ -104,10 +104,10 @@ class DetectionTrainer(BaseTrainer):
     def get_model(self, cfg=None, weights=None, verbose=True):
         """Build the model from a yaml (or a checkpoint's stored yaml) with the dataset's class count."""
         from yolotrain.nn.model import DetectionModel
-        from yolotrain.utils.checkpoint import load_checkpoint
+        from yolotrain.utils.checkpoint import is_weights_file, load_checkpoint
 
         cfg = cfg or "yolo-n.yaml"
-        if str(cfg).endswith(".pt"):
+        if is_weights_file(cfg):
             cfg = load_checkpoint(cfg)["model_yaml"]
         model = DetectionModel(cfg, nc=self.data["nc"], verbose=verbose and dist.is_main())
         if weights:
