@@ -76,7 +76,7 @@ def test_stride_names_and_nc_override(model_n, caplog):
 
 
 def test_verbose_build_logs_layer_table_and_summary(caplog):
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="yolotrain"):
         DetectionModel("yolo-n.yaml", nc=2, verbose=True)
     assert "arguments" in caplog.text and "SPPF" in caplog.text and "Detect" in caplog.text
     assert "GFLOPs" in caplog.text and "parameters" in caplog.text

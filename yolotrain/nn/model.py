@@ -349,8 +349,9 @@ class DetectionModel(nn.Module):
     def info(self, imgsz=640, verbose=True):
         """Log and return (layers, parameters, gradients, GFLOPs at imgsz)."""
         name = Path(self.yaml.get("yaml_file", "YOLO")).stem
-        if self.yaml.get("scale"):
-            name = f"{name}-{self.yaml['scale']}"
+        scale = self.yaml.get("scale")
+        if scale and not name.endswith(f"-{scale}"):
+            name = f"{name}-{scale}"
         return model_info(self, imgsz=imgsz, verbose=verbose, name=name)
 
     # ----------------------------------------------------------------------------------------------- weights
