@@ -54,6 +54,27 @@ def _restore_yolotrain_logger():
     logger.handlers[:] = handlers
 
 
+class ListHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def yolotrain_log():
+    """The messages of the `yolotrain` logger tree at INFO, whatever handlers/propagation another test set up."""
+    logger = logging.getLogger("yolotrain")
+    handler, level = ListHandler(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler.messages
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_yaml(tmp_path_factory):
     """Path to a YOLOv8-layout yaml with 1/16 width: same layer indices as yolo-n, a few thousand parameters."""

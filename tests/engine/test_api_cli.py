@@ -3,7 +3,6 @@ compile, optimizer=auto, cls_pw, save_period, val=False and val_period."""
 
 import csv
 import io
-import logging
 import math
 import os
 import re
@@ -37,27 +36,6 @@ def validated_epochs(rows):
         if not math.isnan(values[0]):
             validated.append(int(float(row["epoch"])))
     return validated
-
-
-class ListHandler(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-@pytest.fixture
-def yolotrain_log():
-    """The messages of the `yolotrain` logger tree at INFO, whatever handlers/propagation another test set up."""
-    logger = logging.getLogger("yolotrain")
-    handler, level = ListHandler(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler.messages
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def train(overrides, callbacks=(), **extra):

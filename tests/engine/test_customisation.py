@@ -33,27 +33,6 @@ def is_backbone(name):
     return layer_index(name) in BACKBONE_LAYERS
 
 
-class ListHandler(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-@pytest.fixture
-def yolotrain_log():
-    """The messages of the `yolotrain` logger tree at INFO, whatever handlers/propagation another test set up."""
-    logger = logging.getLogger("yolotrain")
-    handler, level = ListHandler(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler.messages
-    logger.removeHandler(handler)
-    logger.setLevel(level)
-
-
 def run_args(train_overrides, **extra):
     """`YOLO(model).train(**kwargs)` arguments from the conftest overrides (model goes to YOLO itself)."""
     args = {k: v for k, v in train_overrides.items() if k != "model"}
