@@ -3,6 +3,7 @@ fires the trainer's events with the attributes the integrations read."""
 
 import http.client
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -61,7 +62,9 @@ class MlflowServer:
             "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts", "--workers", "1",
         ]
         log = open(self.root / "server.log", "ab")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
+        # No job runner: its idle pollers (half a dozen processes) would take a core from everything else.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, env=env)
         _wait_healthy(self.url, self.process, SERVER_START_TIMEOUT_S)
 
     def stop(self):
@@ -118,12 +121,14 @@ def mlflow_server(tmp_path_factory):
 
 
 class FaultProxy:
-    """HTTP proxy on loopback; `mode` is "forward", "500", "429", "drop" (close before forwarding) or
-    "drop_after_forward" (forward, then close without answering: the server applied it, the client can't know)."""
+    """HTTP proxy on loopback; `mode` is "forward", "slow" (forward after `delay` seconds), "500", "429", "drop"
+    (close before forwarding) or "drop_after_forward" (forward, then close without answering: the server applied
+    it, the client can't know)."""
 
     def __init__(self, target_port):
         self.target_port = target_port
         self.mode = "forward"
+        self.delay = 2.0
         self.retry_after = 1
         self.requests = []
         proxy = self
@@ -148,6 +153,8 @@ class FaultProxy:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
+                if mode == "slow":
+                    time.sleep(proxy.delay)
                 status, headers, data = proxy.forward(self.command, self.path, body, self.headers)
                 if mode == "drop_after_forward":
                     self.close_connection = True
@@ -159,7 +166,10 @@ class FaultProxy:
                         self.send_header(key, value)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting (its timeout)
+                    self.close_connection = True
 
             do_GET = do_POST = do_PUT = _handle
 

@@ -4,6 +4,7 @@ import json
 import logging
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ from yolotrain.errors import CfgError, YoloTrainError
 from yolotrain.integrations import add_integration_callbacks
 from yolotrain.integrations.remote import PENDING_FILE, sync_run
 
-from .conftest import expected_metrics, fake_training, make_fake_trainer
+from .conftest import expected_metrics, fake_epoch, fake_training, make_fake_trainer
 
 FAST = dict(remote_metrics_period=0.01, remote_ckpt_period=0.01, remote_heartbeat_period=300.0, remote_timeout=5.0,
             remote_final_timeout=20.0)
@@ -161,3 +162,39 @@ def test_uri_with_credentials_is_refused(tmp_path):
     with pytest.raises(CfgError) as error:
         add_integration_callbacks(trainer)
     assert "YOLOTRAIN_REMOTE_TOKEN" in str(error.value) and "hunter2" not in str(error.value)
+
+
+IDLE_S = 3.0
+MAX_WAKEUPS_PER_S = 10
+
+
+def thread_cpu_seconds(thread):
+    """User + system CPU time the OS has charged to `thread` so far."""
+    times = {t.id: t.user_time + t.system_time for t in psutil.Process().threads()}
+    return times[thread.native_id]
+
+
+@pytest.mark.parametrize("fault", ["forward", "slow", "500", "drop"])
+def test_an_idle_worker_sleeps_whatever_the_server_does(mlflow_server, proxy, tmp_path, fault):
+    """Between epochs nothing is queued: the worker must sleep, not spin beside the training thread."""
+    trainer = remote_trainer(tmp_path, proxy.url, f"idle{fault}", remote_metrics_period=0.2,
+                             remote_heartbeat_period=1.0, remote_final_timeout=20.0)
+    add_integration_callbacks(trainer)
+    (sync,) = {fn.__self__ for fn in trainer.callbacks.get("teardown")}
+    trainer.run_callbacks("on_pretrain_routine_end")
+    fake_epoch(trainer, 0)
+    session = sync.session
+    wait_until(lambda: not session._batches and not session._metrics and not session._artifacts)
+    proxy.mode, proxy.delay = fault, 2.0
+    wakeups, cpu = session.wakeups, thread_cpu_seconds(session._thread)
+    time.sleep(IDLE_S)
+    idle_wakeups, idle_cpu = session.wakeups - wakeups, thread_cpu_seconds(session._thread) - cpu
+    proxy.mode = "forward"
+    trainer.run_callbacks("on_train_end")
+    trainer.run_callbacks("teardown")
+
+    assert idle_wakeups < MAX_WAKEUPS_PER_S * IDLE_S, f"{idle_wakeups} wake-ups in {IDLE_S} s of idle training"
+    assert idle_cpu < 0.1 * IDLE_S, f"the idle worker used {idle_cpu:.2f} s of CPU in {IDLE_S} s"
+    run = mlflow_server.run_by_name("runs", f"idle{fault}")
+    assert run["info"]["status"] == "FINISHED"
+    assert_each_epoch_once(mlflow_server, run["info"]["run_id"], 1)

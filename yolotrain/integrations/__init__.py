@@ -2,15 +2,25 @@
 
 `add_integration_callbacks(trainer)` is called once by the trainer on the main process, before
 ``on_pretrain_routine_start``. Each enabled integration registers its callbacks with ``integration=True``, so a
-backend that fails is reported once and skipped: logging never stops or changes a training run.
+backend that fails is reported once and skipped: logging never stops or changes a training run. The trackers do
+their writing on a background worker (`common.BackgroundWorker`), so a training event costs a queue put.
 """
 
+import importlib
 import logging
 import os
 
 LOGGER = logging.getLogger(__name__)
 
 INSTALL_HINT = "{flag}=True but the {package} package is not installed: pip install 'yolotrain[{extra}]'"
+
+# argument -> (package it needs, module and class of its tracker); the extra is named like the argument.
+TRACKERS = {
+    "tensorboard": ("tensorboard", "yolotrain.integrations.tensorboard", "TensorBoardLogger"),
+    "mlflow": ("mlflow", "yolotrain.integrations.mlflow", "MLflowLogger"),
+    "wandb": ("wandb", "yolotrain.integrations.wandb", "WandbLogger"),
+    "dvclive": ("dvclive", "yolotrain.integrations.dvclive", "DVCLiveLogger"),
+}
 
 
 def _package_available(module_name):
@@ -22,22 +32,19 @@ def _package_available(module_name):
         return False
 
 
-def _add_tensorboard(trainer):
-    if not _package_available("tensorboard"):
-        LOGGER.warning(INSTALL_HINT.format(flag="tensorboard", package="tensorboard", extra="tensorboard"))
+def _enabled(args, flag):
+    if flag == "mlflow" and os.environ.get("MLFLOW_TRACKING_URI"):
+        return True
+    return bool(getattr(args, flag, False))
+
+
+def _add_tracker(trainer, flag):
+    package, module_name, class_name = TRACKERS[flag]
+    if not _package_available(package):
+        LOGGER.warning(INSTALL_HINT.format(flag=flag, package=package, extra=flag))
         return
-    from yolotrain.integrations.tensorboard import TensorBoardLogger
-
-    trainer.callbacks.extend(TensorBoardLogger().callbacks(), integration="tensorboard")
-
-
-def _add_mlflow(trainer):
-    if not _package_available("mlflow"):
-        LOGGER.warning(INSTALL_HINT.format(flag="mlflow", package="mlflow", extra="mlflow"))
-        return
-    from yolotrain.integrations.mlflow import MLflowLogger
-
-    trainer.callbacks.extend(MLflowLogger().callbacks(), integration="mlflow")
+    tracker = getattr(importlib.import_module(module_name), class_name)()
+    trainer.callbacks.extend(tracker.callbacks(), integration=flag)
 
 
 def _add_remote(trainer):
@@ -54,17 +61,16 @@ def _already_added(trainer):
 
 
 def add_integration_callbacks(trainer):
-    """Register the callbacks of every integration enabled in `trainer.args` (tensorboard, mlflow, remote).
+    """Register the callbacks of every integration enabled in `trainer.args` (tensorboard, mlflow, wandb,
+    dvclive, remote).
 
     A missing optional package gives one warning naming the extra to install, never an error. A remote URI holding
     credentials raises `CfgError` (credentials belong in environment variables, never in the run's files).
     """
     if _already_added(trainer):  # idempotent: a second call must not open a second session
         return
-    args = trainer.args
-    if getattr(args, "tensorboard", False):
-        _add_tensorboard(trainer)
-    if getattr(args, "mlflow", False) or os.environ.get("MLFLOW_TRACKING_URI"):
-        _add_mlflow(trainer)
-    if getattr(args, "remote", None):
+    for flag in TRACKERS:
+        if _enabled(trainer.args, flag):
+            _add_tracker(trainer, flag)
+    if getattr(trainer.args, "remote", None):
         _add_remote(trainer)

@@ -22,6 +22,7 @@ import base64
 import http.client
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -34,7 +35,7 @@ from pathlib import Path
 from urllib.parse import quote, urlencode, urlsplit
 
 from yolotrain.errors import CfgError, YoloTrainError
-from yolotrain.integrations.common import plain_params, safe_uri, sanitize_metric_name
+from yolotrain.integrations.common import experiment_name, plain_params, safe_uri, sanitize_metric_name
 from yolotrain.utils.checkpoint import save_atomic_text
 
 LOGGER = logging.getLogger(__name__)
@@ -162,9 +163,14 @@ class RemoteRun:
         self._create_ambiguous = False
 
     # ------------------------------------------------------------------ the run
+    @property
+    def ready(self):
+        """True once the run exists on the server and its artifact location is known."""
+        return self.run_id is not None and self._artifact_path is not None
+
     def ensure_run(self, timeout=None):
         """Create the run (and experiment) on first use, or reconnect to the known run id; log the params once."""
-        if self.run_id is not None and self._artifact_path is not None:
+        if self.ready:
             return
         if self.run_id is not None:
             info = self.client.call("GET", "/api/2.0/mlflow/runs/get", query={"run_id": self.run_id}, timeout=timeout)
@@ -306,6 +312,7 @@ class RemoteSession:
         self._retry_at = 0.0
         self._failures = 0
         self._last_warning = None
+        self.wakeups = 0  # times the worker woke up to send something: a bounded, observable cost
         self._thread = None
         self._snapshot_dir = Path(tempfile.mkdtemp(prefix="yolotrain-remote-"))
 
@@ -368,13 +375,12 @@ class RemoteSession:
     def _work(self):
         while True:
             with self._lock:
+                while not self._finished() and (delay := self._seconds_until_due()) > 0:
+                    # Woken by queue_*/close (notify) or when the earliest due job's time comes; never sooner.
+                    self._lock.wait(timeout=None if delay == math.inf else delay)
                 if self._finished():
                     return
-                self._lock.wait(timeout=self._sleep_seconds())
-                if self._finished():
-                    return
-                if time.monotonic() < self._retry_at:
-                    continue
+            self.wakeups += 1
             try:
                 self._send_due()
                 self._failures = 0
@@ -389,16 +395,24 @@ class RemoteSession:
             return True
         return closing and self._status_sent
 
-    def _sleep_seconds(self):
+    def _seconds_until_due(self):
+        """Seconds until the worker has something to send (0: now; inf: nothing until notified). Call locked.
+
+        Only work that exists counts: an elapsed metrics period with no metrics queued is not a reason to wake,
+        which would otherwise turn the worker into a loop that spins on the GIL beside the training thread.
+        """
         now = time.monotonic()
-        if self._deadline is not None:
-            wake = self._retry_at
-        else:
-            wake = min(self._last_metrics_upload + self.metrics_period, self._last_heartbeat + self.heartbeat_period)
-            wake = max(wake, self._retry_at)
-        if self._deadline is not None:
-            wake = min(wake, self._deadline)
-        return min(max(wake - now, 0.0), 1.0)
+        if self._deadline is not None:  # closing: everything left is due, as soon as the backoff allows
+            return min(self._retry_at, self._deadline) - now
+        due = math.inf
+        if not self.run.ready:
+            due = now
+        if self._metrics or self._batches:
+            due = min(due, self._last_metrics_upload + self.metrics_period)
+        if self._artifacts:
+            due = now  # checkpoint uploads are rate-limited where they are queued (RemoteSync.on_model_save)
+        due = min(due, self._last_heartbeat + self.heartbeat_period)
+        return max(due, self._retry_at) - now
 
     def _request_timeout(self):
         """Seconds the next request may take; past the final deadline no request may start (what is left then
@@ -526,11 +540,9 @@ class RemoteSync:
 
     def on_pretrain_routine_end(self, trainer):
         """Open the session: the worker creates the run in the background and starts the timers."""
-        from yolotrain.integrations.mlflow import experiment_name
-
         args = trainer.args
         client = RemoteClient(self.uri, timeout=float(args.remote_timeout))
-        run = RemoteRun(client, experiment_name(args), Path(trainer.save_dir).name, plain_params(args),
+        run = RemoteRun(client, experiment_name(args), Path(trainer.save_dir).name, plain_params(vars(args)),
                         **self._restored)
         self.session = RemoteSession(
             run,

@@ -1,6 +1,8 @@
 """TensorBoard: per-epoch scalars (every results.csv column), the model graph once, the final plots as images.
 
 Enabled with ``tensorboard=True``; the event file is written in the run folder (``tensorboard --logdir runs``).
+The writer writes on its own thread and the plots are added on a background worker; the one-off graph trace runs
+on the training thread.
 """
 
 import copy
@@ -9,41 +11,39 @@ import warnings
 
 import torch
 
-from yolotrain.integrations.common import epoch_metrics, plot_files
+from yolotrain.integrations.common import Tracker
 from yolotrain.utils.torch_utils import de_parallel
 
 LOGGER = logging.getLogger(__name__)
 
 GRAPH_IMAGE_SIZE = 64  # the graph does not depend on the image size; a small image traces fast
+FLUSH_SECS = 10  # how stale a live TensorBoard may be; the writer flushes on its own thread
 
 
-class TensorBoardLogger:
-    """Owns one SummaryWriter for one training run; its methods are the trainer callbacks."""
+class TensorBoardLogger(Tracker):
+    """Owns one SummaryWriter for one training run."""
 
-    integration_owner = True  # marks callbacks registered by add_integration_callbacks
+    name = "tensorboard"
+    open_on_training_thread = True  # a local file and the writer's own thread: cheap, and the graph needs it
 
     def __init__(self):
+        super().__init__()
         self.writer = None
 
     def callbacks(self):
-        """{event: fn(trainer)} to register on the trainer."""
-        return {
-            "on_pretrain_routine_start": self.on_pretrain_routine_start,
-            "on_train_start": self.on_train_start,
-            "on_fit_epoch_end": self.on_fit_epoch_end,
-            "on_train_end": self.on_train_end,
-            "teardown": self.teardown,
-        }
+        return {**super().callbacks(), "on_train_start": self.on_train_start}
 
-    def on_pretrain_routine_start(self, trainer):
-        """Open the writer in the run folder."""
+    def open(self, start):
+        """Open the writer in the run folder (it writes events on a thread of its own)."""
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(trainer.save_dir))
-        LOGGER.info(f"tensorboard: view with 'tensorboard --logdir {trainer.save_dir.parent}'")
+        self.writer = SummaryWriter(str(start.save_dir), flush_secs=FLUSH_SECS)
+        LOGGER.info(f"tensorboard: view with 'tensorboard --logdir {start.save_dir.parent}'")
 
     def on_train_start(self, trainer):
-        """Add the model graph once, if the model traces cleanly (a graph is a nicety, never an error)."""
+        """Add the model graph once. Traced here, on the training thread: torch ops on a thread that stays alive
+        (the worker) slowed every later training step about 2x on CPU (measured in
+        benchmarks/integration_overhead.py), while this one-off trace costs about a second."""
         if self.writer is not None and trainer.model is not None:
             self._add_graph(de_parallel(trainer.model))
 
@@ -59,22 +59,16 @@ class TensorBoardLogger:
         except Exception as error:  # models with data-dependent control flow do not trace
             LOGGER.debug("tensorboard: model graph skipped (%s: %s)", type(error).__name__, error)
 
-    def on_fit_epoch_end(self, trainer):
+    def log_epoch(self, metrics, step):
         """One scalar per results.csv column at step epoch + 1."""
-        if self.writer is None:
-            return
-        step = trainer.epoch + 1
-        for tag, value in epoch_metrics(trainer).items():
+        for tag, value in metrics.items():
             self.writer.add_scalar(tag, value, step)
-        self.writer.flush()
 
-    def on_train_end(self, trainer):
+    def finish(self, end):
         """Add the run's plots (PNG/JPG in the run folder) as images, then close."""
-        if self.writer is None:
-            return
-        for path in plot_files(trainer.save_dir):
-            self._add_image(path, trainer.epoch + 1)
-        self.teardown(trainer)
+        for path in end.plots:
+            self._add_image(path, end.step)
+        self._close_writer()
 
     def _add_image(self, path, step):
         import cv2
@@ -85,8 +79,11 @@ class TensorBoardLogger:
             return
         self.writer.add_image(path.stem, image[..., ::-1].copy(), step, dataformats="HWC")
 
-    def teardown(self, trainer):
-        """Close the writer (also when training failed)."""
+    def fail(self):
+        """Training failed: close the writer, so everything written so far stays readable."""
+        self._close_writer()
+
+    def _close_writer(self):
         if self.writer is not None:
             self.writer.close()
             self.writer = None
