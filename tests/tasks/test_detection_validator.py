@@ -132,6 +132,34 @@ def test_no_detections_score_zero(data_yaml, tmp_path):
     np.testing.assert_array_equal(validator.metrics.box.ap, 0.0)
 
 
+class RunnerUpClassModel(OracleModel):
+    """Every ground-truth box is scored 0.9 for the *other* class and 0.5 for its own: its right class is only
+    the runner-up of its anchor."""
+
+    def forward(self, img):
+        y, feats = super().forward(img)
+        own = y[:, 4:] > 0  # (B, nc, A) the oracle's 0.9 marks each box's own class
+        y[:, 4:] = torch.where(own, 0.5, own.flip(1).float() * 0.9)
+        return y, feats
+
+
+def test_multi_label_validation_counts_a_box_whose_right_class_is_the_runner_up(data_yaml, tmp_path):
+    def validate(**overrides):
+        model = RunnerUpClassModel()
+        validator = _validator(data_yaml, tmp_path / "val", [("on_val_batch_start", model.watch)], **overrides)
+        return validator(model=model)
+
+    # Per class c: the n_other boxes of the other class are false positives at 0.9, ranked before c's n_c true
+    # positives at 0.5, so the precision envelope is n_c / (n_c + n_other) at every recall: AP = 5/8 and 3/8.
+    counts = {0: 5, 1: 3}
+    expected_ap = {c: n / sum(counts.values()) for c, n in counts.items()}
+    multi = validate()  # validation default: multi-label
+    assert multi["metrics/mAP50(B)"] == pytest.approx(np.mean(list(expected_ap.values())))
+    assert multi["metrics/mAP50-95(B)"] == pytest.approx(multi["metrics/mAP50(B)"])
+    single = validate(multi_label=False)  # only the top class of each anchor: every box has the wrong class
+    assert single["metrics/mAP50(B)"] == 0.0
+
+
 def test_one_box_matched_only_at_iou_050_gives_the_hand_computed_ap(tmp_path, make_dataset):
     # Image a: two class-0 boxes; the prediction for the second is shifted 6 px right, IoU = 14*20 / (26*20) = 0.538.
     # Image b: one class-1 box predicted exactly. Both images are 64x64 = imgsz, so only padding is added.

@@ -1,5 +1,7 @@
 """non_max_suppression against a plain, obviously-correct greedy reference."""
 
+import time
+
 import pytest
 import torch
 
@@ -16,15 +18,22 @@ def reference_iou(a, b):
     return inter / (union + 1e-7)
 
 
-def reference_nms_one_image(pred, conf_thres, iou_thres, classes, agnostic, max_det):
-    """Textbook greedy NMS, one box at a time. pred (A, 4 + nc) xywh + scores -> list of (x1,y1,x2,y2,conf,cls)."""
+def reference_nms_one_image(pred, conf_thres, iou_thres, classes, agnostic, max_det, multi_label=False):
+    """Textbook greedy NMS, one box at a time. pred (A, 4 + nc) xywh + scores -> list of (x1,y1,x2,y2,conf,cls).
+
+    Single-label: an anchor's best class among `classes` is its candidate; multi-label: every class above conf."""
     candidates = []
     for row in pred.tolist():
         cx, cy, w, h = row[:4]
         scores = row[4:]
-        best = max(range(len(scores)), key=lambda c: (scores[c], -c))
-        if scores[best] > conf_thres and (classes is None or best in classes):
-            candidates.append((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, scores[best], float(best)))
+        allowed = [c for c in range(len(scores)) if classes is None or c in classes]
+        if multi_label:
+            labels = [c for c in allowed if scores[c] > conf_thres]
+        else:
+            best = max(allowed, key=lambda c: (scores[c], -c)) if allowed else None
+            labels = [best] if best is not None and scores[best] > conf_thres else []
+        for c in labels:
+            candidates.append((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, scores[c], float(c)))
     candidates.sort(key=lambda d: -d[4])
     kept = []
     for det in candidates:
@@ -118,3 +127,49 @@ def test_identical_boxes_of_two_classes_are_both_kept_unless_agnostic():
     assert non_max_suppression(prediction, 0.25, 0.5)[0].shape[0] == 2
     agnostic = non_max_suppression(prediction, 0.25, 0.5, agnostic=True)[0]
     assert agnostic.shape[0] == 1 and agnostic[0, 4].item() == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("agnostic", [False, True])
+@pytest.mark.parametrize("seed", range(4))
+def test_multi_label_matches_reference_greedy_nms(seed, agnostic):
+    generator = torch.Generator().manual_seed(100 + seed)
+    num_classes, num_anchors = [3, 5, 1, 4][seed], [60, 150, 40, 0][seed]
+    prediction = random_prediction(generator, 2, num_classes, num_anchors)
+    conf_thres, iou_thres = [0.3, 0.5, 0.1, 0.2][seed], [0.5, 0.45, 0.6, 0.5][seed]
+    ours = non_max_suppression(prediction, conf_thres, iou_thres, agnostic=agnostic, multi_label=True)
+    for image in range(2):
+        reference = reference_nms_one_image(prediction[image].T, conf_thres, iou_thres, None, agnostic, 300, True)
+        assert_same_detections(ours[image], reference)
+
+
+def test_multi_label_keeps_every_class_above_conf_of_one_anchor():
+    # One anchor: class 0 at 0.9, class 2 at 0.6, class 1 below conf.
+    prediction = torch.tensor([[[10.0], [10.0], [4.0], [4.0], [0.9], [0.1], [0.6]]])
+    single = non_max_suppression(prediction, 0.25, 0.5)[0]
+    multi = non_max_suppression(prediction, 0.25, 0.5, multi_label=True)[0]
+    assert single[:, 4:].tolist() == [[pytest.approx(0.9), 0.0]]
+    assert multi[:, 4:].tolist() == [[pytest.approx(0.9), 0.0], [pytest.approx(0.6), 2.0]]
+    assert torch.equal(multi[0, :4], multi[1, :4])  # the same box, once per class
+    only_class_2 = non_max_suppression(prediction, 0.25, 0.5, classes=[2], multi_label=True)[0]
+    assert only_class_2[:, 5].tolist() == [2.0]
+
+
+def test_multi_label_with_classes_filter_matches_reference():
+    prediction = random_prediction(torch.Generator().manual_seed(21), 2, 5, 120)
+    ours = non_max_suppression(prediction, 0.4, 0.5, classes=[0, 3], multi_label=True)
+    for image in range(2):
+        reference = reference_nms_one_image(prediction[image].T, 0.4, 0.5, [0, 3], False, 300, True)
+        assert_same_detections(ours[image], reference)
+
+
+def test_every_image_is_processed_however_late_the_clock_says_it_is(monkeypatch):
+    """Results must not depend on how busy the machine is: no time limit drops the images not yet processed."""
+    late = iter(range(0, 10**9, 10**6))
+    monkeypatch.setattr(time, "monotonic", lambda: float(next(late)))
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(late)))
+    prediction = random_prediction(torch.Generator().manual_seed(9), 16, 3, 200)
+    ours = non_max_suppression(prediction, 0.1, 0.5, multi_label=True)
+    assert len(ours) == 16 and all(len(image) > 0 for image in ours)
+    for image in range(16):
+        reference = reference_nms_one_image(prediction[image].T, 0.1, 0.5, None, False, 300, True)
+        assert_same_detections(ours[image], reference)

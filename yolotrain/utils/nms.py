@@ -6,7 +6,6 @@ pure-torch greedy kernel (`greedy_nms`) gives the same result.
 
 import functools
 import logging
-import time
 
 import torch
 
@@ -16,8 +15,6 @@ LOGGER = logging.getLogger(__name__)
 
 # Boxes are suppressed in blocks of this many so the IoU matrix stays O(block * n) in memory.
 NMS_BLOCK_SIZE = 1024
-# Fixed time allowance per call on top of the per-image allowance (first-call warm-up, slow machines).
-NMS_TIME_BASE_S = 0.5
 
 
 @functools.lru_cache(maxsize=1)
@@ -100,16 +97,28 @@ def _nms_indices(boxes, scores, classes, iou_thres, agnostic):
     return tv_nms(boxes, scores, iou_thres)
 
 
-def _split_prediction(prediction, conf_thres, classes):
-    """Best class per anchor and the candidate mask. prediction (B, 4 + nc, A) -> boxes (B, A, 4) xyxy, ..."""
+def _candidates(prediction, conf_thres, classes, multi_label):
+    """Every (anchor, class) pair that enters NMS, for the whole batch at once.
+
+    prediction (B, 4 + nc, A) -> image (n,), boxes (n, 4) xyxy, scores (n,), cls (n,), ordered by image.
+    Single-label: each anchor keeps its best class. Multi-label: each anchor is a candidate once for every class
+    scoring above `conf_thres`, which is what mAP needs: a box whose second class is the right one still counts.
+    """
     prediction = prediction.transpose(1, 2)  # (B, A, 4 + nc)
     boxes = xywh2xyxy(prediction[..., :4])  # (B, A, 4)
-    conf, cls = prediction[..., 4:].max(-1)  # (B, A) single best class per anchor, like YOLO's val default
-    candidate = conf > conf_thres  # (B, A)
+    scores = prediction[..., 4:]  # (B, A, nc)
     if classes is not None:
-        wanted = torch.as_tensor(classes, device=prediction.device).reshape(-1)
-        candidate &= torch.isin(cls, wanted)
-    return boxes, conf, cls, candidate
+        wanted = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+        wanted[torch.as_tensor(classes, device=scores.device).reshape(-1).long()] = True
+        scores = scores.masked_fill(~wanted, 0.0)  # (B, A, nc) unwanted classes never pass conf (> 0)
+    if multi_label:
+        image, anchor, cls = (scores > conf_thres).nonzero(as_tuple=True)  # (n,) each, image-major order
+        conf = scores[image, anchor, cls]
+    else:
+        best_conf, best_cls = scores.max(-1)  # (B, A)
+        image, anchor = (best_conf > conf_thres).nonzero(as_tuple=True)
+        conf, cls = best_conf[image, anchor], best_cls[image, anchor]
+    return image, boxes[image, anchor], conf, cls
 
 
 def non_max_suppression(
@@ -118,40 +127,29 @@ def non_max_suppression(
     iou_thres=0.45,
     classes=None,
     agnostic=False,
+    multi_label=False,
     max_det=300,
     max_nms=30000,
-    max_time_img=0.05,
 ):
     """Filter the model's eval output to final detections per image.
 
     prediction: (B, 4 + nc, A) tensor with boxes xywh in input pixels and class scores (the model's eval output;
     a tuple/list `(y, feats)` is accepted and its first element used).
-    Each anchor keeps its single best class; anchors with conf <= conf_thres (or whose class is not in `classes`)
-    are dropped; at most `max_nms` highest-scoring candidates enter NMS; at most `max_det` survive.
-    Returns a list of B tensors (n, 6): x1, y1, x2, y2, conf, cls (float), sorted by descending conf.
-    If the time limit (0.5 s + max_time_img per image) runs out, a warning is logged once and the images not yet
-    processed get empty results.
+    Candidates are anchors whose best class scores above `conf_thres` (single-label), or every (anchor, class)
+    pair above it (`multi_label`, what validation uses); classes not in `classes` never qualify. At most `max_nms`
+    highest-scoring candidates per image enter NMS (a deterministic cap) and at most `max_det` survive.
+    Returns a list of B tensors (n, 6): x1, y1, x2, y2, conf, cls (float), sorted by descending conf. Every image
+    is processed, however long it takes: results never depend on how busy the machine is.
     """
     if isinstance(prediction, (list, tuple)):
         prediction = prediction[0]
     batch_size = prediction.shape[0]
-    boxes, conf, cls, candidate = _split_prediction(prediction, conf_thres, classes)
-    output = [prediction.new_zeros((0, 6)) for _ in range(batch_size)]
-    time_limit = NMS_TIME_BASE_S + max_time_img * batch_size
-    deadline = time.monotonic() + time_limit
-    for image in range(batch_size):  # per image, as torchvision's batched NMS does; no per-box loop
-        output[image] = _nms_one_image(
-            boxes[image][candidate[image]],
-            conf[image][candidate[image]],
-            cls[image][candidate[image]],
-            iou_thres,
-            agnostic,
-            max_det,
-            max_nms,
-        )
-        if time.monotonic() > deadline:
-            LOGGER.warning(f"NMS time limit {time_limit:.3f}s exceeded after {image + 1}/{batch_size} images")
-            break
+    image, boxes, conf, cls = _candidates(prediction, conf_thres, classes, multi_label)
+    per_image = torch.bincount(image, minlength=batch_size).tolist()  # the one host sync of the call
+    output = []
+    # Per image, as torchvision's batched NMS does; inside, everything is vectorised over the candidates.
+    for image_boxes, image_conf, image_cls in zip(*(t.split(per_image) for t in (boxes, conf, cls))):
+        output.append(_nms_one_image(image_boxes, image_conf, image_cls, iou_thres, agnostic, max_det, max_nms))
     return output
 
 

@@ -149,12 +149,15 @@ class DetectionValidator(BaseValidator):
         """NMS -> per image (n, 6) x1, y1, x2, y2, conf, cls in batch-image pixels, descending conf."""
         y = preds[0] if isinstance(preds, (list, tuple)) else preds
         conf = self.args.conf if self.args.conf is not None else DEFAULT_VAL_CONF
+        # Multi-label by default: a box whose right class is not its top class still counts towards mAP.
+        multi_label = self.args.multi_label if self.args.multi_label is not None else True
         return non_max_suppression(
             y.float(),
             conf_thres=conf,
             iou_thres=self.args.iou,
             max_det=self.args.max_det,
             agnostic=self.args.agnostic_nms or self.args.single_cls,
+            multi_label=multi_label,
         )
 
     def update(self, preds, batch):
