@@ -173,3 +173,15 @@ def test_every_image_is_processed_however_late_the_clock_says_it_is(monkeypatch)
     for image in range(16):
         reference = reference_nms_one_image(prediction[image].T, 0.1, 0.5, None, False, 300, True)
         assert_same_detections(ours[image], reference)
+
+
+def test_stopping_at_max_det_gives_the_prefix_of_the_full_answer(monkeypatch):
+    # Small blocks: the early stop happens after a few blocks, not inside the first one.
+    monkeypatch.setattr(nms_module, "NMS_BLOCK_SIZE", 7)
+    prediction = random_prediction(torch.Generator().manual_seed(12), 2, 3, 300)
+    for multi_label in (False, True):
+        full = non_max_suppression(prediction, 0.05, 0.4, multi_label=multi_label, max_det=10**6)
+        for max_det in (1, 6, 7, 8, 30):
+            capped = non_max_suppression(prediction, 0.05, 0.4, multi_label=multi_label, max_det=max_det)
+            for image in range(2):
+                torch.testing.assert_close(capped[image], full[image][:max_det], rtol=0, atol=0)

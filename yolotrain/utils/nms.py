@@ -47,7 +47,7 @@ def _suppress_within_block(iou_over):
         keep = new_keep
 
 
-def greedy_nms(boxes, scores, iou_thres, groups=None):
+def greedy_nms(boxes, scores, iou_thres, groups=None, max_keep=None):
     """Exact greedy NMS in pure torch; returns kept indices sorted by descending score.
 
     boxes (n, 4) xyxy, scores (n,), groups (n,) optional int ids: boxes only suppress boxes of the same group
@@ -55,21 +55,26 @@ def greedy_nms(boxes, scores, iou_thres, groups=None):
     Boxes are handled in blocks of NMS_BLOCK_SIZE in score order: a block is first pruned by the boxes kept from
     earlier blocks (any overlap above the threshold suppresses), then resolved internally by
     `_suppress_within_block`. Both steps are exact, so the result equals box-by-box greedy NMS.
+    `max_keep`: only the first `max_keep` kept boxes are wanted (max_det), so blocks after the one that reaches
+    that count are never looked at; the answer is the same prefix a full run would give.
     """
     order = torch.sort(scores, descending=True, stable=True).indices
     boxes = boxes[order]
     groups = groups[order] if groups is not None else None
-    kept_positions = []
+    kept_positions, num_kept = [], 0
     for start in range(0, boxes.shape[0], NMS_BLOCK_SIZE):
+        if max_keep is not None and num_kept >= max_keep:
+            break
         block = torch.arange(start, min(start + NMS_BLOCK_SIZE, boxes.shape[0]), device=boxes.device)
         if kept_positions:
             block = _prune_by_kept(boxes, groups, block, torch.cat(kept_positions), iou_thres)
         if block.numel():
             iou_over = _overlaps(boxes, groups, block, block, iou_thres)
             kept_positions.append(block[_suppress_within_block(iou_over)])
+            num_kept += len(kept_positions[-1])
     if not kept_positions:
         return order[:0]
-    return order[torch.cat(kept_positions)]
+    return order[torch.cat(kept_positions)][:max_keep]
 
 
 def _overlaps(boxes, groups, rows, cols, iou_thres):
@@ -85,16 +90,17 @@ def _prune_by_kept(boxes, groups, block, kept, iou_thres):
     return block[~_overlaps(boxes, groups, kept, block, iou_thres).any(0)]
 
 
-def _nms_indices(boxes, scores, classes, iou_thres, agnostic):
-    """Kept indices (descending score) of class-aware or agnostic NMS, via torchvision when available."""
+def _nms_indices(boxes, scores, classes, iou_thres, agnostic, max_keep):
+    """Kept indices (descending score, at most `max_keep`) of class-aware or agnostic NMS, via torchvision when
+    available."""
     tv_nms = torchvision_nms()
     if tv_nms is None:
-        return greedy_nms(boxes, scores, iou_thres, groups=None if agnostic else classes)
+        return greedy_nms(boxes, scores, iou_thres, groups=None if agnostic else classes, max_keep=max_keep)
     if not agnostic and boxes.numel():
         # Offset each class into its own disjoint coordinate range so one NMS call never mixes classes.
         span = (boxes.max() - boxes.min()).clamp(min=0) + 1
         boxes = boxes + (classes.to(boxes.dtype) * span)[:, None]
-    return tv_nms(boxes, scores, iou_thres)
+    return tv_nms(boxes, scores, iou_thres)[:max_keep]
 
 
 def _candidates(prediction, conf_thres, classes, multi_label):
@@ -158,5 +164,5 @@ def _nms_one_image(boxes, conf, cls, iou_thres, agnostic, max_det, max_nms):
     if conf.numel() > max_nms:
         top = conf.topk(max_nms).indices
         boxes, conf, cls = boxes[top], conf[top], cls[top]
-    keep = _nms_indices(boxes, conf, cls, iou_thres, agnostic)[:max_det]
+    keep = _nms_indices(boxes, conf, cls, iou_thres, agnostic, max_det)
     return torch.cat([boxes[keep], conf[keep, None], cls[keep, None].to(boxes.dtype)], 1)
