@@ -23,17 +23,18 @@ from yolotrain.errors import CfgError, YoloTrainError
 LOGGER = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "yolo-n.yaml"
-USAGE = "usage: yolotrain MODE [key=value ...]   (MODE: train, val, help, convert, sync, export, version)"
+USAGE = "usage: yolotrain MODE [key=value ...]   (MODE: train, val, predict, export, help, convert, sync, version)"
 CONVERT_USAGE = "yolotrain convert coco SRC.json IMAGES_DIR OUT_DIR"
 SYNC_USAGE = "yolotrain sync RUN_DIR"
-EXPORT_USAGE = "yolotrain export model=best.pt format=safetensors"
-EXPORT_FORMATS = ("safetensors",)
+EXPORT_USAGE = "yolotrain export model=best.pt format=onnx"
+PREDICT_USAGE = "yolotrain predict model=best.pt source=images/"
 MODE_HELP = (
     ("train", "train a detector", "yolotrain train data=data.yaml model=yolo-n.yaml epochs=100"),
     ("val", "validate a trained model", "yolotrain val model=runs/detect/train/weights/best.pt data=data.yaml"),
+    ("predict", "detect objects in images, videos or folders", PREDICT_USAGE),
+    ("export", "write a checkpoint as onnx, torchscript or safetensors", EXPORT_USAGE),
     ("convert", "convert COCO json labels to YOLO txt labels", CONVERT_USAGE),
     ("sync", "upload a run folder to the remote tracking server", SYNC_USAGE),
-    ("export", "write a checkpoint's weights as .safetensors (with its model yaml)", EXPORT_USAGE),
     ("help", "show this help", "yolotrain help"),
     ("version", "print the version", "yolotrain version"),
 )
@@ -81,8 +82,6 @@ def _dispatch(argv: list) -> int:
         return _run_convert(argv[1:])
     if argv[0] == "sync":
         return _run_sync(argv[1:])
-    if argv[0] == "export":
-        return _run_export(argv[1:])
     mode, overrides = parse_cli_args(argv)
     if mode == "help":
         print(help_text())
@@ -92,10 +91,11 @@ def _dispatch(argv: list) -> int:
         return 0
     if mode is None:
         raise CfgError(f"no mode given: start with one of {', '.join(CLI_MODES)}, e.g. yolotrain train data=data.yaml")
-    return _run_train_or_val(mode, overrides)
+    return _run_mode(mode, overrides)
 
 
-def _run_train_or_val(mode: str, overrides: dict) -> int:
+def _run_mode(mode: str, overrides: dict) -> int:
+    """train, val, predict or export, through the `YOLO` facade with the user's arguments as given."""
     given = user_args(overrides)  # the user's arguments only (cfg file merged under key=value), checked
     args = get_cfg({**given, "mode": mode})  # every value checked before the heavy import below
     _configure_logging()
@@ -109,8 +109,14 @@ def _run_train_or_val(mode: str, overrides: dict) -> int:
     model = YOLO(args.model or DEFAULT_MODEL)
     # The model and mode are already given by the call itself; the rest goes through exactly as the user set it.
     kwargs = {key: value for key, value in given.items() if key not in ("model", "mode")}
-    # Under torchrun, `record` hands an uncaught error's traceback to the launcher's failure report.
-    record(getattr(model, mode))(**kwargs)
+    if mode == "predict":
+        for _ in model.predict(stream=True, **kwargs):  # streamed: a long video never sits in memory
+            pass
+    elif mode == "export":
+        print(model.export(**kwargs))
+    else:
+        # Under torchrun, `record` hands an uncaught error's traceback to the launcher's failure report.
+        record(getattr(model, mode))(**kwargs)
     return 0
 
 
@@ -134,22 +140,6 @@ def _run_sync(positional: list) -> int:
     from yolotrain.integrations.remote import sync_run
 
     sync_run(positional[0])
-    return 0
-
-
-def _run_export(pairs: list) -> int:
-    given = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
-    unknown = sorted(set(given) - {"model", "format"}) or [p for p in pairs if "=" not in p]
-    if unknown or "model" not in given:
-        raise CfgError(f"export takes model=FILE.pt and format=safetensors, got {' '.join(pairs)!r}: {EXPORT_USAGE}")
-    export_format = given.get("format", "safetensors")
-    if export_format not in EXPORT_FORMATS:
-        raise CfgError(f"format='{export_format}' is not supported by export: expected one of {EXPORT_FORMATS}")
-    _configure_logging()
-    from yolotrain.utils.checkpoint import export_checkpoint_safetensors
-
-    out = export_checkpoint_safetensors(given["model"])
-    print(out)
     return 0
 
 

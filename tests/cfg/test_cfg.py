@@ -188,7 +188,7 @@ def test_out_of_range_values(key, value, expected_range):
     "key, value, fragment",
     [
         ("task", "segment", "expected detect"),
-        ("mode", "predict", "expected one of train, val"),
+        ("mode", "track", "expected one of train, val, predict, export"),
         ("cache", "memory", "expected bool or one of ram, disk"),
         ("amp", "fp16", "did you mean 'bf16'?"),
         ("optimizer", "adamw", "did you mean 'AdamW'?"),

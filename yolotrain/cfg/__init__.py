@@ -24,9 +24,9 @@ from yolotrain.errors import CfgError
 DEFAULT_CFG_PATH = Path(__file__).resolve().parent / "default.yaml"
 
 TASKS = ("detect",)
-MODES = ("train", "val")
+MODES = ("train", "val", "predict", "export")
 # Modes of the command line; `convert` and `sync` take positional arguments instead of key=value pairs.
-CLI_MODES = ("train", "val", "help", "convert", "sync", "export", "version")
+CLI_MODES = ("train", "val", "predict", "help", "convert", "sync", "export", "version")
 POSITIONAL_CLI_MODES = ("convert", "sync")
 OPTIMIZERS = ("SGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSProp", "auto")
 SPLITS = ("val", "test", "train")
@@ -47,6 +47,7 @@ _STR_CHOICES = types.MappingProxyType(
         "split": SPLITS,
         "cache": ("ram", "disk"),
         "amp": ("bf16",),
+        "format": ("onnx", "torchscript", "safetensors"),
     }
 )
 # str keys for which a number is a natural thing to type (`device=0`, `name=2`): converted to str.
@@ -107,7 +108,7 @@ _BOUNDS = types.MappingProxyType(
         "fraction": Bound(0.0, 1.0, low_open=True),
         # Counts and sizes.
         **dict.fromkeys(("epochs", "patience", "close_mosaic", "workers", "seed"), _NON_NEGATIVE),
-        **dict.fromkeys(("imgsz", "val_period", "max_det", "nbs"), _AT_LEAST_ONE),
+        **dict.fromkeys(("imgsz", "val_period", "max_det", "nbs", "vid_stride", "line_width"), _AT_LEAST_ONE),
         "batch": Bound(1.0, extra=(-1,)),
         "save_period": Bound(1.0, extra=(-1,)),
         # Rates, gains and durations.

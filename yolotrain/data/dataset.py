@@ -157,11 +157,7 @@ class YOLODataset(Dataset):
 
         starts = np.arange(0, len(aspect), self.batch_size)
         smallest, largest = np.minimum.reduceat(aspect, starts), np.maximum.reduceat(aspect, starts)
-        relative = np.ones((len(starts), 2))  # (batches, 2) h, w as fractions of imgsz
-        wide, tall = largest < 1, smallest > 1
-        relative[wide, 0] = largest[wide]
-        relative[tall, 1] = 1 / smallest[tall]
-        self.batch_shapes = np.ceil(relative * self.imgsz / self.stride + self.pad).astype(int) * self.stride
+        self.batch_shapes = rect_shapes(smallest, largest, self.imgsz, self.stride, self.pad)
         self.batch = np.arange(len(aspect)) // self.batch_size
 
     def build_transforms(self, hyp=None):
@@ -296,14 +292,31 @@ class YOLODataset(Dataset):
         return img
 
     def _resize_long_side(self, img: np.ndarray) -> np.ndarray:
-        h0, w0 = img.shape[:2]
-        ratio = self.imgsz / max(h0, w0)
-        if ratio == 1:
-            return img
-        size = (max(1, round(w0 * ratio)), max(1, round(h0 * ratio)))  # cv2 wants (w, h)
-        # INTER_AREA gives cleaner downscales for evaluation; training favours the faster INTER_LINEAR.
-        interpolation = cv2.INTER_LINEAR if (self.augment or ratio > 1) else cv2.INTER_AREA
-        return cv2.resize(img, size, interpolation=interpolation)
+        return resize_long_side(img, self.imgsz, self.augment)
+
+
+def rect_shapes(smallest_aspect, largest_aspect, imgsz, stride, pad):
+    """(n, 2) h, w: the smallest stride-multiple shapes that hold images of aspect ratios (h / w) in
+    [smallest, largest] once their long side is imgsz; `pad` adds that many strides of margin. Validation batches
+    and predict (one image each) use the same shapes, so both feed the network the same pixels."""
+    smallest, largest = np.atleast_1d(smallest_aspect), np.atleast_1d(largest_aspect)
+    relative = np.ones((len(smallest), 2))  # (n, 2) h, w as fractions of imgsz
+    wide, tall = largest < 1, smallest > 1
+    relative[wide, 0] = largest[wide]
+    relative[tall, 1] = 1 / smallest[tall]
+    return np.ceil(relative * imgsz / stride + pad).astype(int) * stride
+
+
+def resize_long_side(img: np.ndarray, imgsz: int, augment: bool = False) -> np.ndarray:
+    """`img` resized so its long side is `imgsz` (unchanged when it already is)."""
+    h0, w0 = img.shape[:2]
+    ratio = imgsz / max(h0, w0)
+    if ratio == 1:
+        return img
+    size = (max(1, round(w0 * ratio)), max(1, round(h0 * ratio)))  # cv2 wants (w, h)
+    # INTER_AREA gives cleaner downscales for evaluation; training favours the faster INTER_LINEAR.
+    interpolation = cv2.INTER_LINEAR if (augment or ratio > 1) else cv2.INTER_AREA
+    return cv2.resize(img, size, interpolation=interpolation)
 
 
 def _cache_mode(cache) -> str | None:

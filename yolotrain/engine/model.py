@@ -1,15 +1,18 @@
-"""The `YOLO` facade: one object to train and validate a detector from Python."""
+"""The `YOLO` facade: one object to train, validate, predict with and export a detector from Python."""
 
 import logging
 from pathlib import Path
 
 from yolotrain.cfg import get_cfg
 from yolotrain.engine.callbacks import Callbacks
+from yolotrain.errors import CfgError
 from yolotrain.utils.checkpoint import is_weights_file
 from yolotrain.utils.files import increment_path
 from yolotrain.utils.log import setup_logging
 
 LOGGER = logging.getLogger(__name__)
+
+EXPORTED_SUFFIXES = (".onnx", ".torchscript")  # files `yolotrain export` writes, run for val and predict
 
 
 class YOLO:
@@ -27,6 +30,7 @@ class YOLO:
         self.callbacks = Callbacks()
         self.trainer = None
         self.metrics = None
+        self.predictor = None
 
     def add_callback(self, event, fn):
         """Run `fn(trainer)` (or `fn(validator)` for on_val_* events) on `event`, after earlier callbacks."""
@@ -79,8 +83,37 @@ class YOLO:
         self.metrics = validator(model=self._model_for_val())
         return self.metrics
 
+    def predict(self, source=None, stream=False, **overrides):
+        """Detections for `source` (see `yolotrain.data.sources`): a list of `Results`, or with `stream=True` a
+        generator that reads, predicts and yields one frame at a time."""
+        from yolotrain.tasks.detect.predict import DetectionPredictor
+
+        source = source if source is not None else overrides.pop("source", None)
+        if source is None:
+            raise CfgError("predict needs a source: an image, a video, a folder, a glob, a .txt list or an array")
+        args = get_cfg({**overrides, "model": self.model_path, "mode": "predict", "task": self.task})
+        setup_logging(args.verbose)
+        if self.predictor is None or self.predictor.args != args:
+            self.predictor = DetectionPredictor(args)
+        model = self.predictor.model if self.predictor.model is not None else self._model_for_val()
+        results = self.predictor.stream(source, model)
+        return results if stream else list(results)
+
+    def __call__(self, source=None, stream=False, **overrides):
+        """Same as `predict`."""
+        return self.predict(source, stream=stream, **overrides)
+
+    def export(self, **overrides):
+        """Write this model as `format` (onnx, torchscript, safetensors) beside its weights; returns the path."""
+        from yolotrain.engine.exporter import export_model
+
+        # One image per call unless asked, as deployments run (the training default of batch would be 16).
+        args = get_cfg({"batch": 1, **overrides, "model": self.model_path, "mode": "export", "task": self.task})
+        setup_logging(args.verbose)
+        return export_model(self.model_path, args)
+
     def _model_for_val(self):
-        if is_weights_file(self.model_path):
+        if is_weights_file(self.model_path) or Path(self.model_path).suffix in EXPORTED_SUFFIXES:
             return self.model_path
         from yolotrain.nn.model import DetectionModel
 

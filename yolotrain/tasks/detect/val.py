@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from yolotrain.engine.validator import BaseValidator
-from yolotrain.errors import CheckpointError, DatasetError
+from yolotrain.errors import DatasetError
 from yolotrain.utils.boxes import box_iou, scale_boxes_to_original, xywhn2xyxy, xyxy2xywh
 from yolotrain.utils.metrics import ConfusionMatrix, DetMetrics, coco_iou_thresholds, match_predictions
 from yolotrain.utils.nms import non_max_suppression
@@ -64,22 +64,11 @@ class DetectionValidator(BaseValidator):
 
     # ------------------------------------------------------------------ standalone set-up
     def load_model(self, path):
-        """Rebuild the DetectionModel of a yolotrain checkpoint (its EMA weights, else its model weights)."""
-        from yolotrain.nn.model import DetectionModel
-        from yolotrain.utils.checkpoint import load_checkpoint
+        """The detector in `path`: a yolotrain checkpoint (its EMA weights, else its model weights), safetensors,
+        or an exported .onnx / .torchscript file."""
+        from yolotrain.nn.backends import load_inference_model
 
-        ckpt = load_checkpoint(path)
-        if "model_yaml" not in ckpt:
-            raise CheckpointError(f"{path} has no 'model_yaml' entry; expected a yolotrain detection checkpoint")
-        weights = ckpt.get("ema") if ckpt.get("ema") is not None else ckpt.get("model")
-        if not isinstance(weights, dict):
-            raise CheckpointError(f"{path} holds no 'ema' or 'model' state dict to validate")
-        names = ckpt.get("names")
-        nc = len(names) if names else ckpt.get("nc")
-        model = DetectionModel.from_yaml_and_state(ckpt["model_yaml"], weights, nc=nc)
-        if names:
-            model.names = {int(k): str(v) for k, v in names.items()}
-        return model.float()
+        return load_inference_model(path)
 
     def build_dataloader(self, model):
         """Rect-batched loader of `args.split` of `args.data` (the built-in dataset when `data` is empty)."""
@@ -156,6 +145,7 @@ class DetectionValidator(BaseValidator):
             conf_thres=conf,
             iou_thres=self.args.iou,
             max_det=self.args.max_det,
+            classes=self.args.classes,
             agnostic=self.args.agnostic_nms or self.args.single_cls,
             multi_label=multi_label,
         )

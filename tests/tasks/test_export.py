@@ -1,0 +1,117 @@
+"""Export to ONNX and TorchScript: the files carry their metadata, their outputs equal PyTorch's, and they
+predict and validate like the checkpoint they came from."""
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from yolotrain import YOLO
+from yolotrain.cli import main as cli_main
+from yolotrain.errors import CheckpointError
+from yolotrain.nn.backends import OnnxModel, TorchScriptModel, load_checkpoint_model
+from yolotrain.nn.model import DetectionModel
+from yolotrain.utils.checkpoint import save_checkpoint
+
+NAMES = {i: name for i, name in enumerate(["circle", "square", "triangle", "star", "cross", "ellipse"])}
+
+
+@pytest.fixture
+def detector(tiny_model_yaml, tmp_path):
+    torch.manual_seed(0)
+    model = DetectionModel(tiny_model_yaml, nc=6, verbose=False)
+    for branch in model.model[-1].cv3:
+        torch.nn.init.constant_(branch[-1].bias, -1.0)  # scores well above conf: many boxes to compare
+    path = tmp_path / "weights" / "best.pt"
+    path.parent.mkdir()
+    save_checkpoint({"epoch": 0, "model": model.state_dict(), "ema": None, "model_yaml": model.yaml,
+                     "names": NAMES, "nc": 6}, path)
+    return path
+
+
+def reference_output(checkpoint, images):
+    model = load_checkpoint_model(checkpoint).fuse().eval()
+    with torch.no_grad():
+        return model(images)[0]
+
+
+def test_dynamic_onnx_equals_pytorch_at_two_batches_and_two_sizes(detector):
+    pytest.importorskip("onnxruntime")
+    exported = YOLO(str(detector)).export(format="onnx", imgsz=64, dynamic=True, verbose=False)
+    assert exported == detector.with_suffix(".onnx")
+    runtime = OnnxModel(exported)
+    assert runtime.names == NAMES and runtime.stride.tolist() == [8.0, 16.0, 32.0] and runtime.dynamic
+    generator = torch.Generator().manual_seed(1)
+    for batch, size in ((1, 64), (4, 96)):
+        images = torch.rand(batch, 3, size, size, generator=generator)
+        torch.testing.assert_close(runtime(images), reference_output(detector, images), atol=1e-4, rtol=1e-4)
+
+
+def test_onnx_file_carries_its_metadata(detector):
+    onnx = pytest.importorskip("onnx")
+    exported = YOLO(str(detector)).export(format="onnx", imgsz=64, verbose=False)
+    metadata = {p.key: json.loads(p.value) for p in onnx.load(str(exported)).metadata_props}
+    assert metadata["names"] == {str(k): v for k, v in NAMES.items()}
+    assert metadata["imgsz"] == [64, 64] and metadata["batch"] == 1 and metadata["task"] == "detect"
+    assert not list(exported.parent.glob(".*.tmp"))  # written atomically: no temporary file left
+
+
+def test_torchscript_equals_pytorch_and_carries_its_metadata(detector):
+    exported = YOLO(str(detector)).export(format="torchscript", imgsz=64, verbose=False)
+    runtime = TorchScriptModel(exported)
+    assert runtime.names == NAMES and runtime.imgsz == (64, 64)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(runtime(images), reference_output(detector, images), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("file_format", ["onnx", "torchscript"])
+def test_exported_model_validates_and_predicts_like_the_checkpoint(detector, tiny_data, tmp_path, file_format):
+    if file_format == "onnx":
+        pytest.importorskip("onnxruntime")
+    assert cli_main(["export", f"model={detector}", f"format={file_format}", "imgsz=64", "dynamic=True"]) == 0
+    exported = detector.with_suffix(f".{file_format}")
+    common = dict(data=tiny_data, imgsz=64, batch=1, device="cpu", plots=False, project=str(tmp_path / "val"))
+    from_pt, from_exported = YOLO(str(detector)).val(**common), YOLO(str(exported)).val(**common)
+    assert from_exported["metrics/mAP50-95(B)"] == pytest.approx(from_pt["metrics/mAP50-95(B)"], abs=1e-3)
+    source = tiny_data.replace("data.yaml", "images/val")
+    results = YOLO(str(exported)).predict(source, imgsz=64, conf=0.05, save=False, verbose=False)
+    assert len(results) == len(list(Path(source).glob("*.jpg"))) and all(len(r) and r.names == NAMES for r in results)
+
+
+def real_images(tiny_data, batch, size):
+    """`batch` val images of the tiny dataset, resized to size x size, as a float batch in [0, 1]."""
+    files = sorted(Path(tiny_data.replace("data.yaml", "images/val")).glob("*.jpg"))[:batch]
+    images = [cv2.resize(cv2.imread(str(f)), (size, size))[..., ::-1] for f in files]
+    return torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy()).float() / 255
+
+
+@pytest.mark.parametrize("file_format", ["onnx", "torchscript"])
+def test_exported_outputs_equal_pytorch_on_real_images(detector, tiny_data, file_format):
+    if file_format == "onnx":
+        pytest.importorskip("onnxruntime")
+    exported = YOLO(str(detector)).export(format=file_format, imgsz=64, dynamic=True, verbose=False)
+    runtime = OnnxModel(exported) if file_format == "onnx" else TorchScriptModel(exported)
+    for batch, size in ((1, 64), (4, 64), (4, 96)):
+        images = real_images(tiny_data, batch, size)
+        torch.testing.assert_close(runtime(images), reference_output(detector, images), atol=1e-4, rtol=1e-4)
+
+
+def test_export_refuses_what_it_cannot_do(detector, capsys):
+    assert cli_main(["export", f"model={detector.with_suffix('.yaml')}", "format=onnx"]) == 2
+    assert "FILE.pt" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli_main(["export", f"model={detector}", "format=onnx", "half=True"]) == 2
+        assert "CUDA" in capsys.readouterr().err
+
+
+def test_a_fixed_shape_onnx_predicts_at_its_size_and_names_the_shape_it_needs(detector, tiny_data, tmp_path):
+    pytest.importorskip("onnxruntime")
+    exported = YOLO(str(detector)).export(format="onnx", imgsz=64, verbose=False)  # static: (1, 3, 64, 64)
+    source = tiny_data.replace("data.yaml", "images/val")
+    results = YOLO(str(exported)).predict(source, imgsz=320, conf=0.05, save=False, verbose=False)
+    assert len(results) == len(list(Path(source).glob("*.jpg")))
+    with pytest.raises(CheckpointError, match=r"exported for input \(1, 3, 64, 64\).*dynamic=True"):
+        OnnxModel(exported)(torch.zeros(2, 3, 64, 64))

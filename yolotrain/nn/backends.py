@@ -1,0 +1,119 @@
+"""Load a trained detector for inference, whatever file it is in: a yolotrain checkpoint (.pt), safetensors,
+ONNX (run by onnxruntime) or TorchScript.
+
+Every backend is an `nn.Module` whose `forward(images)` takes (B, 3, H, W) float in [0, 1] and returns the head's
+eval output (B, 4 + nc, A), and which carries `names`, `stride` (tensor of the strides) and `nc`; so the validator
+and the predictor run any of them the same way.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from yolotrain.errors import CheckpointError
+
+LOGGER = logging.getLogger(__name__)
+
+EXPORT_METADATA_FILE = "config.json"  # TorchScript's `_extra_files` entry holding the metadata
+
+
+def load_checkpoint_model(path):
+    """The DetectionModel of a yolotrain checkpoint or safetensors file (its EMA weights, else its model weights)."""
+    from yolotrain.nn.model import DetectionModel
+    from yolotrain.utils.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    if "model_yaml" not in ckpt:
+        raise CheckpointError(f"{path} has no 'model_yaml' entry; expected a yolotrain detection checkpoint")
+    weights = ckpt.get("ema") if ckpt.get("ema") is not None else ckpt.get("model")
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{path} holds no 'ema' or 'model' state dict to run")
+    names = ckpt.get("names")
+    nc = len(names) if names else ckpt.get("nc")
+    model = DetectionModel.from_yaml_and_state(ckpt["model_yaml"], weights, nc=nc)
+    if names:
+        model.names = {int(k): str(v) for k, v in names.items()}
+    return model.float()
+
+
+def load_inference_model(model):
+    """An inference backend for `model`: a path (.pt, .safetensors, .onnx, .torchscript) or an nn.Module."""
+    if isinstance(model, nn.Module):
+        return model
+    path = Path(model)
+    if not path.exists():
+        raise CheckpointError(f"model file '{path}' does not exist")
+    if path.suffix == ".onnx":
+        return OnnxModel(path)
+    if path.suffix == ".torchscript":
+        return TorchScriptModel(path)
+    return load_checkpoint_model(path)
+
+
+class _ExportedModel(nn.Module):
+    """Shared by the exported formats: the metadata written at export time."""
+
+    def __init__(self, metadata, path):
+        super().__init__()
+        if "names" not in metadata or "stride" not in metadata:
+            raise CheckpointError(f"{path} carries no yolotrain metadata (names, stride); export it with "
+                                  f"'yolotrain export'")
+        self.names = {int(k): v for k, v in metadata["names"].items()}
+        self.nc = len(self.names)
+        self.stride = torch.tensor([float(s) for s in metadata["stride"]])
+        self.imgsz = tuple(metadata.get("imgsz", ()))
+        self.dynamic = bool(metadata.get("dynamic", False))
+        self.batch = int(metadata.get("batch", 1))
+        self.half = bool(metadata.get("half", False))
+        self.path = str(path)
+
+    def fuse(self):
+        return self
+
+    def is_fused(self):
+        return True
+
+
+class OnnxModel(_ExportedModel):
+    """An exported .onnx detector run by onnxruntime (CUDA provider when present, else CPU)."""
+
+    def __init__(self, path):
+        try:
+            import onnxruntime
+        except ImportError:
+            raise CheckpointError(f"running {path} needs onnxruntime: pip install 'yolotrain[export]'") from None
+        available = onnxruntime.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        session = onnxruntime.InferenceSession(str(path), providers=providers)
+        metadata = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+        super().__init__(metadata, path)
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+
+    def forward(self, images):
+        expected = (self.batch, 3, *self.imgsz)
+        if not self.dynamic and tuple(images.shape) != expected:
+            raise CheckpointError(f"{self.path} was exported for input {expected}, got {tuple(images.shape)}; "
+                                  f"export it with dynamic=True to run other batch or image sizes")
+        array = images.detach().cpu().numpy().astype("float16" if self.half else "float32")
+        (output,) = self.session.run(None, {self.input_name: array})
+        return torch.from_numpy(output).float().to(images.device)
+
+
+class TorchScriptModel(_ExportedModel):
+    """An exported .torchscript detector."""
+
+    def __init__(self, path):
+        extra = {EXPORT_METADATA_FILE: ""}
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        metadata = json.loads(extra[EXPORT_METADATA_FILE] or "{}")
+        super().__init__(metadata, path)
+        self.module = module
+
+    def forward(self, images):
+        parameter = next(self.module.parameters(), None)
+        dtype = parameter.dtype if parameter is not None else images.dtype
+        return self.module(images.to(dtype)).float()
