@@ -12,6 +12,7 @@ from yolotrain.cli import main as cli_main
 from yolotrain.data.data_yaml import check_det_dataset
 from yolotrain.data.sources import SourceError
 from yolotrain.nn.model import DetectionModel
+from yolotrain.tasks.detect.predict import DetectionPredictor
 from yolotrain.tasks.detect.val import DetectionValidator
 from yolotrain.utils.checkpoint import save_checkpoint
 
@@ -61,11 +62,13 @@ def test_predict_on_a_folder_writes_one_annotated_image_and_label_file_per_image
 
 
 def test_predicted_boxes_equal_the_validators_predictions(detector, val_images, tiny_data, tmp_path):
-    """Same pixels, same NMS: validation (batch 1, single-label) and predict find the same boxes."""
+    """Same letterbox (batch 1, the same margin), same NMS (single-label): validation and predict find the same
+    boxes."""
     recorded = []
     validator = DetectionValidator(args=dict(data=tiny_data, imgsz=64, batch=1, conf=CONF, device="cpu",
                                              workers=0, plots=False, multi_label=False, save_json=True),
                                    save_dir=tmp_path / "val")
+    validator.rect_pad = DetectionPredictor.rect_pad
     original_record = validator._record
 
     def record(detections, gt_boxes, gt_cls):

@@ -1,7 +1,8 @@
 """DetectionPredictor: run a trained detector on images and videos, and write what users look at.
 
-Each image is resized (long side = imgsz) and letterboxed to its own smallest stride-multiple shape exactly as
-validation does, so predict and val feed the network the same pixels; boxes come back in original-image pixels.
+Each image is resized (long side = imgsz) and letterboxed to its own smallest stride-multiple shape with
+validation's own code (validation adds a margin of half a stride, `rect_pad`); boxes come back in original-image
+pixels.
 Frames are read, predicted and written one batch at a time (`stream`), so a long video never sits in memory.
 
 Outputs in `runs/detect/predict{N}/` (`project`/`name`): annotated images under their own file names (`save`),
@@ -32,11 +33,15 @@ from yolotrain.utils.torch_utils import select_device
 LOGGER = logging.getLogger(__name__)
 
 DEFAULT_PREDICT_CONF = 0.25
-VAL_RECT_PAD = 0.5  # the margin validation's rectangular batches use, in strides
 
 
 class DetectionPredictor:
     """`predictor(source, model)` -> list of `Results`; `predictor.stream(source, model)` yields them."""
+
+    # Margin of each image's letterbox shape, in strides: none, the smallest shape the network takes. Validation
+    # uses the same shapes with its own margin (`DetectionValidator.rect_pad`); with equal margins both see the
+    # same pixels.
+    rect_pad = 0.0
 
     def __init__(self, args=None):
         self.args = args if isinstance(args, Args) else get_cfg({"mode": "predict", **dict(args or {})})
@@ -111,7 +116,7 @@ class DetectionPredictor:
         resized = resize_long_side(image, imgsz)
         h, w = resized.shape[:2]
         aspect = h0 / w0
-        (target,) = rect_shapes(aspect, aspect, imgsz, self.stride, VAL_RECT_PAD)
+        (target,) = rect_shapes(aspect, aspect, imgsz, self.stride, self.rect_pad)
         target = self.fixed_shape or target
         sample = {"img": resized, "bboxes": np.zeros((0, 4), np.float32), "rect_shape": tuple(target),
                   "ratio_pad": ((h / h0, w / w0), (0, 0))}

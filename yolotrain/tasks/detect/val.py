@@ -52,6 +52,7 @@ class DetectionValidator(BaseValidator):
     """
 
     loss_names = ("box_loss", "cls_loss", "dfl_loss")
+    rect_pad = 0.5  # margin of the rectangular batch shapes, in strides (as the reference validator pads)
 
     def __init__(self, dataloader=None, save_dir=None, args=None, _callbacks=None):
         super().__init__(dataloader, save_dir, args, _callbacks)
@@ -98,7 +99,7 @@ class DetectionValidator(BaseValidator):
             rect=True,
             batch_size=batch,
             stride=stride,
-            pad=0.5,
+            pad=self.rect_pad,
             single_cls=self.args.single_cls,
             data=self.data,
             prefix=f"{split}: ",
