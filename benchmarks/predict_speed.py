@@ -6,7 +6,8 @@ trainer's predict, on the same weights and images, measured one after the other 
 REF.pt is a YOLOv8n checkpoint written by the reference trainer (see benchmarks/val_parity.py, which can train
 one); its weights are copied key for key into a yolotrain checkpoint and exported to ONNX (dynamic). Source
 default: the built-in dataset's val images. Each figure is the best of `--repeats` passes over all images, after
-one warm-up pass; no files are written by either side (save=False), conf 0.25.
+one warm-up pass; no files are written by either side (save=False), conf 0.25. Both read the folder (the
+reference would run a list of files as one batch, whatever `batch` says).
 """
 
 import argparse
@@ -29,7 +30,8 @@ from ultralytics import YOLO
 weights, source, imgsz, batch, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 model = YOLO(weights)
 files = sorted(str(p) for p in Path(source).glob("*.jpg"))
-run = lambda: [None for _ in model.predict(files, imgsz=imgsz, batch=batch, conf=0.25, device="cpu", save=False,
+# The folder, not the list of files: the reference runs a list as one batch whatever `batch` says.
+run = lambda: [None for _ in model.predict(source, imgsz=imgsz, batch=batch, conf=0.25, device="cpu", save=False,
                                            verbose=False, stream=True)]
 run()
 times = []
@@ -74,7 +76,8 @@ def main():
         for label, weights in (("yolotrain PyTorch", work / "best.pt"), ("yolotrain onnxruntime", onnx_file)):
             model = YOLO(str(weights))
             settings = dict(imgsz=options.imgsz, batch=batch, conf=0.25, device="cpu", save=False, verbose=False)
-            seconds = timed(lambda: [None for _ in model.predict(files, stream=True, **settings)], options.repeats)
+            seconds = timed(lambda: [None for _ in model.predict(str(source), stream=True, **settings)],
+                            options.repeats)
             rows.append((f"{label}, batch {batch}", len(files) / seconds))
     print(f"{len(files)} images from {source}, imgsz {options.imgsz}, torch threads {torch.get_num_threads()}")
     reference_speed = {label.split(", ")[1]: speed for label, speed in rows if label.startswith("reference")}

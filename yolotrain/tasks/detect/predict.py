@@ -24,11 +24,12 @@ from yolotrain.data.dataset import rect_shapes, resize_long_side
 from yolotrain.data.sources import iter_frames
 from yolotrain.errors import CfgError
 from yolotrain.nn.backends import load_inference_model
+from yolotrain.nn.model import DetectionModel
 from yolotrain.tasks.detect.results import Results
 from yolotrain.utils.boxes import scale_boxes_to_original
 from yolotrain.utils.files import ensure_writable_dir, increment_path
 from yolotrain.utils.nms import non_max_suppression
-from yolotrain.utils.torch_utils import select_device
+from yolotrain.utils.torch_utils import channels_last_pays, select_device
 
 LOGGER = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ class DetectionPredictor:
         if hasattr(model, "fuse") and not getattr(model, "is_fused", lambda: True)():
             model = model.fuse()
         model = model.to(self.device).eval()
+        self.channels_last = isinstance(model, DetectionModel) and channels_last_pays(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         if self.args.half and not hasattr(model, "session"):
             model = model.half()
         self.model = model
@@ -127,6 +131,8 @@ class DetectionPredictor:
         images = np.stack([sample["img"] for _, sample in batch])[..., ::-1].transpose(0, 3, 1, 2)  # BGR->RGB, BCHW
         tensor = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
         tensor = (tensor.half() if self.args.half else tensor.float()) / 255
+        if self.channels_last:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
         prepared = time.perf_counter()
         with torch.no_grad():
             output = self.model(tensor)
