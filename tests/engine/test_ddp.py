@@ -5,6 +5,7 @@ start method can pickle them by reference into the workers.
 """
 
 import csv
+import json
 import os
 import pickle
 import subprocess
@@ -245,3 +246,21 @@ def test_resume_with_a_different_number_of_processes(tiny_model_yaml, tiny_data,
     assert trainer.batch_size == 4 and checkpoint["train_args"]["batch"] == 4
     expected_lr = trainer.schedule.lrs(1, trainer.num_batches - 1)[0]
     assert float(rows[1]["lr/pg0"]) == pytest.approx(expected_lr, rel=1e-4)
+
+
+def test_the_reported_rank_is_the_one_that_failed_for_its_own_reason(tmp_path):
+    """Rank 1 loses its peer a moment *before* rank 0's own error is stamped: rank 0's error is the cause."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    def failure(rank, message, timestamp):
+        error_file = tmp_path / f"error{rank}.json"
+        error_file.write_text(json.dumps({"message": {"message": message, "extraInfo": {"timestamp": str(timestamp)}}}))
+        return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=1, error_file=str(error_file))
+
+    peer_lost = "RuntimeError: [gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:17603"
+    failures = {0: failure(0, "RuntimeError: stopped after the first checkpoint", 20), 1: failure(1, peer_lost, 10)}
+    assert failures[1].timestamp < failures[0].timestamp
+    error = launch._run_error(ChildFailedError("train", failures))
+    assert str(error) == "DDP worker rank 0 failed with exit code 1: RuntimeError: stopped after the first checkpoint"
+    only_peer_loss = launch._run_error(ChildFailedError("train", {1: failures[1]}))
+    assert "rank 1" in str(only_peer_loss) and "Connection closed by peer" in str(only_peer_loss)

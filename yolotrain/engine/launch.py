@@ -132,14 +132,39 @@ def _start_method(payload: tuple) -> str:
     )
 
 
-def _run_error(error) -> DistributedRunError:
-    """One line naming the first failed rank and its error; the full report (tracebacks) goes to the log."""
-    LOGGER.error(str(error))
-    rank, failure = error.get_first_failure()
+# What a rank reports when it lost its peers: a consequence of another rank's failure, not its cause.
+PEER_LOSS_MARKERS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "remote worker crashing",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+)
+
+
+def _failure_message(failure) -> str:
     message = failure.message
     if isinstance(message, dict):  # the error file written by @record: {"message": ..., "extraInfo": ...}
         message = message.get("message", message)
-    last_line = str(message).strip().splitlines()[-1] if str(message).strip() else ""
+    return str(message).strip()
+
+
+def _root_failure(error):
+    """(rank, failure) of the rank that failed first for a reason of its own: when one rank raises, the others
+    fail too as their collectives lose it, sometimes a moment earlier by the clock."""
+    failures = sorted(error.failures.items(), key=lambda item: item[1].timestamp)
+    for rank, failure in failures:
+        if not any(marker in _failure_message(failure) for marker in PEER_LOSS_MARKERS):
+            return rank, failure
+    return failures[0]
+
+
+def _run_error(error) -> DistributedRunError:
+    """One line naming the failed rank and its error; the full report (tracebacks) goes to the log."""
+    LOGGER.error(str(error))
+    rank, failure = _root_failure(error)
+    message = _failure_message(failure)
+    last_line = message.splitlines()[-1] if message else ""
     return DistributedRunError(f"DDP worker rank {rank} failed with exit code {failure.exitcode}: {last_line}")
 
 
