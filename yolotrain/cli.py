@@ -25,6 +25,7 @@ LOGGER = logging.getLogger(__name__)
 DEFAULT_MODEL = "yolo-n.yaml"
 USAGE = "usage: yolotrain MODE [key=value ...]   (MODE: train, val, predict, export, help, convert, sync, version)"
 CONVERT_USAGE = "yolotrain convert coco SRC.json IMAGES_DIR OUT_DIR"
+CONVERT_ULTRALYTICS_USAGE = "yolotrain convert ultralytics yolov8n.pt yolov8n.safetensors"
 SYNC_USAGE = "yolotrain sync RUN_DIR"
 EXPORT_USAGE = "yolotrain export model=best.pt format=onnx"
 PREDICT_USAGE = "yolotrain predict model=best.pt source=images/"
@@ -34,6 +35,7 @@ MODE_HELP = (
     ("predict", "detect objects in images, videos or folders", PREDICT_USAGE),
     ("export", "write a checkpoint as onnx, torchscript or safetensors", EXPORT_USAGE),
     ("convert", "convert COCO json labels to YOLO txt labels", CONVERT_USAGE),
+    ("convert", "write an Ultralytics .pt as a plain safetensors file", CONVERT_ULTRALYTICS_USAGE),
     ("sync", "upload a run folder to the remote tracking server", SYNC_USAGE),
     ("help", "show this help", "yolotrain help"),
     ("version", "print the version", "yolotrain version"),
@@ -121,15 +123,28 @@ def _run_mode(mode: str, overrides: dict) -> int:
 
 
 def _run_convert(positional: list) -> int:
+    if positional[:1] == ["ultralytics"]:
+        return _run_convert_ultralytics(positional[1:])
     if len(positional) != 4 or "=" in "".join(positional):
         raise CfgError(f"convert takes 4 arguments, got {len(positional)}: usage: {CONVERT_USAGE}")
     source_format, src_json, images_dir, out_dir = positional
     if source_format != "coco":
-        raise CfgError(f"'convert {source_format}' is not supported: only coco, usage: {CONVERT_USAGE}")
+        raise CfgError(f"'convert {source_format}' is not supported: coco or ultralytics, usage: {CONVERT_USAGE}")
     _configure_logging()
     from yolotrain.data.convert import convert_coco
 
     convert_coco(src_json, images_dir, out_dir)
+    return 0
+
+
+def _run_convert_ultralytics(paths: list) -> int:
+    """An Ultralytics .pt, read without running code from it, written once as a plain safetensors file."""
+    if len(paths) not in (1, 2) or "=" in "".join(paths):
+        raise CfgError(f"convert ultralytics takes IN.pt [OUT.safetensors]: usage: {CONVERT_ULTRALYTICS_USAGE}")
+    _configure_logging()
+    from yolotrain.utils.checkpoint import export_checkpoint_safetensors
+
+    print(export_checkpoint_safetensors(paths[0], paths[1] if len(paths) == 2 else None))
     return 0
 
 

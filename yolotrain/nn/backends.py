@@ -44,8 +44,8 @@ def load_inference_model(model):
     if isinstance(model, nn.Module):
         return model
     path = Path(model)
-    if not path.exists():
-        raise CheckpointError(f"model file '{path}' does not exist")
+    if not path.exists() and path.suffix in (".onnx", ".torchscript"):
+        raise CheckpointError(f"model file '{path}' does not exist; export one with 'yolotrain export'")
     if path.suffix == ".onnx":
         return OnnxModel(path)
     if path.suffix == ".torchscript":

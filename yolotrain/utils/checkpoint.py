@@ -132,22 +132,38 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found; expected an existing .pt file")
+        raise CheckpointError(
+            f"checkpoint {path} not found; yolotrain never downloads weights: give the path of an existing .pt, "
+            f"or train from scratch with model={_scratch_yaml(path)}"
+        )
     if path.suffix == SAFETENSORS_SUFFIX:
         return checkpoint_from_safetensors(path)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"{path} needs arbitrary code to unpickle and was refused; yolotrain checkpoints contain only tensors "
-            "and plain types. Only load files you trust, and convert them to plain state dicts first"
-        ) from error
+    except pickle.UnpicklingError:
+        # A pickle of whole objects: an Ultralytics checkpoint is read as inert records, anything that would
+        # run code is refused (yolotrain.utils.foreign).
+        from yolotrain.utils.foreign import read_ultralytics_checkpoint
+
+        return read_ultralytics_checkpoint(path)
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {first_line}") from error
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a yolotrain checkpoint dict")
     return obj
+
+
+def _scratch_yaml(path: Path) -> str:
+    """The model yaml that trains the architecture `path` is named after, when yolotrain has it (yolov8n.pt ->
+    yolov8n.yaml if it resolves), else the default yolo-n.yaml."""
+    from yolotrain.nn.model import load_model_yaml
+
+    try:
+        load_model_yaml(f"{path.stem}.yaml")
+        return f"{path.stem}.yaml"
+    except Exception:  # no such yaml: any error here only picks the hint
+        return "yolo-n.yaml"
 
 
 # -------------------------------------------------------------------------------------------------------- stripping
