@@ -161,7 +161,8 @@ def main():
     dataset = check_det_dataset(data)
     image_files = sorted(p for p in Path(dataset["val"]).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     ground_truth = coco_ground_truth(image_files, names)
-    ref_predictions = json.loads(Path(ref["json"]).read_text())
+    ref_json = Path(ref["json"])  # not written when the reference found nothing to save
+    ref_predictions = json.loads(ref_json.read_text()) if ref_json.exists() else []
     if min((p["category_id"] for p in ref_predictions), default=0) >= 1:  # the reference counts classes from 1
         ref_predictions = [{**p, "category_id": p["category_id"] - 1} for p in ref_predictions]
     ref_coco = pycocotools_map(ground_truth, ref_predictions)
