@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import pickle
 import shlex
+import time
 import uuid
 from typing import Any, Dict, Optional
 
@@ -142,6 +143,14 @@ PEER_LOSS_MARKERS = (
 )
 
 
+PEER_LOSS_GRACE_S = 3.0
+
+
+def is_peer_loss(message: str) -> bool:
+    """True for the error of a rank that only lost its peers (see PEER_LOSS_MARKERS)."""
+    return any(marker in message for marker in PEER_LOSS_MARKERS)
+
+
 def _failure_message(failure) -> str:
     message = failure.message
     if isinstance(message, dict):  # the error file written by @record: {"message": ..., "extraInfo": ...}
@@ -154,7 +163,7 @@ def _root_failure(error):
     fail too as their collectives lose it, sometimes a moment earlier by the clock."""
     failures = sorted(error.failures.items(), key=lambda item: item[1].timestamp)
     for rank, failure in failures:
-        if not any(marker in _failure_message(failure) for marker in PEER_LOSS_MARKERS):
+        if not is_peer_loss(_failure_message(failure)):
             return rank, failure
     return failures[0]
 
@@ -185,7 +194,14 @@ def _train_in_worker(trainer_class: type, overrides: Dict[str, Any], callbacks: 
     # A spawned worker starts with no logging set up; only rank 0 prints progress.
     setup_logging(get_cfg(overrides).verbose and dist.is_main())
     trainer = trainer_class(overrides=overrides, _callbacks=callbacks)
-    metrics = trainer.train()
+    try:
+        metrics = trainer.train()
+    except Exception as error:
+        if is_peer_loss(str(error)):
+            # Only a consequence of another rank's failure: let that rank's exit be observed first, since the
+            # launcher reports the first process to end (and stops the others).
+            time.sleep(PEER_LOSS_GRACE_S)
+        raise
     if not dist.is_main():
         return None
     return {"metrics": metrics, "save_dir": str(trainer.save_dir), "best": str(trainer.best)}
