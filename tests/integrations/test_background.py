@@ -11,6 +11,9 @@ from yolotrain.integrations.common import BackgroundWorker, Tracker
 from .conftest import expected_metrics, fake_epoch, make_fake_trainer
 
 
+GATE_TIMEOUT_S = 10.0  # a gate never opened (a broken test) ends the wait instead of hanging the suite
+
+
 class GatedTracker(Tracker):
     """Records its calls; `open` waits for `gate`, as a tracker waiting on a slow store or server would."""
 
@@ -21,7 +24,7 @@ class GatedTracker(Tracker):
         self.gate, self.fail_at_step, self.calls = gate, fail_at_step, []
 
     def open(self, start):
-        self.gate.wait()
+        self.gate.wait(GATE_TIMEOUT_S)
         self.calls.append(("open", start.run_name))
 
     def log_epoch(self, metrics, step):
@@ -62,7 +65,7 @@ def test_a_tracker_stuck_on_its_store_never_holds_up_training_and_keeps_the_orde
 def test_the_final_flush_gives_up_after_its_timeout(caplog):
     gate = threading.Event()
     worker = BackgroundWorker("stuck")
-    worker.submit(gate.wait)
+    worker.submit(gate.wait, GATE_TIMEOUT_S)
     with caplog.at_level(logging.WARNING, logger="yolotrain"):
         assert worker.close(timeout=0.2) is False
     assert "stuck: still writing after 0.2 s at the end of training" in caplog.text

@@ -1,6 +1,7 @@
 """Weights & Biases (offline run files) and DVCLive (its local files), driven by the trainer's events."""
 
 import json
+import time
 
 import cv2
 import numpy as np
@@ -37,6 +38,20 @@ def wandb_records(path):
     return records
 
 
+def finished_run_records(save_dir, limit_s=30.0):
+    """The records of the run's `.wandb` file once its exit record is on disk: W&B's service process writes the
+    file and may flush its tail a moment after `run.finish()` has returned."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        run_files = list((save_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(run_files) <= 1, run_files
+        records = wandb_records(run_files[0]) if run_files else []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            assert run_files, f"no W&B run file under {save_dir / 'wandb'}"
+            return records
+        time.sleep(0.1)
+
+
 def write_plot(save_dir):
     cv2.imwrite(str(save_dir / "results.png"), np.full((8, 8, 3), 200, np.uint8))
 
@@ -49,8 +64,7 @@ def test_wandb_offline_run_has_config_every_epoch_the_plots_and_the_model(tmp_pa
     write_plot(trainer.save_dir)
     fake_training(trainer, 3)
 
-    (run_file,) = (trainer.save_dir / "wandb").glob("offline-run-*/run-*.wandb")
-    records = wandb_records(run_file)
+    records = finished_run_records(trainer.save_dir)
     by_kind = {}
     for record in records:
         by_kind.setdefault(record.WhichOneof("record_type"), []).append(record)
@@ -82,8 +96,7 @@ def test_wandb_run_of_a_crashed_training_exits_failed(tmp_path, monkeypatch):
     trainer = make_fake_trainer(tmp_path / "proj" / "wbcrash", wandb=True, epochs=3)
     with pytest.raises(RuntimeError):
         fake_training(trainer, 3, fail_at=1)
-    (run_file,) = (trainer.save_dir / "wandb").glob("offline-run-*/run-*.wandb")
-    (exit_record,) = [r for r in wandb_records(run_file) if r.WhichOneof("record_type") == "exit"]
+    (exit_record,) = [r for r in finished_run_records(trainer.save_dir) if r.WhichOneof("record_type") == "exit"]
     assert exit_record.exit.exit_code == 1
 
 

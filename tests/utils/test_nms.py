@@ -185,3 +185,5 @@ def test_stopping_at_max_det_gives_the_prefix_of_the_full_answer(monkeypatch):
             capped = non_max_suppression(prediction, 0.05, 0.4, multi_label=multi_label, max_det=max_det)
             for image in range(2):
                 torch.testing.assert_close(capped[image], full[image][:max_det], rtol=0, atol=0)
+                reference = reference_nms_one_image(prediction[image].T, 0.05, 0.4, None, False, max_det, multi_label)
+                assert_same_detections(capped[image], reference)  # and the prefix is the textbook answer's
