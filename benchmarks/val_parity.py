@@ -16,7 +16,6 @@ Default data: the built-in shapes dataset.
 import argparse
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path

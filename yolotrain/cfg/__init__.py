@@ -30,6 +30,7 @@ CLI_MODES = ("train", "val", "predict", "help", "convert", "sync", "export", "ve
 POSITIONAL_CLI_MODES = ("convert", "sync")
 OPTIMIZERS = ("SGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSProp", "auto")
 SPLITS = ("val", "test", "train")
+EXPORT_FORMATS = ("onnx", "torchscript", "safetensors")
 
 _TYPE_NAMES = ("int", "float", "bool", "str", "list")
 _NONE_WORDS = ("", "none", "null", "~")
@@ -47,7 +48,7 @@ _STR_CHOICES = types.MappingProxyType(
         "split": SPLITS,
         "cache": ("ram", "disk"),
         "amp": ("bf16",),
-        "format": ("onnx", "torchscript", "safetensors"),
+        "format": EXPORT_FORMATS,
     }
 )
 # str keys for which a number is a natural thing to type (`device=0`, `name=2`): converted to str.

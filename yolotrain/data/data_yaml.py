@@ -138,7 +138,7 @@ def list_image_files(source: SplitSpec, root: str | Path | None = None) -> list[
         if p.is_dir():
             files.update(str(f) for f in p.rglob("*") if has_image_suffix(f) and f.is_file())
         elif p.is_file() and p.suffix.lower() == ".txt":
-            files.update(_read_image_list(p, root))
+            files.update(read_image_list(p, root))
         elif has_image_suffix(p):
             files.add(str(p))
         else:
@@ -146,7 +146,9 @@ def list_image_files(source: SplitSpec, root: str | Path | None = None) -> list[
     return sorted(files)
 
 
-def _read_image_list(txt: Path, root: str | Path | None) -> list[str]:
+def read_image_list(txt: Path, root: str | Path | None = None) -> list[str]:
+    """The paths a .txt list names, one per line (# comments skipped); relative ones beside the .txt, else
+    relative to `root`."""
     listed = []
     for line in txt.read_text(encoding="utf-8").splitlines():
         line = line.strip()

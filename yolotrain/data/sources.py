@@ -14,7 +14,7 @@ from typing import Iterator, Optional
 import cv2
 import numpy as np
 
-from yolotrain.data.data_yaml import IMG_FORMATS
+from yolotrain.data.data_yaml import IMG_FORMATS, has_image_suffix, read_image_list
 from yolotrain.errors import YoloTrainError
 
 LOGGER = logging.getLogger(__name__)
@@ -49,10 +49,6 @@ class VideoInfo:
 
 def _suffix(path):
     return Path(path).suffix[1:].lower()
-
-
-def is_image_file(path):
-    return _suffix(path) in IMG_FORMATS
 
 
 def is_video_file(path):
@@ -90,22 +86,16 @@ def _frames_of_path(path, vid_stride, in_collection):
         yield from _frames_of_files(files, vid_stride)
     elif Path(path).is_dir():
         files = sorted(str(p) for p in Path(path).iterdir() if p.is_file())
-        supported = [f for f in files if is_image_file(f) or is_video_file(f)]
+        supported = [f for f in files if has_image_suffix(f) or is_video_file(f)]
         if not supported:
             raise SourceError(f"source folder '{path}' holds no image or video file")
         yield from _frames_of_files(supported, vid_stride)
     elif not Path(path).exists():
         raise SourceError(f"source '{path}' does not exist")
     elif _suffix(path) == "txt":
-        yield from _frames_of_files(_read_list(path), vid_stride)
+        yield from _frames_of_files(read_image_list(Path(path)), vid_stride)
     else:
         yield from _frames_of_file(path, vid_stride, in_collection)
-
-
-def _read_list(path):
-    base = Path(path).parent
-    lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    return [str(p if Path(p).is_absolute() else base / p) for p in lines]
 
 
 def _frames_of_files(files, vid_stride):
@@ -118,7 +108,7 @@ def _frames_of_file(path, vid_stride, in_collection):
     try:
         if is_video_file(path):
             yield from _video_frames(path, vid_stride)
-        elif is_image_file(path):
+        elif has_image_suffix(path):
             yield Frame(_read_image(path), path)
         else:
             raise SourceError(f"source '{path}' has an unsupported suffix; expected an image "

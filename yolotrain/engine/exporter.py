@@ -21,11 +21,9 @@ import torch.nn as nn
 from yolotrain import __version__
 from yolotrain.errors import CfgError, YoloTrainError
 from yolotrain.nn.backends import EXPORT_METADATA_FILE, load_checkpoint_model
+from yolotrain.utils.checkpoint import is_weights_file
 
 LOGGER = logging.getLogger(__name__)
-
-EXPORT_FORMATS = ("onnx", "torchscript", "safetensors")
-
 
 class ExportError(YoloTrainError):
     """An export that cannot be done with the given arguments or installed packages."""
@@ -46,11 +44,9 @@ class _HeadOutput(nn.Module):
 
 
 def export_model(weights, args):
-    """Export the checkpoint `weights` as `args.format`; returns the written path."""
-    if args.format not in EXPORT_FORMATS:
-        raise CfgError(f"format={args.format!r} is not supported by export: expected one of {', '.join(EXPORT_FORMATS)}")
+    """Export the checkpoint `weights` as `args.format` (checked by `get_cfg`); returns the written path."""
     weights = Path(weights)
-    if weights.suffix not in (".pt", ".safetensors"):
+    if not is_weights_file(weights):
         raise CfgError(f"export needs model=FILE.pt (a yolotrain checkpoint), got '{weights}'")
     if args.format == "safetensors":
         from yolotrain.utils.checkpoint import export_checkpoint_safetensors

@@ -7,7 +7,7 @@ from yolotrain.cfg import get_cfg
 from yolotrain.engine.callbacks import Callbacks
 from yolotrain.errors import CfgError
 from yolotrain.utils.checkpoint import is_weights_file
-from yolotrain.utils.files import increment_path
+from yolotrain.utils.files import run_dir
 from yolotrain.utils.log import setup_logging
 
 LOGGER = logging.getLogger(__name__)
@@ -77,8 +77,7 @@ class YOLO:
 
         args = get_cfg({**overrides, "model": self.model_path, "mode": "val", "task": self.task})
         setup_logging(args.verbose)
-        project = Path(args.project or Path("runs") / args.task)
-        save_dir = increment_path(project / (args.name or "val"), exist_ok=args.exist_ok)
+        save_dir = run_dir(args, "val")
         validator = (validator or DetectionValidator)(save_dir=save_dir, args=args, _callbacks=self.callbacks)
         self.metrics = validator(model=self._model_for_val())
         return self.metrics

@@ -51,7 +51,7 @@ from yolotrain.utils.checkpoint import (
     set_rng_state,
     strip_optimizer,
 )
-from yolotrain.utils.files import ensure_writable_dir, increment_path
+from yolotrain.utils.files import ensure_writable_dir, run_dir
 from yolotrain.utils.torch_utils import de_parallel, init_seeds
 
 LOGGER = logging.getLogger(__name__)
@@ -771,10 +771,7 @@ class BaseTrainer:
     def _resolve_save_dir(self):
         if self.resume_path:  # a resumed run continues in its own folder: <save_dir>/weights/last.pt
             return Path(self.resume_path).resolve().parent.parent
-        project = Path(self.args.project or Path("runs") / self.args.task)
-        name = self.args.name or self.args.mode
-        save_dir = increment_path(project / name, exist_ok=self.args.exist_ok)
-        return dist.broadcast_object(save_dir)
+        return dist.broadcast_object(run_dir(self.args, self.args.mode))
 
     def _pretrained_weights(self):
         pretrained = self.args.pretrained

@@ -18,7 +18,6 @@ and `self.batch`, the collated batch before preprocessing, are set), on_val_batc
 """
 
 import contextlib
-import copy
 import logging
 import sys
 import time
@@ -29,8 +28,8 @@ import torch
 from yolotrain.cfg import Args, get_cfg
 from yolotrain.engine.callbacks import Callbacks
 from yolotrain.errors import YoloTrainError
-from yolotrain.utils.files import ensure_writable_dir, increment_path
-from yolotrain.utils.torch_utils import de_parallel, select_device
+from yolotrain.utils.files import ensure_writable_dir, run_dir
+from yolotrain.utils.torch_utils import de_parallel, fused_for_inference, select_device
 
 LOGGER = logging.getLogger(__name__)
 
@@ -161,17 +160,15 @@ class BaseValidator:
             raise YoloTrainError("validation needs model= (a DetectionModel or a checkpoint .pt path), got None")
         self.device = select_device(self.args.device)
         self.amp_dtype = None
-        model = self.load_model(model) if isinstance(model, (str, Path)) else de_parallel(model)
-        if hasattr(model, "fuse") and not getattr(model, "is_fused", lambda: True)():
-            # Fusing removes BatchNorm in place: fuse a copy so the caller's model can still be trained.
-            model = copy.deepcopy(model).fuse()
-        model = model.to(self.device)
+        loaded = isinstance(model, (str, Path))
+        model = self.load_model(model) if loaded else de_parallel(model)
+        # Fusing removes BatchNorm in place: a model the caller gave is fused as a copy, so it can still train.
+        model = fused_for_inference(model, copy_first=not loaded).to(self.device)
         dataloader = self.dataloader
         if dataloader is None:
             dataloader = self.dataloader = self.build_dataloader(model)
         if self.save_dir is None:
-            project = self.args.project or f"runs/{self.args.task}"
-            self.save_dir = increment_path(Path(project) / (self.args.name or "val"), self.args.exist_ok)
+            self.save_dir = run_dir(self.args, "val")
         self.plots = bool(self.args.plots)
         if self.plots or self.args.save_json:
             ensure_writable_dir(self.save_dir)

@@ -119,7 +119,6 @@ class RunStart:
     run_name: str  # the run folder's name, e.g. "train3"
     experiment: str  # the project's folder name
     config: dict  # {argument: value}, the run's arguments as given
-    epochs: int
 
     @property
     def params(self):
@@ -164,7 +163,7 @@ class Tracker:
 
     def on_pretrain_routine_end(self, trainer):
         start = RunStart(Path(trainer.save_dir), Path(trainer.save_dir).name, experiment_name(trainer.args),
-                         dict(vars(trainer.args)), int(trainer.epochs))
+                         dict(vars(trainer.args)))
         self.worker = BackgroundWorker(self.name)
         if self.open_on_training_thread:
             self.open(start)
@@ -180,7 +179,8 @@ class Tracker:
             return
         weights = tuple(Path(w) for w in (trainer.best, trainer.last) if Path(w).exists())
         metrics = {k: v for k, v in epoch_metrics(trainer).items() if k.startswith("metrics/")}
-        self.worker.submit(self.finish, RunEnd(trainer.epoch + 1, metrics, weights, tuple(plot_files(trainer.save_dir))))
+        plots = tuple(plot_files(trainer.save_dir))
+        self.worker.submit(self.finish, RunEnd(trainer.epoch + 1, metrics, weights, plots))
         self._close()
 
     def teardown(self, trainer):

@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time

@@ -42,8 +42,8 @@ class TensorBoardLogger(Tracker):
 
     def on_train_start(self, trainer):
         """Add the model graph once. Traced here, on the training thread: torch ops on a thread that stays alive
-        (the worker) slowed every later training step about 2x on CPU (measured in
-        benchmarks/integration_overhead.py), while this one-off trace costs about a second."""
+        (the worker) slowed every later training step about 2x on CPU (measured), while this one-off trace costs
+        about a second."""
         if self.writer is not None and trainer.model is not None:
             self._add_graph(de_parallel(trainer.model))
 

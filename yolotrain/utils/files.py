@@ -17,6 +17,13 @@ def increment_path(path, exist_ok=False):
     return candidate
 
 
+def run_dir(args, default_name):
+    """The next free run folder: `project/name` (default `runs/<task>/<default_name>`), numbered 2, 3, ... unless
+    `exist_ok`."""
+    project = Path(args.project or Path("runs") / args.task)
+    return increment_path(project / (args.name or default_name), exist_ok=args.exist_ok)
+
+
 def ensure_writable_dir(path):
     """Create `path` and prove it is writable, or raise a one-line error naming it."""
     path = Path(path)

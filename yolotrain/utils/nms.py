@@ -5,13 +5,10 @@ pure-torch greedy kernel (`greedy_nms`) gives the same result.
 """
 
 import functools
-import logging
 
 import torch
 
 from yolotrain.utils.boxes import box_iou, xywh2xyxy
-
-LOGGER = logging.getLogger(__name__)
 
 # Boxes are suppressed in blocks of this many so the IoU matrix stays O(block * n) in memory.
 NMS_BLOCK_SIZE = 1024

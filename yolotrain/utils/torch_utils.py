@@ -1,5 +1,6 @@
 """Torch helpers: device selection, seeding, model unwrapping, BN fusion, parameter/FLOP counting."""
 
+import copy
 import logging
 import os
 import platform
@@ -121,6 +122,14 @@ def fuse_conv_and_bn(conv, bn):
         conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
         fused.bias.copy_((conv_bias - bn.running_mean) * scale + bn.bias)
     return fused
+
+
+def fused_for_inference(model, copy_first):
+    """`model` with each BatchNorm folded into its convolution (exported models already are); `copy_first` when
+    the caller's model must stay as it is, e.g. a model that is still training."""
+    if not hasattr(model, "fuse") or getattr(model, "is_fused", lambda: True)():
+        return model
+    return (copy.deepcopy(model) if copy_first else model).fuse()
 
 
 def get_flops(model, imgsz=640):

@@ -27,9 +27,9 @@ from yolotrain.nn.backends import load_inference_model
 from yolotrain.nn.model import DetectionModel
 from yolotrain.tasks.detect.results import Results
 from yolotrain.utils.boxes import scale_boxes_to_original
-from yolotrain.utils.files import ensure_writable_dir, increment_path
+from yolotrain.utils.files import ensure_writable_dir, run_dir
 from yolotrain.utils.nms import non_max_suppression
-from yolotrain.utils.torch_utils import channels_last_pays, select_device
+from yolotrain.utils.torch_utils import channels_last_pays, de_parallel, fused_for_inference, select_device
 
 LOGGER = logging.getLogger(__name__)
 
@@ -60,10 +60,9 @@ class DetectionPredictor:
         self.device = select_device(self.args.device)
         if self.args.half and self.device.type != "cuda":
             raise CfgError("half=True needs a CUDA device (fp16 inference on the CPU is slower, not faster)")
-        model = load_inference_model(model)
-        if hasattr(model, "fuse") and not getattr(model, "is_fused", lambda: True)():
-            model = model.fuse()
-        model = model.to(self.device).eval()
+        loaded = isinstance(model, (str, Path))
+        model = load_inference_model(model) if loaded else de_parallel(model)
+        model = fused_for_inference(model, copy_first=not loaded).to(self.device).eval()
         self.channels_last = isinstance(model, DetectionModel) and channels_last_pays(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -79,10 +78,7 @@ class DetectionPredictor:
     def _setup_save_dir(self):
         if not (self.args.save or self.args.save_txt or self.args.save_crop):
             return None
-        project = Path(self.args.project or Path("runs") / self.args.task)
-        save_dir = increment_path(project / (self.args.name or "predict"), exist_ok=self.args.exist_ok)
-        ensure_writable_dir(save_dir)
-        return save_dir
+        return ensure_writable_dir(run_dir(self.args, "predict"))
 
     # ------------------------------------------------------------------ the loop
     def stream(self, source, model):

@@ -50,9 +50,6 @@ class Boxes:
         height, width = self.orig_shape
         return torch.tensor([width, height, width, height], dtype=self.data.dtype, device=self.data.device)
 
-    def cpu(self):
-        return Boxes(self.data.cpu(), self.orig_shape)
-
 
 class Results:
     """Detections of one image or video frame.
