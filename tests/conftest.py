@@ -84,6 +84,23 @@ def tiny_model_yaml(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_family_yaml(tmp_path_factory):
+    """`tiny_family_yaml("yolo26")`: the built-in family's layers at 1/16 width (scale `t`), as a yaml path."""
+    from yolotrain.nn.model import MODELS_DIR
+
+    folder = tmp_path_factory.mktemp("family-models")
+
+    def make(family):
+        model = yaml.safe_load((MODELS_DIR / f"{family}.yaml").read_text())
+        model.update(nc=6, scales={"t": [0.5, 0.0625, 256]})
+        path = folder / f"tiny{family}-t.yaml"
+        path.write_text(yaml.safe_dump(model, sort_keys=False))
+        return str(path)
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A generated shapes dataset: 16 train and 8 val images of at most 64 px."""
     from yolotrain.data.builtin import generate_shapes_dataset

@@ -109,7 +109,7 @@ def test_make_optimizer_unknown_name_is_one_line_with_suggestion():
 
 
 def test_auto_optimizer_choice():
-    assert resolve_auto_optimizer(10_001, 80) == ("SGD", 0.01, 0.9)
+    assert resolve_auto_optimizer(10_001, 80) == ("MuSGD", 0.01, 0.9)
     assert resolve_auto_optimizer(10_000, 80) == ("AdamW", 0.000119, 0.9)  # 0.01 / 84 rounded to 6 places
     assert resolve_auto_optimizer(500, 1) == ("AdamW", 0.002, 0.9)  # 0.01 / 5
 

@@ -85,7 +85,7 @@ def test_verbose_build_logs_layer_table_and_summary(caplog):
 def test_bias_init_follows_the_object_prior(model_n):
     head = model_n.model[-1]
     for box_branch, cls_branch, stride in zip(head.cv2, head.cv3, (8, 16, 32)):
-        assert torch.all(box_branch[-1].bias == 1.0)
+        assert torch.all(box_branch[-1].bias == 2.0)  # any constant is a uniform DFL distribution
         expected = math.log(5 / 3 / (640 / stride) ** 2)
         assert torch.allclose(cls_branch[-1].bias, torch.full((3,), expected))
 

@@ -115,3 +115,31 @@ def test_a_fixed_shape_onnx_predicts_at_its_size_and_names_the_shape_it_needs(de
     assert len(results) == len(list(Path(source).glob("*.jpg")))
     with pytest.raises(CheckpointError, match=r"exported for input \(1, 3, 64, 64\).*dynamic=True"):
         OnnxModel(exported)(torch.zeros(2, 3, 64, 64))
+
+
+def test_an_end_to_end_onnx_returns_final_detections_equal_to_pytorch(tiny_family_yaml, tmp_path):
+    """YOLO26: the exported graph ends in the head's top-k (no NMS): (B, max_det, 6) boxes, scores, classes."""
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = DetectionModel(tiny_family_yaml("yolo26"), nc=6, verbose=False)
+    with torch.no_grad():  # BatchNorm statistics of real activations: an untrained eval model outputs ~constants
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.momentum = None
+        model.train()(torch.rand(4, 3, 64, 64))
+        for branch in (*model.head.one2one_cv2, *model.head.one2one_cv3):
+            torch.nn.init.normal_(branch[-1].weight, std=5e-4)  # scores spread below 1: no ties in the top-k
+    path = tmp_path / "best.pt"
+    save_checkpoint({"epoch": 0, "model": model.state_dict(), "ema": None, "model_yaml": model.yaml,
+                     "names": NAMES, "nc": 6}, path)
+    exported = YOLO(str(path)).export(format="onnx", imgsz=64, dynamic=True, max_det=20, verbose=False)
+    runtime = OnnxModel(exported)
+    assert runtime.end2end
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    expected = load_checkpoint_model(path).fuse().eval()
+    expected.head.max_det = 20
+    with torch.no_grad():
+        reference = expected(images)[0]
+    output = runtime(images)
+    assert output.shape == (3, 20, 6)
+    torch.testing.assert_close(output, reference, atol=1e-4, rtol=1e-4)

@@ -43,16 +43,17 @@ def classes_named_like_the_reference(model):
             del sys.modules[name]
 
 
-def write_reference_checkpoint(path, tiny_model_yaml, extra=None):
+def write_reference_checkpoint(path, tiny_model_yaml, extra=None, ema_offset=0.5):
     """A .pt laid out as the reference trainer writes it: whole model objects (EMA in half precision), numpy
-    fitness, train args. Returns the EMA's float state dict (what an import must give)."""
+    fitness, train args. Returns the EMA's float state dict (what an import must give). The EMA's parameters are
+    the model's plus `ema_offset` (the import must take the EMA; 0 keeps the weights usable for inference)."""
     torch.manual_seed(0)
     model = DetectionModel(tiny_model_yaml, nc=len(NAMES), verbose=False)
     model.names = dict(NAMES)
     ema = copy.deepcopy(model)
     with torch.no_grad():
         for parameter in ema.parameters():
-            parameter.add_(0.5)  # the EMA differs from the model: the import must take the EMA
+            parameter.add_(ema_offset)
     checkpoint = {"date": "2026-01-01", "version": "8.4.190", "epoch": 9, "best_fitness": np.float64(0.42),
                   "model": None, "ema": ema.half(), "updates": 100, "optimizer": {"state": {}, "param_groups": []},
                   "train_args": {"imgsz": 64, "epochs": 10}, **(extra or {})}
@@ -140,3 +141,37 @@ def test_calling_a_class_named_in_the_file_is_refused(tmp_path):
     torch.save({"model": Call()}, path)
     with pytest.raises(CheckpointError, match="calls types.SimpleNamespace"):
         load_records(path)
+
+
+@pytest.mark.parametrize("family", ["yolo11", "yolo26"])
+def test_current_families_import_key_for_key(tmp_path, tiny_family_yaml, family):
+    """YOLO11 (C3k2, C2PSA, depthwise class branch) and YOLO26 (end-to-end head, no DFL) files in the reference's
+    layout: every tensor arrives under its own name and rebuilds the model with its head options."""
+    path = tmp_path / f"{family}t.pt"
+    expected = write_reference_checkpoint(path, tiny_family_yaml(family))
+    checkpoint = load_checkpoint(path)
+    assert checkpoint["model"].keys() == expected.keys()
+    rebuilt = DetectionModel.from_yaml_and_state(checkpoint["model_yaml"], checkpoint["model"], nc=3)
+    assert all(torch.equal(v, expected[k]) for k, v in rebuilt.state_dict().items())
+    assert rebuilt.end2end == (family == "yolo26") and rebuilt.head.reg_max == (1 if family == "yolo26" else 16)
+    if family == "yolo26":
+        assert any(k.startswith("model.23.one2one_cv2.") for k in expected) and not any(".dfl." in k for k in expected)
+
+
+def test_an_imported_end_to_end_model_validates_and_predicts_without_nms(tmp_path, tiny_family_yaml, tiny_data,
+                                                                         monkeypatch):
+    import yolotrain.tasks.detect.predict as predict_module
+    import yolotrain.tasks.detect.val as val_module
+
+    def no_nms(*args, **kwargs):
+        raise AssertionError("an end-to-end model must not run NMS")
+
+    monkeypatch.setattr(val_module, "non_max_suppression", no_nms)
+    monkeypatch.setattr(predict_module, "non_max_suppression", no_nms)
+    path = tmp_path / "yolo26t.pt"
+    write_reference_checkpoint(path, tiny_family_yaml("yolo26"), ema_offset=0.0)
+    metrics = YOLO(str(path)).val(data=tiny_data, imgsz=64, device="cpu", plots=False, project=str(tmp_path / "v"))
+    assert 0.0 <= metrics["metrics/mAP50-95(B)"] <= 1.0
+    results = YOLO(str(path)).predict(tiny_data.replace("data.yaml", "images/val"), imgsz=64, conf=0.0, max_det=4,
+                                      save=False, verbose=False)
+    assert results and all(len(r) == 4 for r in results)  # conf=0: exactly max_det boxes, straight from the head

@@ -28,7 +28,7 @@ MODES = ("train", "val", "predict", "export")
 # Modes of the command line; `convert` and `sync` take positional arguments instead of key=value pairs.
 CLI_MODES = ("train", "val", "predict", "help", "convert", "sync", "export", "version")
 POSITIONAL_CLI_MODES = ("convert", "sync")
-OPTIMIZERS = ("SGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSProp", "auto")
+OPTIMIZER_CHOICES = ("SGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSProp", "MuSGD", "auto")
 SPLITS = ("val", "test", "train")
 EXPORT_FORMATS = ("onnx", "torchscript", "safetensors")
 
@@ -44,7 +44,7 @@ _STR_CHOICES = types.MappingProxyType(
     {
         "task": TASKS,
         "mode": MODES,
-        "optimizer": OPTIMIZERS,
+        "optimizer": OPTIMIZER_CHOICES,
         "split": SPLITS,
         "cache": ("ram", "disk"),
         "amp": ("bf16",),

@@ -22,6 +22,7 @@ from yolotrain import __version__
 from yolotrain.errors import CfgError, YoloTrainError
 from yolotrain.nn.backends import EXPORT_METADATA_FILE, load_checkpoint_model
 from yolotrain.utils.checkpoint import is_weights_file
+from yolotrain.utils.nms import set_max_det
 
 LOGGER = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ def _prepare(weights, args):
     if args.half and not torch.cuda.is_available():
         raise ExportError("half=True exports fp16 and needs a CUDA device")
     model = load_checkpoint_model(weights).fuse().eval().to(device)
+    set_max_det(model, args.max_det)  # an end-to-end export returns at most this many boxes per image
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     stride = max(int(model.stride.max()), 32)
@@ -85,6 +87,7 @@ def _metadata(model, example, args):
         "batch": int(example.shape[0]),
         "dynamic": bool(args.dynamic),
         "half": bool(args.half),
+        "end2end": bool(getattr(model, "end2end", False)),
         "task": "detect",
         "version": __version__,
     }
@@ -103,7 +106,8 @@ def _write_onnx(model, example, metadata, path, args):
         raise ExportError("format=onnx needs the onnx package: pip install 'yolotrain[export]'") from None
     dynamic_axes = None
     if args.dynamic:
-        dynamic_axes = {"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 2: "anchors"}}
+        outputs = {0: "batch", 1: "detections"} if metadata["end2end"] else {0: "batch", 2: "anchors"}
+        dynamic_axes = {"images": {0: "batch", 2: "height", 3: "width"}, "output0": outputs}
     options = {} if args.opset is None else {"opset_version": int(args.opset)}
     with torch.no_grad(), _quiet_tracer():
         # The TorchScript-based exporter: the detector has no data-dependent control flow to need dynamo.

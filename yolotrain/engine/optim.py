@@ -1,5 +1,6 @@
-"""Optimizer construction (parameter groups, optimizer by name, the ``auto`` choice) and ``OptimizerStepper``,
-the one helper that owns mixed precision, gradient accumulation, clipping, the optimizer step and the EMA update.
+"""Optimizer construction (parameter groups, optimizer by name, the ``auto`` choice), the ``MuSGD`` optimizer and
+``OptimizerStepper``, the one helper that owns mixed precision, gradient accumulation, clipping, the optimizer step
+and the EMA update.
 """
 
 from __future__ import annotations
@@ -7,18 +8,26 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from yolotrain.cfg import OPTIMIZER_CHOICES
 from yolotrain.errors import CfgError
 
 LOGGER = logging.getLogger(__name__)
 
-OPTIMIZERS = ("SGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSProp")
-# Above this many optimizer iterations SGD converges better; below it AdamW gets there faster.
-AUTO_SGD_MIN_ITERATIONS = 10_000
+OPTIMIZERS = tuple(name for name in OPTIMIZER_CHOICES if name != "auto")
+# Above this many optimizer iterations MuSGD converges better; below it AdamW gets there faster.
+AUTO_MUSGD_MIN_ITERATIONS = 10_000
+# Under MuSGD the detection head's class branches learn this much faster than the rest (the YOLO26 recipe).
+CLASS_BRANCH_LR_SCALE = 3.0
+# Matrix (Linear) and conv-filter weights; other shapes have no useful matrix form for the Muon update.
+MUON_WEIGHT_NDIMS = (2, 4)
+# Quintic Newton-Schulz coefficients tuned for Muon: few steps, singular values pushed into about [0.7, 1.2].
+NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NEWTON_SCHULZ_STEPS = 5
 
 
 def _normalisation_types() -> Tuple[type, ...]:
@@ -28,36 +37,84 @@ def _normalisation_types() -> Tuple[type, ...]:
     return tuple(types)
 
 
-def build_param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """Split the model's parameters into three groups, always in this order:
+def build_param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    muon: bool = False,
+    boosted_prefixes: Sequence[str] = (),
+    boosted_lr_scale: float = CLASS_BRANCH_LR_SCALE,
+) -> List[Dict[str, Any]]:
+    """Split the model's parameters into groups, always in this order:
 
     0 ``weights``: weights of every non-normalisation layer, with ``weight_decay``;
     1 ``norm``: weights of normalisation layers (decided by the module's class), no decay;
-    2 ``bias``: all biases, no decay (they get the warmup bias LR).
+    2 ``bias``: all biases, no decay (they get the warmup bias LR);
+    3 ``muon`` (only with ``muon=True``, for MuSGD): the 2-D and 4-D weights that would otherwise be in
+      ``weights``, with ``weight_decay``; every group then carries a ``muon`` flag.
+
+    Parameters whose qualified name starts with one of ``boosted_prefixes`` go instead into copies of their
+    groups, appended after the above in the same order, named ``<group>_boosted`` and carrying
+    ``lr_scale=boosted_lr_scale`` (``make_optimizer`` turns it into their LR); empty copies are left out.
 
     Every parameter appears exactly once, frozen ones included, so unfreezing a layer later trains it.
     """
     norm_types = _normalisation_types()
-    weights: List[nn.Parameter] = []
-    norm: List[nn.Parameter] = []
-    bias: List[nn.Parameter] = []
+    base_names = ["weights", "norm", "bias"] + (["muon"] if muon else [])
+    members: Dict[Tuple[str, bool], List[nn.Parameter]] = {
+        (name, boosted): [] for name in base_names for boosted in (False, True)
+    }
     seen: set = set()  # tied parameters belong to several modules but must be optimised once
-    for module in model.modules():
+    for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             if id(param) in seen:
                 continue
             seen.add(id(param))
-            if param_name == "bias":
-                bias.append(param)
-            elif isinstance(module, norm_types):
-                norm.append(param)
-            else:
-                weights.append(param)
-    return [
-        {"params": weights, "weight_decay": weight_decay, "name": "weights", "bias_group": False},
-        {"params": norm, "weight_decay": 0.0, "name": "norm", "bias_group": False},
-        {"params": bias, "weight_decay": 0.0, "name": "bias", "bias_group": True},
-    ]
+            qualified_name = f"{module_name}.{param_name}" if module_name else param_name
+            boosted = any(qualified_name.startswith(prefix) for prefix in boosted_prefixes)
+            members[(_group_name(module, param_name, param, norm_types, muon), boosted)].append(param)
+
+    groups = [_param_group(name, members[(name, False)], weight_decay, muon) for name in base_names]
+    for name in base_names:
+        if members[(name, True)]:
+            boosted_group = _param_group(name, members[(name, True)], weight_decay, muon)
+            boosted_group.update(name=f"{name}_boosted", lr_scale=float(boosted_lr_scale))
+            groups.append(boosted_group)
+    return groups
+
+
+def _group_name(
+    module: nn.Module, param_name: str, param: nn.Parameter, norm_types: Tuple[type, ...], muon: bool
+) -> str:
+    if param_name == "bias":
+        return "bias"
+    if isinstance(module, norm_types):
+        return "norm"
+    if muon and param.ndim in MUON_WEIGHT_NDIMS:
+        return "muon"
+    return "weights"
+
+
+def _param_group(name: str, params: List[nn.Parameter], weight_decay: float, muon: bool) -> Dict[str, Any]:
+    decay = weight_decay if name in ("weights", "muon") else 0.0
+    group = {"params": params, "weight_decay": decay, "name": name, "bias_group": name == "bias"}
+    if muon:
+        group["muon"] = name == "muon"
+    return group
+
+
+def class_branch_prefixes(model: nn.Module) -> Tuple[str, ...]:
+    """Name prefixes of the detection head's class branches (``cv3`` and, end-to-end, ``one2one_cv3``).
+
+    These are the ``boosted_prefixes`` of the MuSGD recipe; empty when the model has no ``head``.
+    """
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Module):
+        return ()
+    head_name = next((name for name, module in model.named_modules() if module is head), None)
+    if head_name is None:
+        return ()
+    branches = [branch for branch in ("cv3", "one2one_cv3") if isinstance(getattr(head, branch, None), nn.Module)]
+    return tuple(f"{head_name}.{branch}." if head_name else f"{branch}." for branch in branches)
 
 
 def _check_optimizer_name(name: str) -> str:
@@ -72,15 +129,20 @@ def _check_optimizer_name(name: str) -> str:
 def make_optimizer(name: str, param_groups: List[Dict[str, Any]], lr: float, momentum: float) -> torch.optim.Optimizer:
     """Build optimizer ``name`` (case-insensitive) over ``param_groups`` (each group keeps its weight decay).
 
-    SGD uses Nesterov momentum; the Adam family uses ``betas=(momentum, 0.999)``; RMSProp uses ``momentum``.
-    Every group gets ``initial_lr = lr`` (the LR the schedule scales).
+    SGD and MuSGD use Nesterov momentum (MuSGD applies Muon to the groups flagged ``muon``); the Adam family uses
+    ``betas=(momentum, 0.999)``; RMSProp uses ``momentum``. Every group gets ``initial_lr = lr`` (the LR the
+    schedule scales), or ``lr * lr_scale`` together with that starting ``lr`` when the group has an ``lr_scale``.
     """
     canonical = _check_optimizer_name(name)
     for group in param_groups:
-        group.setdefault("initial_lr", lr)
+        _set_initial_lr(group, lr)
     betas = (momentum, 0.999)
     if canonical == "SGD":
         return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, nesterov=True)
+    if canonical == "MuSGD":
+        if not any(group.get("muon", False) for group in param_groups):
+            LOGGER.warning("MuSGD got no group with muon=True: it will train as plain SGD with Nesterov momentum")
+        return MuSGD(param_groups, lr=lr, momentum=momentum)
     if canonical == "RMSProp":
         return torch.optim.RMSprop(param_groups, lr=lr, momentum=momentum)
     adam_family = {
@@ -93,11 +155,134 @@ def make_optimizer(name: str, param_groups: List[Dict[str, Any]], lr: float, mom
     return adam_family[canonical](param_groups, lr=lr, betas=betas)
 
 
+def _set_initial_lr(group: Dict[str, Any], lr: float) -> None:
+    # The schedule scales initial_lr, so a boosted group keeps its ratio to the others through warmup and decay.
+    if "lr_scale" not in group:
+        group.setdefault("initial_lr", lr)
+        return
+    group.setdefault("initial_lr", lr * group["lr_scale"])
+    group.setdefault("lr", group["initial_lr"])
+
+
 def resolve_auto_optimizer(iterations: int, nc: int) -> Tuple[str, float, float]:
-    """``optimizer=auto``: SGD(0.01, 0.9) for long runs, else AdamW with an LR fitted to the number of classes."""
-    if iterations > AUTO_SGD_MIN_ITERATIONS:
-        return "SGD", 0.01, 0.9
+    """``optimizer=auto``: MuSGD(0.01, 0.9) for long runs, else AdamW with an LR fitted to the number of classes."""
+    if iterations > AUTO_MUSGD_MIN_ITERATIONS:
+        return "MuSGD", 0.01, 0.9
     return "AdamW", round(0.002 * 5 / (4 + nc), 6), 0.9
+
+
+def newton_schulz_orthogonalise(matrices: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS) -> torch.Tensor:
+    """Approximately orthogonalise a matrix or a (B, rows, cols) batch: same singular vectors, singular values ~1.
+
+    The quintic iteration is approximate by design (values land in about [0.7, 1.2]) and runs in bfloat16, which
+    it tolerates; the result has the input's shape and dtype.
+    """
+    batch = matrices if matrices.ndim == 3 else matrices.unsqueeze(0)
+    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
+    frobenius = torch.linalg.matrix_norm(batch.float(), keepdim=True)
+    x = (batch.float() / (frobenius + 1e-7)).to(torch.bfloat16)  # all singular values now <= 1, where it converges
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT  # iterate on the small Gram matrix
+    for _ in range(steps):
+        gram = torch.bmm(x, x.mT)
+        polynomial = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b * G + c * G @ G
+        x = torch.baddbmm(x, polynomial, x, beta=a)  # a * X + (b * G + c * G @ G) @ X
+    if tall:
+        x = x.mT
+    return x.to(matrices.dtype).reshape(matrices.shape)
+
+
+class MuSGD(torch.optim.Optimizer):
+    """SGD with Nesterov momentum, plus a Muon update for the param groups flagged ``muon`` (the YOLO26 recipe).
+
+    Groups with ``muon=False`` step exactly like ``torch.optim.SGD(nesterov=True)`` with weight decay added to the
+    gradient. A ``muon=True`` group (2-D and 4-D weights) gets two updates each step, with separate momentum buffers:
+
+    1. Muon: ``m = beta * m + (1 - beta) * g``; the Nesterov step ``beta * m + (1 - beta) * g`` is viewed as a
+       (dim 0, rest) matrix, orthogonalised by Newton-Schulz, scaled by ``max(1, rows / cols) ** 0.5`` and applied
+       with ``lr * muon_scale``;
+    2. then the SGD-Nesterov update of the other groups, applied with ``lr * sgd_scale``.
+
+    ``beta`` is the group's ``momentum``, so the schedule's momentum warmup drives both updates.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        muon_scale: float = 0.2,
+        sgd_scale: float = 1.0,
+    ) -> None:
+        if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0:
+            raise ValueError(f"MuSGD: invalid lr={lr}, momentum={momentum} or weight_decay={weight_decay}")
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, muon=False, muon_scale=muon_scale, sgd_scale=sgd_scale
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
+        """One update of every parameter that has a gradient; ``closure`` re-evaluates the loss, as in torch."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["muon"]:
+                self._muon_update(group, params, grads)
+                self._sgd_update(group, params, grads, lr=group["lr"] * group["sgd_scale"])
+            else:
+                self._sgd_update(group, params, grads, lr=group["lr"])
+        return loss
+
+    def _buffers(self, params: List[torch.Tensor], key: str) -> List[torch.Tensor]:
+        # Kept in self.state[p] so that torch's state_dict()/load_state_dict() save and restore them.
+        for p in params:
+            if key not in self.state[p]:
+                self.state[p][key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return [self.state[p][key] for p in params]
+
+    def _sgd_update(
+        self, group: Dict[str, Any], params: List[torch.Tensor], grads: List[torch.Tensor], lr: float
+    ) -> None:
+        momentum, weight_decay = group["momentum"], group["weight_decay"]
+        buffers = self._buffers(params, "momentum_buffer")
+        if weight_decay:
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+        torch._foreach_mul_(buffers, momentum)
+        torch._foreach_add_(buffers, grads)
+        updates = torch._foreach_add(grads, buffers, alpha=momentum)  # Nesterov: look one momentum step ahead
+        torch._foreach_add_(params, updates, alpha=-lr)
+
+    def _muon_update(self, group: Dict[str, Any], params: List[torch.Tensor], grads: List[torch.Tensor]) -> None:
+        beta = group["momentum"]
+        buffers = self._buffers(params, "muon_momentum_buffer")
+        torch._foreach_lerp_(buffers, grads, 1 - beta)  # m = beta * m + (1 - beta) * g
+        nesterov = torch._foreach_lerp(grads, buffers, beta)  # beta * m + (1 - beta) * g
+        # torch.optim.Muon takes only 2-D parameters; conv filters need the (out, in * kh * kw) view used here.
+        for indices in _indices_by_shape(params).values():
+            shape = params[indices[0]].shape
+            rows, cols = shape[0], params[indices[0]][0].numel()
+            matrices = torch.stack([nesterov[i] for i in indices]).reshape(len(indices), rows, cols)
+            orthogonal = newton_schulz_orthogonalise(matrices).reshape(len(indices), *shape)
+            shape_scale = max(1.0, rows / cols) ** 0.5  # tall matrices would otherwise get too small an update
+            step_size = group["lr"] * group["muon_scale"] * shape_scale
+            torch._foreach_add_([params[i] for i in indices], list(orthogonal.unbind(0)), alpha=-step_size)
+
+
+def _indices_by_shape(tensors: List[torch.Tensor]) -> Dict[Tuple[Any, ...], List[int]]:
+    """Positions of the tensors that can share one batched Newton-Schulz call (same shape, dtype and device)."""
+    buckets: Dict[Tuple[Any, ...], List[int]] = {}
+    for index, tensor in enumerate(tensors):
+        buckets.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), []).append(index)
+    return buckets
 
 
 def scaled_weight_decay(weight_decay: float, batch_size: int, accumulate: int, nominal_batch: int) -> float:

@@ -31,6 +31,7 @@ from yolotrain.engine.ema import ModelEMA
 from yolotrain.engine.optim import (
     OptimizerStepper,
     build_param_groups,
+    class_branch_prefixes,
     make_optimizer,
     resolve_auto_optimizer,
     scaled_weight_decay,
@@ -337,8 +338,9 @@ class BaseTrainer:
     def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
         """Return the optimizer. Called once at set-up with the decay already scaled to the batch.
 
-        Default: three groups (weights with decay, normalisation weights and biases without). `name="auto"` picks
-        SGD for long runs and AdamW with an lr fitted to the class count otherwise. Each group's starting lr is its
+        Default: three groups (weights with decay, normalisation weights and biases without); MuSGD adds a Muon
+        group for 2-D and 4-D weights and gives the head's class branches 3x the lr. `name="auto"` picks MuSGD for
+        long runs and AdamW with an lr fitted to the class count otherwise. Each group's starting lr is its
         schedule's base: warmup and decay scale every group by the same factor, so ratios between groups hold.
         """
         if name.lower() == "auto":
@@ -349,7 +351,9 @@ class BaseTrainer:
                 f"iterations, ignoring lr0 and momentum"
             )
         self.resolved.optimizer = f"{name}(lr={lr}, momentum={momentum})"
-        return make_optimizer(name, build_param_groups(model, decay), lr, momentum)
+        muon = name.lower() == "musgd"
+        boosted = class_branch_prefixes(model) if muon else ()
+        return make_optimizer(name, build_param_groups(model, decay, muon=muon, boosted_prefixes=boosted), lr, momentum)
 
     def _resolve_amp(self):
         """torch dtype for autocast, or None. fp16 only on CUDA, checked against fp32 first; bf16 on request."""

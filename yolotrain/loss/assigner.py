@@ -24,15 +24,21 @@ class TaskAlignedAssigner(nn.Module):
         alpha: exponent of the class score in the alignment metric.
         beta: exponent of the IoU in the alignment metric.
         eps: small value that keeps divisions and the "inside the box" test stable.
+        final_topk: when set, each ground truth keeps at most this many positives after shared anchors are resolved
+            (1 for a one-to-one head: one prediction per object).
+        min_box_side: candidate anchors are looked for in each box grown about its centre to at least this side
+            (pixels), so that objects smaller than a grid cell still get candidates; 0 turns it off.
     """
 
-    def __init__(self, topk=10, num_classes=80, alpha=0.5, beta=6.0, eps=1e-9):
+    def __init__(self, topk=10, num_classes=80, alpha=0.5, beta=6.0, eps=1e-9, final_topk=None, min_box_side=0.0):
         super().__init__()
         self.topk = topk
         self.num_classes = num_classes
         self.alpha = alpha
         self.beta = beta
         self.eps = eps
+        self.final_topk = final_topk
+        self.min_box_side = float(min_box_side)
 
     @torch.no_grad()
     def forward(self, pred_scores, pred_bboxes, anchor_points, gt_labels, gt_bboxes, mask_gt):
@@ -63,10 +69,13 @@ class TaskAlignedAssigner(nn.Module):
         anchor_points, gt_bboxes = anchor_points.float(), gt_bboxes.float()
         gt_labels = gt_labels.long().clamp(0, self.num_classes - 1)
 
-        candidates = self._anchors_inside_boxes(anchor_points, gt_bboxes) & mask_gt.bool()  # (B, M, A)
+        candidate_region = self._grown_to_min_side(gt_bboxes)
+        candidates = self._anchors_inside_boxes(anchor_points, candidate_region) & mask_gt.bool()  # (B, M, A)
         align_metric, overlaps = self._alignment(pred_scores, pred_bboxes, gt_labels, gt_bboxes, candidates)
-        is_positive = self._select_topk(align_metric, candidates)  # (B, M, A)
+        is_positive = self._select_topk(align_metric, candidates, self.topk)  # (B, M, A)
         is_positive = self._keep_best_gt_per_anchor(is_positive, overlaps)  # (B, M, A)
+        if self.final_topk is not None and self.final_topk < self.topk:
+            is_positive = self._select_topk(align_metric, is_positive, self.final_topk)
 
         fg_mask = is_positive.any(1)  # (B, A)
         target_gt_idx = is_positive.to(torch.uint8).argmax(1)  # (B, A)
@@ -96,6 +105,14 @@ class TaskAlignedAssigner(nn.Module):
         margin = torch.minimum(points - top_left, bottom_right - points)  # (B, M, A, 2)
         return margin.amin(-1) > self.eps
 
+    def _grown_to_min_side(self, gt_bboxes):
+        """(B, M, 4) xyxy boxes with each side at least `min_box_side`, grown about their centres."""
+        if self.min_box_side <= 0:
+            return gt_bboxes
+        centre = (gt_bboxes[..., :2] + gt_bboxes[..., 2:]) / 2
+        half_side = (gt_bboxes[..., 2:] - gt_bboxes[..., :2]).clamp(min=self.min_box_side) / 2
+        return torch.cat((centre - half_side, centre + half_side), -1)
+
     def _alignment(self, pred_scores, pred_bboxes, gt_labels, gt_bboxes, candidates):
         """Alignment metric and IoU between every ground truth and anchor, zero outside the candidates.
 
@@ -115,10 +132,11 @@ class TaskAlignedAssigner(nn.Module):
         align_metric = gt_class_scores.pow(self.alpha) * overlaps.pow(self.beta)  # (B, M, A)
         return align_metric * candidates, overlaps
 
-    def _select_topk(self, align_metric, candidates):
+    @staticmethod
+    def _select_topk(align_metric, candidates, topk):
         """(B, M, A) True for the `topk` best-aligned candidate anchors of each ground truth."""
         num_anchors = align_metric.shape[-1]
-        k = min(self.topk, num_anchors)
+        k = min(topk, num_anchors)
         # Non-candidates rank below every candidate, so a box with few candidates never borrows outside anchors.
         ranking = align_metric.masked_fill(~candidates, -1.0)  # (B, M, A)
         topk_idx = ranking.topk(k, dim=-1).indices  # (B, M, k)

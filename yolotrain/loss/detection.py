@@ -34,7 +34,7 @@ class DetectionLoss:
     classes; background anchors keep all-zero targets, so smoothing never raises the score of empty regions.
     """
 
-    def __init__(self, model, tal_topk=10):
+    def __init__(self, model, tal_topk=10, final_topk=None, min_box_side=0.0):
         self.model = model
         head = model.model[-1]
         self.device = next(model.parameters()).device
@@ -48,7 +48,8 @@ class DetectionLoss:
         self.label_smoothing = float(getattr(args, "label_smoothing", 0.0))
 
         self.class_weights = self._checked_class_weights(self.class_weight_vector())
-        self.assigner = TaskAlignedAssigner(topk=tal_topk, num_classes=self.num_classes, alpha=0.5, beta=6.0)
+        self.assigner = TaskAlignedAssigner(topk=tal_topk, num_classes=self.num_classes, alpha=0.5, beta=6.0,
+                                            final_topk=final_topk, min_box_side=min_box_side)
         # Bin centres 0..R-1: the DFL expectation is the softmax over bins dotted with these.
         self.bin_values = torch.arange(self.reg_max, dtype=torch.float32, device=self.device)
 
@@ -129,7 +130,7 @@ class DetectionLoss:
         loss_cls = self._classification_loss(pred_logits, cls_targets) / target_scores_sum
         loss_box, loss_dfl = self._box_losses(
             pred_distri, pred_bboxes, anchor_points, target_bboxes / stride_tensor, target_scores,
-            target_scores_sum, fg_mask,
+            target_scores_sum, fg_mask, stride_tensor, image_hw,
         )
         loss = torch.stack((loss_box * self.box_gain, loss_cls * self.cls_gain, loss_dfl * self.dfl_gain))
         return loss.sum() * batch_size, loss.detach()
@@ -168,7 +169,12 @@ class DetectionLoss:
         return targets[..., :1].long(), targets[..., 1:], mask_gt
 
     def decode_boxes(self, anchor_points, pred_distri):
-        """(B, A, 4) xyxy boxes in grid units from the DFL logits: each side is the expected bin under softmax."""
+        """(B, A, 4) xyxy boxes in grid units from the DFL logits: each side is the expected bin under softmax.
+
+        With reg_max=1 the outputs are the four side distances themselves.
+        """
+        if self.reg_max == 1:
+            return dist2bbox(pred_distri, anchor_points, xywh=False)
         batch_size, num_anchors, _ = pred_distri.shape
         bin_probs = pred_distri.view(batch_size, num_anchors, 4, self.reg_max).softmax(-1)  # (B, A, 4, R)
         distances = bin_probs @ self.bin_values.to(pred_distri.device)  # (B, A, 4)
@@ -188,10 +194,11 @@ class DetectionLoss:
         return target_scores * (1 - self.label_smoothing) + spread * fg_mask.unsqueeze(-1)
 
     def _box_losses(self, pred_distri, pred_bboxes, anchor_points, target_bboxes, target_scores,
-                    target_scores_sum, fg_mask):
+                    target_scores_sum, fg_mask, stride_tensor, image_hw):
         """CIoU and DFL losses over foreground anchors, each weighted by the anchor's target score.
 
-        target_bboxes are in grid units, like pred_bboxes and anchor_points.
+        target_bboxes are in grid units, like pred_bboxes and anchor_points. With reg_max=1 the second loss is the
+        L1 distance of the four sides instead of DFL (see `side_distance_l1`).
         """
         if not fg_mask.any():
             # Zero that still touches the box outputs, so every parameter gets a gradient (DDP expects it).
@@ -202,10 +209,37 @@ class DetectionLoss:
         loss_box = ((1.0 - ciou) * weight).sum() / target_scores_sum
 
         anchors_fg = anchor_points.unsqueeze(0).expand(fg_mask.shape[0], -1, -1)[fg_mask]  # (F, 2)
+        if self.reg_max == 1:
+            strides_fg = stride_tensor.unsqueeze(0).expand(fg_mask.shape[0], -1, -1)[fg_mask]  # (F, 1)
+            l1 = side_distance_l1(pred_distri[fg_mask], anchors_fg, target_bboxes[fg_mask], strides_fg, image_hw)
+            return loss_box, (l1 * weight).sum() / target_scores_sum
         target_distances = bbox2dist(anchors_fg, target_bboxes[fg_mask], self.reg_max)  # (F, 4)
         side_logits = pred_distri[fg_mask].view(-1, 4, self.reg_max)  # (F, 4, R)
         loss_dfl = (distribution_focal_loss(side_logits, target_distances) * weight).sum() / target_scores_sum
         return loss_box, loss_dfl
+
+
+def loss_item_names(reg_max):
+    """Names of the three loss items: box, cls, and DFL or (reg_max=1) the L1 side distance."""
+    return ("box_loss", "cls_loss", "dfl_loss" if reg_max > 1 else "l1_loss")
+
+
+def side_distance_l1(pred_distances, anchor_points, target_bboxes, strides, image_hw):
+    """L1 loss of the four box-side distances, each as a fraction of the image width or height.
+
+    Args:
+        pred_distances: (F, 4) predicted left, top, right, bottom distances in grid units.
+        anchor_points: (F, 2) anchor centres in grid units; target_bboxes: (F, 4) xyxy in grid units.
+        strides: (F, 1) stride of each anchor's level; image_hw: (height, width) of the batch images in pixels.
+
+    Returns:
+        (F, 1) loss per anchor, averaged over the four sides.
+    """
+    target_distances = torch.cat((anchor_points - target_bboxes[:, :2], target_bboxes[:, 2:] - anchor_points), -1)
+    height, width = image_hw
+    to_image_fraction = strides / torch.tensor([width, height, width, height], device=strides.device)  # (F, 4)
+    error = (pred_distances - target_distances).abs() * to_image_fraction
+    return error.mean(-1, keepdim=True)
 
 
 def distribution_focal_loss(side_logits, target_distances):
@@ -227,6 +261,39 @@ def distribution_focal_loss(side_logits, target_distances):
     left_nll = -log_probs.gather(1, left_bin.view(-1, 1)).view_as(left_weight)
     right_nll = -log_probs.gather(1, right_bin.view(-1, 1)).view_as(right_weight)
     return (left_nll * left_weight + right_nll * right_weight).mean(-1, keepdim=True)
+
+
+class EndToEndDetectionLoss:
+    """Loss of an end-to-end head (YOLO26): its one-to-many and one-to-one branches, mixed by training progress.
+
+    The one-to-many branch is assigned as usual (top 10 candidates per object); the one-to-one branch keeps the top 7
+    candidates and then only the best one, so it learns to give each object a single box and needs no NMS. Both
+    look for candidates in boxes grown to at least the middle stride, so tiny objects get some. The one-to-many
+    weight falls linearly from 0.8 in the first epoch to 0.1 in the last (`set_epoch`); the one-to-one branch gets
+    the rest. Returns the one-to-one branch's loss items (what inference uses).
+    """
+
+    ONE2MANY_START, ONE2MANY_END = 0.8, 0.1
+
+    def __init__(self, model):
+        head = model.model[-1]
+        middle_stride = float(head.stride[len(head.stride) // 2])
+        self.one2many = DetectionLoss(model, tal_topk=10, min_box_side=middle_stride)
+        self.one2one = DetectionLoss(model, tal_topk=7, final_topk=1, min_box_side=middle_stride)
+        self.one2many_weight = self.ONE2MANY_START
+
+    def set_epoch(self, epoch, epochs):
+        """Weights for epoch `epoch` (0-based) of `epochs`: a pure function of both, so a resume restores them."""
+        remaining = max(1.0 - epoch / max(epochs - 1, 1), 0.0)
+        self.one2many_weight = self.ONE2MANY_END + (self.ONE2MANY_START - self.ONE2MANY_END) * remaining
+
+    def __call__(self, preds, batch):
+        """preds: the head's {"one2many": maps, "one2one": maps}, or the eval-mode (detections, that dict)."""
+        if isinstance(preds, tuple):
+            preds = preds[1]
+        loss_one2many, _ = self.one2many(preds["one2many"], batch)
+        loss_one2one, items = self.one2one(preds["one2one"], batch)
+        return loss_one2many * self.one2many_weight + loss_one2one * (1.0 - self.one2many_weight), items
 
 
 def class_weights_from_labels(labels_cls, nc, power):

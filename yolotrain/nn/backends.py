@@ -68,6 +68,7 @@ class _ExportedModel(nn.Module):
         self.dynamic = bool(metadata.get("dynamic", False))
         self.batch = int(metadata.get("batch", 1))
         self.half = bool(metadata.get("half", False))
+        self.end2end = bool(metadata.get("end2end", False))  # output (B, max_det, 6): final detections, no NMS
         self.path = str(path)
 
     def fuse(self):

@@ -17,7 +17,7 @@ import torch.nn as nn
 import yaml
 
 from yolotrain.errors import CfgError, CheckpointError
-from yolotrain.nn.modules import C2f, C3, C3k, C3k2, SPPF, Bottleneck, Concat, Conv, Detect
+from yolotrain.nn.modules import C2PSA, C2f, C3, C3k, C3k2, SPPF, Bottleneck, Concat, Conv, Detect, DWConv
 from yolotrain.utils.torch_utils import intersect_dicts, model_info
 
 LOGGER = logging.getLogger(__name__)
@@ -26,14 +26,16 @@ MODELS_DIR = Path(__file__).resolve().parent.parent / "cfg" / "models"
 STRIDE_PROBE_SIZE = 256  # square zero image used once to measure the head's strides
 
 # Modules whose first arg is the output width (scaled by the width multiple); they receive the input width first.
-_WIDTH_MODULES = (Conv, Bottleneck, C2f, C3, C3k, C3k2, SPPF)
+_WIDTH_MODULES = (Conv, DWConv, Bottleneck, C2f, C3, C3k, C3k2, C2PSA, SPPF)
 # Modules that take the repeat count as their third argument instead of being stacked in an nn.Sequential.
-_REPEAT_ARG_MODULES = (C2f, C3, C3k, C3k2)
+_REPEAT_ARG_MODULES = (C2f, C3, C3k, C3k2, C2PSA)
+# Larger scales of the C3k2 families (YOLO11, YOLO26) always use C3k inner blocks, whatever the row says.
+_C3K_SCALES = ("m", "l", "x")
 
 
 def _module_table():
     """Module names a yaml may use -> class (built per call: no module-level mutable registry)."""
-    table = {cls.__name__: cls for cls in (Conv, Bottleneck, C2f, C3, C3k, C3k2, SPPF, Concat, Detect)}
+    table = {cls.__name__: cls for cls in (Conv, DWConv, Bottleneck, C2f, C3, C3k, C3k2, C2PSA, SPPF, Concat, Detect)}
     for cls in (nn.Upsample, nn.Identity, nn.MaxPool2d):  # shape-preserving in channels
         table[cls.__name__] = cls
         table[f"nn.{cls.__name__}"] = cls
@@ -84,8 +86,11 @@ def _find_model_file(requested):
     for candidate in _candidate_paths(requested):
         if candidate.is_file():
             return candidate, None
-    match = re.fullmatch(r"(.+)-(\w+)", requested.stem)
-    if match:
+    # `yolo-n.yaml` -> yolo.yaml at scale n; `yolo11n.yaml` -> yolo11.yaml at scale n (a scale after a digit).
+    for pattern in (r"(.+)-(\w+)", r"(.+\d)([a-z]\w*)"):
+        match = re.fullmatch(pattern, requested.stem)
+        if not match:
+            continue
         base = requested.with_name(match.group(1) + requested.suffix)
         for candidate in _candidate_paths(base):
             if candidate.is_file():
@@ -187,6 +192,8 @@ def parse_model(model_dict, in_channels, source="model dict", verbose=True):
     nc = model_dict.get("nc", 80)
     depth, width, max_channels = _multipliers(model_dict)
     modules = _module_table()
+    head_options = _head_options(model_dict)
+    force_c3k = model_dict.get("scale") in _C3K_SCALES
     out_channels, layers, save = [], [], set()
     if verbose:
         LOGGER.info("%3s %18s %3s %10s  %-20s %s", "", "from", "n", "params", "module", "arguments")
@@ -195,7 +202,8 @@ def parse_model(model_dict, in_channels, source="model dict", verbose=True):
         args = [_resolve_arg(a, nc) for a in args]
         channels_in = [in_channels if index == 0 else out_channels[s] for s in _as_list(source_index)]
         repeats = max(round(repeats * depth), 1) if repeats > 1 else repeats
-        layer, channels, args = _build_layer(module_cls, args, repeats, channels_in, width, max_channels, nc)
+        layer, channels, args = _build_layer(module_cls, args, repeats, channels_in, width, max_channels, nc,
+                                             head_options, force_c3k)
         layer.i, layer.f, layer.type = index, source_index, module_name
         layer.np = sum(p.numel() for p in layer.parameters())
         save.update(s % index for s in _as_list(source_index) if s != -1)
@@ -212,7 +220,18 @@ def _as_list(value):
     return value if isinstance(value, list) else [value]
 
 
-def _build_layer(module_cls, args, repeats, channels_in, width, max_channels, nc):
+def _head_options(model_dict):
+    """Detect's keyword arguments from the yaml: `reg_max` (default 16), `end2end` (default False), and the
+    depthwise class branch, which every family built on C3k2 blocks (YOLO11 and later) uses."""
+    rows = model_dict["backbone"] + model_dict["head"]
+    return {
+        "reg_max": int(model_dict.get("reg_max", 16)),
+        "end2end": bool(model_dict.get("end2end", False)),
+        "depthwise_cls": any(row[2] == "C3k2" for row in rows),
+    }
+
+
+def _build_layer(module_cls, args, repeats, channels_in, width, max_channels, nc, head_options, force_c3k):
     """One layer (possibly repeats stacked in nn.Sequential), its output width and its constructor args."""
     if module_cls in _WIDTH_MODULES:
         channels_out = args[0]
@@ -222,6 +241,8 @@ def _build_layer(module_cls, args, repeats, channels_in, width, max_channels, nc
         if module_cls in _REPEAT_ARG_MODULES:
             args.insert(2, repeats)
             repeats = 1
+        if module_cls is C3k2 and force_c3k:
+            args[3:4] = [True]  # also supplies c3k when the row omits it
         # Stacked copies after the first take the layer's own output as input.
         copies = [module_cls(*args)] + [module_cls(channels_out, *args[1:]) for _ in range(repeats - 1)]
     elif module_cls is Concat:
@@ -230,7 +251,7 @@ def _build_layer(module_cls, args, repeats, channels_in, width, max_channels, nc
     elif module_cls is Detect:
         args = [*args[:1], channels_in]
         channels_out = None
-        copies = [module_cls(*args)]
+        copies = [module_cls(*args, **head_options)]
     else:
         channels_out = channels_in[0]
         copies = [module_cls(*args) for _ in range(repeats)]
@@ -282,6 +303,11 @@ class DetectionModel(nn.Module):
         """The Detect layer (last layer)."""
         return self.model[-1]
 
+    @property
+    def end2end(self):
+        """True when the eval output is already final detections (B, max_det, 6): no NMS follows."""
+        return bool(self.head.end2end)
+
     def _measure_strides(self, ch, source):
         was_training = self.training
         self.eval()  # eval: the probe must not move BatchNorm running statistics
@@ -293,6 +319,8 @@ class DetectionModel(nn.Module):
             raise CfgError(f"model yaml '{source}': layers do not fit together (probe forward failed: {message})") from None
         finally:
             self.train(was_training)
+        if isinstance(feats, dict):  # end2end: both branches share the levels
+            feats = feats["one2one"]
         return torch.tensor([STRIDE_PROBE_SIZE / f.shape[-2] for f in feats])
 
     def initialize_weights(self):
@@ -322,9 +350,16 @@ class DetectionModel(nn.Module):
 
     def init_criterion(self):
         """The loss used by `loss()`; override to plug in another criterion."""
-        from yolotrain.loss.detection import DetectionLoss
+        from yolotrain.loss.detection import DetectionLoss, EndToEndDetectionLoss
 
-        return DetectionLoss(self)
+        return EndToEndDetectionLoss(self) if self.end2end else DetectionLoss(self)
+
+    def set_loss_epoch(self, epoch, epochs):
+        """Tell the loss where training stands (the end-to-end loss moves weight between its branches)."""
+        if self.criterion is None:
+            self.criterion = self.init_criterion()
+        if hasattr(self.criterion, "set_epoch"):
+            self.criterion.set_epoch(epoch, epochs)
 
     def loss(self, batch, preds=None):
         """(loss_sum * batch_size, detached (box, cls, dfl)) for a collated batch whose `img` is float [0, 1]."""
@@ -342,6 +377,7 @@ class DetectionModel(nn.Module):
         for module in self.model.modules():
             if isinstance(module, Conv):
                 module.fuse()
+        self.head.fuse()
         if verbose:
             self.info()
         return self

@@ -4,6 +4,7 @@ Attribute names (`conv`, `bn`, `cv1`, `cv2`, `m`, ...) follow the YOLO family's 
 line up parameter for parameter with other YOLOv8/YOLO11-layout implementations.
 """
 
+import copy
 import math
 
 import torch
@@ -48,6 +49,13 @@ class Conv(nn.Module):
             self.conv = fuse_conv_and_bn(self.conv, self.bn)
             self.bn = nn.Identity()
         return self
+
+
+class DWConv(Conv):
+    """Depthwise convolution: one filter per channel group (groups = gcd of input and output widths)."""
+
+    def __init__(self, c1, c2, k=1, s=1, d=1, act=True):
+        super().__init__(c1, c2, k, s, g=math.gcd(c1, c2), d=d, act=act)
 
 
 class Bottleneck(nn.Module):
@@ -107,30 +115,102 @@ class C3k(C3):
 
 
 class C3k2(C2f):
-    """C2f whose inner blocks are either plain bottlenecks or (c3k=True) two-bottleneck C3k blocks (YOLO11)."""
+    """C2f whose inner blocks are plain bottlenecks, two-bottleneck C3k blocks (c3k=True, YOLO11), or a bottleneck
+    followed by position-sensitive attention (attn=True, YOLO26's last stage)."""
 
-    def __init__(self, c1, c2, n=1, c3k=False, e=0.5, g=1, shortcut=True):
+    def __init__(self, c1, c2, n=1, c3k=False, e=0.5, attn=False, g=1, shortcut=True):
         super().__init__(c1, c2, n, shortcut, g, e)
-        self.m = nn.ModuleList(
-            C3k(self.c, self.c, 2, shortcut, g) if c3k else Bottleneck(self.c, self.c, shortcut, g) for _ in range(n)
-        )
+        self.m = nn.ModuleList(self._inner_block(c3k, attn, shortcut, g) for _ in range(n))
+
+    def _inner_block(self, c3k, attn, shortcut, g):
+        if attn:
+            heads = max(self.c // 64, 1)
+            return nn.Sequential(Bottleneck(self.c, self.c, shortcut, g), PSABlock(self.c, attn_ratio=0.5, num_heads=heads))
+        if c3k:
+            return C3k(self.c, self.c, 2, shortcut, g)
+        return Bottleneck(self.c, self.c, shortcut, g)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over all positions of a feature map, plus a depthwise 3x3 positional term.
+
+    Queries and keys use `key_dim = head_dim * attn_ratio` channels per head; values use the full head width.
+    Shapes: x (B, C, H, W), N = H * W positions.
+    """
+
+    def __init__(self, dim, num_heads=8, attn_ratio=0.5):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.key_dim = int(self.head_dim * attn_ratio)
+        self.scale = self.key_dim**-0.5
+        self.qkv = Conv(dim, dim + 2 * self.key_dim * num_heads, 1, act=False)
+        self.proj = Conv(dim, dim, 1, act=False)
+        self.pe = Conv(dim, dim, 3, 1, g=dim, act=False)  # positional encoding from the values' neighbourhood
+
+    def forward(self, x):
+        batch, channels, height, width = x.shape
+        positions = height * width
+        qkv = self.qkv(x).reshape(batch, self.num_heads, 2 * self.key_dim + self.head_dim, positions)
+        q, k, v = qkv.split((self.key_dim, self.key_dim, self.head_dim), dim=2)  # (B, heads, d, N) each
+        weights = ((q * self.scale).transpose(-2, -1) @ k).softmax(dim=-1)  # (B, heads, N, N)
+        attended = (v @ weights.transpose(-2, -1)).view(batch, channels, height, width)
+        return self.proj(attended + self.pe(v.reshape(batch, channels, height, width)))
+
+
+class PSABlock(nn.Module):
+    """Position-sensitive attention block: attention then a 1x1 feed-forward pair, each with a residual."""
+
+    def __init__(self, c, attn_ratio=0.5, num_heads=4, shortcut=True):
+        super().__init__()
+        self.attn = Attention(c, attn_ratio=attn_ratio, num_heads=num_heads)
+        self.ffn = nn.Sequential(Conv(c, c * 2, 1), Conv(c * 2, c, 1, act=False))
+        self.add = shortcut
+
+    def forward(self, x):
+        x = x + self.attn(x) if self.add else self.attn(x)
+        return x + self.ffn(x) if self.add else self.ffn(x)
+
+
+class C2PSA(nn.Module):
+    """CSP block around n PSABlocks: half the channels pass through attention, the other half skip it (YOLO11)."""
+
+    def __init__(self, c1, c2, n=1, e=0.5):
+        super().__init__()
+        if c1 != c2:
+            raise ValueError(f"C2PSA keeps its width: input {c1} and output {c2} channels must be equal")
+        self.c = int(c1 * e)
+        self.cv1 = Conv(c1, 2 * self.c, 1, 1)
+        self.cv2 = Conv(2 * self.c, c1, 1)
+        self.m = nn.Sequential(*(PSABlock(self.c, attn_ratio=0.5, num_heads=max(self.c // 64, 1)) for _ in range(n)))
+
+    def forward(self, x):
+        skipped, attended = self.cv1(x).split((self.c, self.c), dim=1)
+        return self.cv2(torch.cat((skipped, self.m(attended)), 1))
 
 
 class SPPF(nn.Module):
-    """Fast spatial pyramid pooling: three chained max-pools give receptive fields k, 2k-1, 3k-2 at one pool's cost."""
+    """Fast spatial pyramid pooling: n chained max-pools give receptive fields k, 2k-1, 3k-2, ... at one pool's cost.
 
-    def __init__(self, c1, c2, k=5):
+    A yaml row that gives only [c2, k] builds the original block (activated cv1, no shortcut); a row that also gives
+    n (YOLO26: [c2, k, n, shortcut]) builds the newer one, whose cv1 is linear and which may add its input back.
+    """
+
+    def __init__(self, c1, c2, k=5, n=None, shortcut=False):
         super().__init__()
         hidden = c1 // 2
-        self.cv1 = Conv(c1, hidden, 1, 1)
-        self.cv2 = Conv(hidden * 4, c2, 1, 1)
+        self.cv1 = Conv(c1, hidden, 1, 1, act=n is None)
+        self.n = 3 if n is None else n
+        self.cv2 = Conv(hidden * (self.n + 1), c2, 1, 1)
         self.m = nn.MaxPool2d(kernel_size=k, stride=1, padding=k // 2)
+        self.add = shortcut and c1 == c2
 
     def forward(self, x):
         pooled = [self.cv1(x)]
-        for _ in range(3):
+        for _ in range(self.n):
             pooled.append(self.m(pooled[-1]))
-        return self.cv2(torch.cat(pooled, 1))
+        y = self.cv2(torch.cat(pooled, 1))
+        return x + y if self.add else y
 
 
 class Concat(nn.Module):
@@ -165,17 +245,27 @@ class DFL(nn.Module):
 class Detect(nn.Module):
     """Decoupled anchor-free detection head over several feature levels.
 
-    Per level: a box branch (`cv2`) predicting 4 * reg_max DFL logits and a class branch (`cv3`) predicting nc
-    logits. Training mode returns the raw per-level maps (B, 4 * reg_max + nc, H_i, W_i); eval mode returns
-    `(y, feats)` with y (B, 4 + nc, A): xywh boxes in input pixels and sigmoid class scores.
+    Per level: a box branch (`cv2`) predicting 4 * reg_max outputs (DFL logits, or with reg_max=1 the four side
+    distances themselves) and a class branch (`cv3`) predicting nc logits. The class branch is two 3x3 convs
+    (YOLOv8) or, with `depthwise_cls`, two depthwise-separable pairs (YOLO11 and later).
+
+    With `end2end` (YOLO26) the head has a second, one-to-one copy of both branches (`one2one_cv2/cv3`), trained
+    on detached features with a top-1 assignment so that each object gets one box: its eval output needs no NMS.
+
+    Outputs (maps are per level (B, 4 * reg_max + nc, H_i, W_i)):
+    - training: the list of maps; end2end: {"one2many": maps, "one2one": maps};
+    - eval: `(y, maps)` with y (B, 4 + nc, A): xywh boxes in input pixels and sigmoid class scores (NMS follows);
+      end2end: `(y, {"one2many": maps, "one2one": maps})` with y (B, max_det, 6): x1, y1, x2, y2, score, class
+      of the best (anchor, class) pairs, descending by score.
     """
 
-    def __init__(self, nc=80, ch=()):
+    def __init__(self, nc=80, ch=(), reg_max=16, end2end=False, depthwise_cls=False):
         super().__init__()
         self.nc = nc
         self.nl = len(ch)  # number of feature levels
-        self.reg_max = 16  # DFL bins per box side
+        self.reg_max = reg_max  # DFL bins per box side (1: the box branch regresses distances directly)
         self.no = nc + self.reg_max * 4  # outputs per anchor
+        self.max_det = 300  # end2end: boxes kept per image (the caller sets its own max_det)
         # Non-persistent: follows .to()/.half() with the module but is rebuilt from the yaml, not loaded.
         self.register_buffer("stride", torch.zeros(self.nl), persistent=False)
         box_width = max(16, ch[0] // 4, self.reg_max * 4)
@@ -184,12 +274,22 @@ class Detect(nn.Module):
             nn.Sequential(Conv(x, box_width, 3), Conv(box_width, box_width, 3), nn.Conv2d(box_width, 4 * self.reg_max, 1))
             for x in ch
         )
-        self.cv3 = nn.ModuleList(
-            nn.Sequential(Conv(x, cls_width, 3), Conv(cls_width, cls_width, 3), nn.Conv2d(cls_width, self.nc, 1))
-            for x in ch
-        )
+        self.cv3 = nn.ModuleList(self._class_branch(x, cls_width, depthwise_cls) for x in ch)
         self.dfl = DFL(self.reg_max) if self.reg_max > 1 else nn.Identity()
+        self.end2end = end2end
+        if end2end:
+            self.one2one_cv2 = copy.deepcopy(self.cv2)
+            self.one2one_cv3 = copy.deepcopy(self.cv3)
         self._anchor_cache = None  # (key, anchor_points (2, A), stride_tensor (1, A)) for the last input shape
+
+    def _class_branch(self, c_in, width, depthwise):
+        if depthwise:
+            return nn.Sequential(
+                nn.Sequential(DWConv(c_in, c_in, 3), Conv(c_in, width, 1)),
+                nn.Sequential(DWConv(width, width, 3), Conv(width, width, 1)),
+                nn.Conv2d(width, self.nc, 1),
+            )
+        return nn.Sequential(Conv(c_in, width, 3), Conv(width, width, 3), nn.Conv2d(width, self.nc, 1))
 
     def set_stride(self, stride):
         """Set the per-level strides (and forget anchors computed with the old ones)."""
@@ -197,10 +297,18 @@ class Detect(nn.Module):
         self._anchor_cache = None
 
     def forward(self, x):
-        maps = [torch.cat((self.cv2[i](x[i]), self.cv3[i](x[i])), 1) for i in range(self.nl)]
-        if self.training:
-            return maps
-        return self._decode(maps), maps
+        if not self.end2end:
+            maps = self._maps(x, self.cv2, self.cv3)
+            return maps if self.training else (self._decode(maps), maps)
+        # The one-to-one branches learn from detached features so their top-1 targets do not steer the backbone.
+        one2one = self._maps([xi.detach() for xi in x] if self.training else x, self.one2one_cv2, self.one2one_cv3)
+        preds = {"one2one": one2one}
+        if self.cv2 is not None:  # None after fuse(): inference keeps only the one-to-one branches
+            preds["one2many"] = self._maps(x, self.cv2, self.cv3)
+        return preds if self.training else (self._top_detections(self._decode(one2one, xywh=False)), preds)
+
+    def _maps(self, x, box_branch, cls_branch):
+        return [torch.cat((box_branch[i](x[i]), cls_branch[i](x[i])), 1) for i in range(self.nl)]
 
     def _anchors(self, maps):
         """Anchor points and strides as (2, A) and (1, A), recomputed only when the input shape/device/dtype change."""
@@ -210,17 +318,42 @@ class Detect(nn.Module):
             self._anchor_cache = (key, points.transpose(0, 1), strides.transpose(0, 1))
         return self._anchor_cache[1], self._anchor_cache[2]
 
-    def _decode(self, maps):
+    def _decode(self, maps, xywh=True):
+        """(B, 4 + nc, A): boxes in input pixels (xywh, or xyxy) and sigmoid class scores."""
         batch_size = maps[0].shape[0]
         flat = torch.cat([m.view(batch_size, self.no, -1) for m in maps], 2)  # (B, no, A)
         box_logits, cls_logits = flat.split((self.reg_max * 4, self.nc), 1)
         anchor_points, stride_tensor = self._anchors(maps)
         distances = self.dfl(box_logits)  # (B, 4, A) in grid units of each level
-        boxes = dist2bbox(distances, anchor_points.unsqueeze(0), xywh=True, dim=1) * stride_tensor
+        boxes = dist2bbox(distances, anchor_points.unsqueeze(0), xywh=xywh, dim=1) * stride_tensor
         return torch.cat((boxes, cls_logits.sigmoid()), 1)
 
+    def _top_detections(self, decoded):
+        """(B, 4 + nc, A) xyxy + scores -> (B, k, 6) the k = min(max_det, A) best (anchor, class) pairs, no NMS.
+
+        Two top-k steps keep it cheap: the k anchors with the best class score, then the k best pairs among them.
+        """
+        boxes, scores = decoded.transpose(1, 2).split((4, self.nc), dim=-1)  # (B, A, 4), (B, A, nc)
+        k = min(self.max_det, scores.shape[1])
+        anchors = scores.amax(-1).topk(k, dim=1).indices  # (B, k)
+        candidate_scores = scores.gather(1, anchors.unsqueeze(-1).expand(-1, -1, self.nc))  # (B, k, nc)
+        top_scores, pair = candidate_scores.flatten(1).topk(k, dim=1)  # (B, k), descending
+        anchor = anchors.gather(1, pair // self.nc)  # (B, k)
+        top_boxes = boxes.gather(1, anchor.unsqueeze(-1).expand(-1, -1, 4))  # (B, k, 4)
+        labels = (pair % self.nc).to(top_scores.dtype)
+        return torch.cat((top_boxes, top_scores.unsqueeze(-1), labels.unsqueeze(-1)), -1)
+
+    def fuse(self):
+        """Inference only: an end2end head drops its one-to-many branches, which only training uses."""
+        if self.end2end:
+            self.cv2 = self.cv3 = None
+        return self
+
     def bias_init(self):
-        """YOLO-family prior: box logits start at 1.0; class logits at a prior of ~5 objects per 640-px image."""
-        for box_branch, cls_branch, stride in zip(self.cv2, self.cv3, self.stride.tolist()):
-            box_branch[-1].bias.data[:] = 1.0
-            cls_branch[-1].bias.data[: self.nc] = math.log(5 / self.nc / (640 / stride) ** 2)
+        """YOLO-family prior: box outputs start at 2.0 (with DFL any constant is the same uniform distribution;
+        without it, sides of 2 grid cells); class logits at a prior of ~5 objects per 640-px image."""
+        branches = [(self.cv2, self.cv3)] + ([(self.one2one_cv2, self.one2one_cv3)] if self.end2end else [])
+        for box_branches, cls_branches in branches:
+            for box_branch, cls_branch, stride in zip(box_branches, cls_branches, self.stride.tolist()):
+                box_branch[-1].bias.data[:] = 2.0
+                cls_branch[-1].bias.data[: self.nc] = math.log(5 / self.nc / (640 / stride) ** 2)

@@ -163,3 +163,34 @@ def _nms_one_image(boxes, conf, cls, iou_thres, agnostic, max_det, max_nms):
         boxes, conf, cls = boxes[top], conf[top], cls[top]
     keep = _nms_indices(boxes, conf, cls, iou_thres, agnostic, max_det)
     return torch.cat([boxes[keep], conf[keep, None], cls[keep, None].to(boxes.dtype)], 1)
+
+
+def end_to_end_detections(prediction, conf_thres=0.25, classes=None, max_det=300):
+    """Final detections from an end-to-end head, which needs no NMS.
+
+    prediction: (B, K, 6) x1, y1, x2, y2, score, class per image, descending by score (`Detect` with end2end; a
+    tuple/list `(y, preds)` is accepted and its first element used). Keeps the first `max_det` rows of each image
+    whose score is above `conf_thres` and whose class is in `classes` (all when None).
+    Returns a list of B tensors (n, 6), like `non_max_suppression`.
+    """
+    if isinstance(prediction, (list, tuple)):
+        prediction = prediction[0]
+    prediction = prediction[:, :max_det]
+    keep = prediction[..., 4] > conf_thres  # (B, K)
+    if classes is not None:
+        wanted = torch.as_tensor(classes, device=prediction.device, dtype=prediction.dtype)
+        keep &= (prediction[..., 5:6] == wanted).any(-1)
+    counts = keep.sum(1).tolist()  # the one host sync: how to split the kept rows per image
+    return list(prediction[keep].split(counts))
+
+
+def is_end_to_end(model):
+    """True when `model`'s eval output is already final detections (an end2end head or such an export)."""
+    return bool(getattr(getattr(model, "module", model), "end2end", False))
+
+
+def set_max_det(model, max_det):
+    """Make an end-to-end model keep `max_det` boxes per image (an export keeps what it was exported with)."""
+    head = getattr(getattr(model, "module", model), "head", None)
+    if head is not None and hasattr(head, "max_det"):
+        head.max_det = int(max_det)

@@ -28,7 +28,7 @@ from yolotrain.nn.model import DetectionModel
 from yolotrain.tasks.detect.results import Results
 from yolotrain.utils.boxes import scale_boxes_to_original
 from yolotrain.utils.files import ensure_writable_dir, run_dir
-from yolotrain.utils.nms import non_max_suppression
+from yolotrain.utils.nms import end_to_end_detections, is_end_to_end, non_max_suppression, set_max_det
 from yolotrain.utils.torch_utils import channels_last_pays, de_parallel, fused_for_inference, select_device
 
 LOGGER = logging.getLogger(__name__)
@@ -69,6 +69,8 @@ class DetectionPredictor:
         if self.args.half and not hasattr(model, "session"):
             model = model.half()
         self.model = model
+        self.end2end = is_end_to_end(model)
+        set_max_det(model, self.args.max_det)
         self.stride = max(int(model.stride.max()), 32)
         self.names = dict(model.names)
         # An export of fixed shape (ONNX without dynamic=True) takes exactly its input: square, its own batch.
@@ -135,15 +137,7 @@ class DetectionPredictor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         inferred = time.perf_counter()
-        detections = non_max_suppression(
-            output[0] if isinstance(output, (list, tuple)) else output.float(),
-            conf_thres=self.args.conf if self.args.conf is not None else DEFAULT_PREDICT_CONF,
-            iou_thres=self.args.iou,
-            classes=self.args.classes,
-            agnostic=self.args.agnostic_nms,
-            multi_label=bool(self.args.multi_label),  # one label per box unless asked
-            max_det=self.args.max_det,
-        )
+        detections = self.postprocess(output)
         results = []
         for (frame, sample), boxes in zip(batch, detections):
             boxes = boxes.float().clone()
@@ -157,6 +151,22 @@ class DetectionPredictor:
             result.speed = {stage: 1e3 * seconds / len(batch) for stage, seconds in per_image.items()}
             self._write(result, frame, sample)
         return results
+
+    def postprocess(self, output):
+        """The model's output -> per image (n, 6) x1, y1, x2, y2, conf, cls in input pixels, descending conf."""
+        output = (output[0] if isinstance(output, (list, tuple)) else output).float()
+        conf = self.args.conf if self.args.conf is not None else DEFAULT_PREDICT_CONF
+        if self.end2end:
+            return end_to_end_detections(output, conf_thres=conf, classes=self.args.classes, max_det=self.args.max_det)
+        return non_max_suppression(
+            output,
+            conf_thres=conf,
+            iou_thres=self.args.iou,
+            classes=self.args.classes,
+            agnostic=self.args.agnostic_nms,
+            multi_label=bool(self.args.multi_label),  # one label per box unless asked
+            max_det=self.args.max_det,
+        )
 
     # ------------------------------------------------------------------ outputs
     def _write(self, result, frame, sample):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from yolotrain.engine.trainer import BaseTrainer
+from yolotrain.loss.detection import loss_item_names
 from yolotrain.utils import dist
 from yolotrain.utils.torch_utils import de_parallel
 
@@ -124,6 +125,9 @@ class DetectionTrainer(BaseTrainer):
         model.nc = self.data["nc"]
         model.names = self.data["names"]
         model.args = self.args
+        self.loss_names = loss_item_names(model.head.reg_max)
+        if model.end2end:
+            self.add_callback("on_train_epoch_start", _set_loss_epoch)
         if self.args.cls_pw > 0:
             classes = np.concatenate([label["cls"].reshape(-1) for label in self.train_loader.dataset.labels])
             model.class_weights = class_weights_from_labels(classes, model.nc, self.args.cls_pw).to(self.device)
@@ -186,3 +190,10 @@ class DetectionTrainer(BaseTrainer):
         except Exception as e:
             self._warn_once("plot_images", f"training batch plot failed: {e}")
         self._plotted_batches += 1
+
+
+def _set_loss_epoch(trainer):
+    """End-to-end heads mix their two losses by epoch; the EMA's copy of the loss computes the val loss."""
+    for model in (de_parallel(trainer.model), getattr(getattr(trainer, "ema", None), "module", None)):
+        if model is not None:
+            model.set_loss_epoch(trainer.epoch, trainer.epochs)

@@ -20,9 +20,10 @@ import torch
 
 from yolotrain.engine.validator import BaseValidator
 from yolotrain.errors import DatasetError
+from yolotrain.loss.detection import loss_item_names
 from yolotrain.utils.boxes import box_iou, scale_boxes_to_original, xywhn2xyxy, xyxy2xywh
 from yolotrain.utils.metrics import ConfusionMatrix, DetMetrics, coco_iou_thresholds, match_predictions
-from yolotrain.utils.nms import non_max_suppression
+from yolotrain.utils.nms import end_to_end_detections, is_end_to_end, non_max_suppression, set_max_det
 from yolotrain.utils.torch_utils import de_parallel
 
 LOGGER = logging.getLogger(__name__)
@@ -119,6 +120,10 @@ class DetectionValidator(BaseValidator):
         model_nc = getattr(de_parallel(model), "nc", self.nc)
         if model_nc != self.nc and not self.args.single_cls:
             LOGGER.warning(f"the model predicts {model_nc} classes but the dataset has {self.nc}; metrics may mislead")
+        self.end2end = is_end_to_end(model)
+        if hasattr(de_parallel(model), "head"):
+            self.loss_names = loss_item_names(de_parallel(model).head.reg_max)
+        set_max_det(model, self.args.max_det)
         self.metrics = DetMetrics(names=self.names, plot=self.plots, save_dir=self.save_dir)
         self.confusion_matrix = ConfusionMatrix(self.nc, conf=CONFUSION_CONF, iou_thres=CONFUSION_IOU)
 
@@ -139,6 +144,8 @@ class DetectionValidator(BaseValidator):
         """NMS -> per image (n, 6) x1, y1, x2, y2, conf, cls in batch-image pixels, descending conf."""
         y = preds[0] if isinstance(preds, (list, tuple)) else preds
         conf = self.args.conf if self.args.conf is not None else DEFAULT_VAL_CONF
+        if self.end2end:
+            return end_to_end_detections(y.float(), conf_thres=conf, classes=self.args.classes, max_det=self.args.max_det)
         # Multi-label by default: a box whose right class is not its top class still counts towards mAP.
         multi_label = self.args.multi_label if self.args.multi_label is not None else True
         return non_max_suppression(
