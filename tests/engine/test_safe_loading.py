@@ -70,10 +70,11 @@ def test_every_checkpoint_the_trainer_writes_loads_weights_only(train_overrides)
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         assert_plain(checkpoint, path.name)
     mid_epoch = torch.load(weights / "last.pt", weights_only=True)
-    assert mid_epoch["batch_index"] == 2 and mid_epoch["epoch"] == 2
+    # Sent after batch 2 had been agreed on: the next batch's verdict sees it, so that batch completes first.
+    assert mid_epoch["batch_index"] == 3 and mid_epoch["epoch"] == 2
     for key in ("optimizer", "scaler", "rng", "callbacks", "schedule", "stopper", "grads", "tloss"):
         assert key in mid_epoch, key
-    assert mid_epoch["callbacks"] == {"batch_counter": {"batches": 10}}  # 4 + 4 + 2 batches
+    assert mid_epoch["callbacks"] == {"batch_counter": {"batches": 11}}  # 4 + 4 + 3 batches
 
 
 class Evil:

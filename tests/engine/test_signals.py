@@ -36,8 +36,9 @@ def interrupted_run(overrides, event, fn):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_mid_epoch_saves_the_position(train_overrides, signum):
     before = signal.getsignal(signum)
+    # Sent as the second batch starts: that batch's verdict sees it, so the run stops after it (2 batches done).
     trainer, error = interrupted_run(
-        {**train_overrides, "epochs": 3}, "on_train_batch_end", send_at_batch(signum, epoch=1, batches_done=2)
+        {**train_overrides, "epochs": 3}, "on_train_batch_start", send_at_batch(signum, epoch=1, batches_done=1)
     )
     assert error.exit_code == 130
     assert str(error).startswith("training interrupted at epoch 2, batch 2;")

@@ -9,6 +9,7 @@ This module must stay light (no torch import): the CLI validates arguments befor
 
 import difflib
 import functools
+import logging
 import math
 import os
 import re
@@ -20,6 +21,8 @@ from typing import Any, Optional, Union
 import yaml
 
 from yolotrain.errors import CfgError
+
+LOGGER = logging.getLogger(__name__)
 
 DEFAULT_CFG_PATH = Path(__file__).resolve().parent / "default.yaml"
 
@@ -53,7 +56,7 @@ _STR_CHOICES = types.MappingProxyType(
 )
 # str keys for which a number is a natural thing to type (`device=0`, `name=2`): converted to str.
 _NUMBER_AS_STR_KEYS = ("device", "name", "project")
-# Examples shown in type errors for keys whose default is empty.
+# Examples shown in type errors, for keys whose default is empty or would make a poor example.
 _EXAMPLES = types.MappingProxyType(
     {
         "model": "yolo-n.yaml",
@@ -65,6 +68,8 @@ _EXAMPLES = types.MappingProxyType(
         "freeze": "10",
         "conf": "0.25",
         "remote": "https://tracker.example.com",
+        "classes": "0,2",
+        "multi_scale": "0.25",
     }
 )
 
@@ -106,7 +111,7 @@ _BOUNDS = types.MappingProxyType(
         **dict.fromkeys(("flipud", "fliplr", "mosaic", "mixup", "copy_paste"), _UNIT),
         **dict.fromkeys(("hsv_h", "hsv_s", "hsv_v", "translate", "label_smoothing"), _UNIT),
         **dict.fromkeys(("iou", "conf", "momentum", "warmup_momentum"), _UNIT),
-        "fraction": Bound(0.0, 1.0, low_open=True),
+        "multi_scale": Bound(0.0, 1.0, high_open=True),  # the +/- share of imgsz; 0 is off
         # Counts and sizes.
         **dict.fromkeys(("epochs", "patience", "close_mosaic", "workers", "seed"), _NON_NEGATIVE),
         **dict.fromkeys(("imgsz", "val_period", "max_det", "nbs", "vid_stride", "line_width"), _AT_LEAST_ONE),
@@ -127,6 +132,10 @@ _BOUNDS = types.MappingProxyType(
             _POSITIVE,
         ),
     }
+)
+# Keys whose range depends on the type of the value: fraction=0.5 is a share of the images, fraction=50 a count.
+_BOUNDS_BY_TYPE = types.MappingProxyType(
+    {"fraction": types.MappingProxyType({"float": Bound(0.0, 1.0, low_open=True), "int": _AT_LEAST_ONE})}
 )
 
 
@@ -330,6 +339,8 @@ def _checked_value(spec: ArgSpec, value, prefix: str):
         if _matches_type(type_name, value):
             _check_choice(spec, value, prefix)
             _check_bound(spec, value, prefix)
+            if spec.name == "classes":
+                _check_class_ids(spec, value, prefix)
             return value
     raise _value_error(spec, value, prefix)
 
@@ -377,12 +388,41 @@ def _check_choice(spec: ArgSpec, value, prefix: str) -> None:
 
 
 def _check_bound(spec: ArgSpec, value, prefix: str) -> None:
-    bound = _BOUNDS.get(spec.name)
-    if bound is None or not _is_number(value) or bound.contains(value):
+    if not _is_number(value):
+        return
+    bound = _bound_of(spec.name, value)
+    if bound is None or bound.contains(value):
         return
     raise CfgError(
-        f"{prefix}'{spec.name}={format_value(value)}' is invalid: expected {spec.types[0]} "
-        f"{bound.describe()}{_example(spec)}"
+        f"{prefix}'{spec.name}={format_value(value)}' is invalid: expected {_describe_bounds(spec)}{_example(spec)}"
+    )
+
+
+def _bound_of(name: str, value) -> Optional[Bound]:
+    by_type = _BOUNDS_BY_TYPE.get(name)
+    if by_type is not None:
+        return by_type["int" if _is_int(value) else "float"]
+    return _BOUNDS.get(name)
+
+
+def _describe_bounds(spec: ArgSpec) -> str:
+    """Each accepted type with its range: 'int >= 1 or -1', 'float in (0, 1] or int >= 1', 'bool or float ...'."""
+    by_type = _BOUNDS_BY_TYPE.get(spec.name, {})
+    parts = []
+    for type_name in spec.types:
+        bound = by_type.get(type_name) or (_BOUNDS.get(spec.name) if type_name in ("int", "float") else None)
+        parts.append(f"{type_name} {bound.describe()}" if bound else type_name)
+    return " or ".join(parts)
+
+
+def _check_class_ids(spec: ArgSpec, value, prefix: str) -> None:
+    # Class ids only: a list may hold names for other keys (freeze), and an empty list would keep no class.
+    ids = value if isinstance(value, (list, tuple)) else [value]
+    if ids and all(_is_int(v) and v >= 0 for v in ids):
+        return
+    raise CfgError(
+        f"{prefix}'{spec.name}={format_value(value)}' is invalid: expected a class id (int >= 0) or a non-empty "
+        f"list of them{_example(spec)}"
     )
 
 
@@ -410,7 +450,7 @@ def _describe_expected(spec: ArgSpec) -> str:
 
 
 def _example(spec: ArgSpec) -> str:
-    example = format_value(spec.default) if spec.default is not None else _EXAMPLES.get(spec.name)
+    example = _EXAMPLES.get(spec.name) or (format_value(spec.default) if spec.default is not None else None)
     return f", e.g. {spec.name}={example}" if example else ""
 
 
@@ -427,6 +467,22 @@ def format_value(value) -> str:
 
 def _format_number(value) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
+
+
+# ----------------------------------------------------------------------------------------------- derived values
+
+
+def check_imgsz(imgsz: int, stride: int) -> int:
+    """`imgsz` rounded up to a multiple of the model's largest `stride` (at least one stride).
+
+    The network concatenates feature maps of its stride levels, which line up only on stride multiples: any other
+    size fails inside the model. Warns in one line, naming both sizes, when it has to round.
+    """
+    stride = int(stride)
+    used = max(math.ceil(int(imgsz) / stride), 1) * stride
+    if used != imgsz:
+        LOGGER.warning(f"imgsz={imgsz} is not a multiple of the model's stride {stride}: using imgsz={used}")
+    return used
 
 
 # ----------------------------------------------------------------------------------------------- command line

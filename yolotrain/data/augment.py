@@ -505,6 +505,24 @@ class Format:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# batch sizes
+# ---------------------------------------------------------------------------------------------------------------
+
+MULTI_SCALE_DEFAULT_RANGE = 0.5  # multi_scale=True varies the size by +/-50%
+
+
+def multi_scale_sizes(imgsz: int, stride: int, multi_scale: bool | float) -> range:
+    """The square sizes multi_scale draws a batch's size from: the multiples of `stride` within
+    imgsz * [1 - r, 1 + r], r = 0.5 for True or the given share; never below one stride. With `imgsz` on the
+    stride, it is always among them (a range narrower than a stride leaves only it)."""
+    share = MULTI_SCALE_DEFAULT_RANGE if multi_scale is True else float(multi_scale)
+    # Rounded first: 640 * (1 - 0.7) is 192.00000000000003 in floating point, and 192 must stay in the range.
+    smallest = max(math.ceil(round(imgsz * (1 - share) / stride, 6)), 1) * stride
+    largest = max(math.floor(round(imgsz * (1 + share) / stride, 6)) * stride, smallest)
+    return range(smallest, largest + 1, stride)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # pipelines
 # ---------------------------------------------------------------------------------------------------------------
 

@@ -20,8 +20,9 @@ import numpy as np
 import psutil
 from torch.utils.data import Dataset
 
+from yolotrain.cfg import format_value
 from yolotrain.data.data_yaml import list_image_files
-from yolotrain.data.scan import img2label_paths, label_cache_path, scan_labels
+from yolotrain.data.scan import ScanReport, img2label_paths, label_cache_path, scan_labels
 from yolotrain.errors import CfgError, DatasetError
 from yolotrain.utils.boxes import xywhn2xyxy
 
@@ -43,8 +44,9 @@ class YOLODataset(Dataset):
         rect: rectangular batches: images sorted by aspect ratio, each batch letterboxed to its own shape.
         batch_size, stride, pad: batch shape computation for `rect` (shape = ceil(size / stride + pad) * stride).
         single_cls: every class becomes class 0.
-        classes: keep only boxes of these class ids (None keeps all).
-        fraction: use the first round(n * fraction) images of the sorted list.
+        classes: keep only boxes of these class ids (one id or a list; None keeps all); ids stay as they are.
+        fraction: use the first images of the sorted list: a share in (0, 1] (round(n * fraction), at least one),
+            or a count >= 1 (1 keeps all, like 1.0).
         cache: False, True/'ram' (decoded, resized images in memory) or 'disk' (`<stem>.npy` beside each image).
         data: the dict from `check_det_dataset` (gives `names`, `nc` and the `path` root for .txt lists).
         prefix: a name for messages, e.g. 'train'.
@@ -63,7 +65,7 @@ class YOLODataset(Dataset):
         pad: float = 0.5,
         single_cls: bool = False,
         classes: Sequence[int] | None = None,
-        fraction: float = 1.0,
+        fraction: float | int = 1.0,
         cache: bool | str = False,
         data: dict | None = None,
         prefix: str = "",
@@ -83,15 +85,20 @@ class YOLODataset(Dataset):
         self.prefix = prefix.rstrip(": ")  # callers may pass 'train: '; messages add their own separator
         self.workers = workers
         cache_mode = _cache_mode(cache)  # checked before the (slow) scan
+        classes = self._checked_classes(classes)
 
         self.im_files = self._list_images(img_path, fraction)
-        self.labels = self._scan(self.im_files)
+        self.labels, report = self._scan(self.im_files)
         self.im_files = [r["im_file"] for r in self.labels]  # without the skipped ones
         self.label_files = img2label_paths(self.im_files)
         if classes is not None:
-            self._keep_classes(classes)
+            dropped = self._keep_classes(classes)
+            report.boxes -= dropped
+            report.notes.append(f"{dropped} labels of other classes dropped (classes={format_value(classes)})")
         if single_cls:  # after the class filter, which names real class ids
             self._merge_classes()
+        self._log_scan(report)
+        self.bad_entries_file = report.bad_entries_file  # the scan's list of every bad entry, None without any
         self.names = self._names()
         self.nc = len(self.names)
 
@@ -105,33 +112,48 @@ class YOLODataset(Dataset):
         self.transforms = self.build_transforms(hyp)
 
     # ----------------------------------------------------------------------------------------------- building
-    def _list_images(self, img_path, fraction: float) -> list[str]:
-        if not 0 < fraction <= 1:
-            raise CfgError(f"fraction={fraction} is invalid: expected a number in (0, 1]")
+    def _list_images(self, img_path, fraction: float | int) -> list[str]:
         files = list_image_files(img_path, root=self.data.get("path"))
         if not files:
             raise DatasetError(f"{self.prefix or 'dataset'}: no images found in {img_path}")
-        return files[: max(1, round(len(files) * fraction))]
+        return files[: images_kept(len(files), fraction, self.prefix)]
 
-    def _scan(self, im_files: list[str]) -> list[dict]:
+    def _scan(self, im_files: list[str]) -> tuple[list[dict], ScanReport]:
         nc = int(self.data["nc"]) if "nc" in self.data else NO_CLASS_LIMIT
         cache_path = label_cache_path(img2label_paths(im_files))
-        records, report = scan_labels(
+        return scan_labels(
             im_files, nc, cache_path, workers=self.workers, prefix=self.prefix, source=str(self.img_path)
         )
-        LOGGER.info(report.summary())
+
+    def _log_scan(self, report: ScanReport) -> None:
+        LOGGER.info(report.summary_with_bad_entries_file())
         for line in report.offender_lines(OFFENDERS_LOGGED):
             LOGGER.warning("%s", line)
         if report.boxes == 0:
             LOGGER.warning("%s: no labelled objects found; a detector cannot learn from backgrounds only",
                            self.prefix or str(self.img_path))
-        return records
 
-    def _keep_classes(self, classes: Sequence[int]) -> None:
-        wanted = np.asarray(list(classes), np.float32)
+    def _checked_classes(self, classes) -> list[int] | None:
+        """`classes` as a list of ints; an id outside the dataset's classes is a user error, caught before the scan."""
+        if classes is None:
+            return None
+        ids = [int(c) for c in np.atleast_1d(classes)]
+        nc = int(self.data["nc"]) if "nc" in self.data else NO_CLASS_LIMIT
+        for class_id in ids:
+            if not 0 <= class_id < nc:
+                raise CfgError(f"classes={format_value(classes)} is invalid: class id {class_id} is not below "
+                               f"nc={nc} of the dataset (class ids 0 to {nc - 1})")
+        return ids
+
+    def _keep_classes(self, classes: list[int]) -> int:
+        """Drop the boxes of other classes, one mask per image's label array; returns how many were dropped."""
+        wanted = np.asarray(classes, np.float32)
+        dropped = 0
         for r in self.labels:
             keep = np.isin(r["cls"][:, 0], wanted)
+            dropped += len(keep) - int(keep.sum())
             r["cls"], r["bboxes"] = r["cls"][keep], r["bboxes"][keep]
+        return dropped
 
     def _merge_classes(self) -> None:
         for r in self.labels:
@@ -305,6 +327,23 @@ def rect_shapes(smallest_aspect, largest_aspect, imgsz, stride, pad):
     relative[wide, 0] = largest[wide]
     relative[tall, 1] = 1 / smallest[tall]
     return np.ceil(relative * imgsz / stride + pad).astype(int) * stride
+
+
+def images_kept(num_images: int, fraction: float | int, prefix: str = "") -> int:
+    """How many of `num_images` sorted images `fraction` keeps: a share in (0, 1] keeps round(n * share), at least
+    one; an int count keeps that many. 1 keeps all, as 1.0 does: `fraction=1` has always meant every image."""
+    is_count = isinstance(fraction, (int, np.integer)) and not isinstance(fraction, bool)
+    if is_count and fraction >= 1:
+        if fraction == 1:
+            return num_images
+        if fraction > num_images:
+            LOGGER.warning("%s: fraction=%d asks for more images than the %d found; using all of them",
+                           prefix or "dataset", fraction, num_images)
+        return min(int(fraction), num_images)
+    if isinstance(fraction, (float, np.floating)) and 0 < fraction <= 1:
+        return max(1, round(num_images * fraction))
+    raise CfgError(f"fraction={format_value(fraction)} is invalid: expected a share of the images in (0, 1] "
+                   f"or an image count (int >= 1), e.g. fraction=0.5 or fraction=50")
 
 
 def resize_long_side(img: np.ndarray, imgsz: int, augment: bool = False) -> np.ndarray:

@@ -27,12 +27,14 @@ CONCATENATED_KEYS = ("cls", "bboxes")
 
 def collate_fn(samples: list[dict]) -> dict:
     """Batch formatted samples: `img` stacked (B, 3, H, W) uint8, `cls`/`bboxes` concatenated (N, 1)/(N, 4),
-    `batch_idx` (N,) float giving each box's image index; every other key becomes a list."""
+    `batch_idx` (N,) float giving each box's image index, `max_boxes` (int) the most boxes in one image (the loss
+    pads to it without reading the device); every other key becomes a list."""
     batch = {"img": torch.stack([torch.as_tensor(s["img"]) for s in samples])}
     for key in CONCATENATED_KEYS:
         batch[key] = torch.cat([torch.as_tensor(s[key]).float() for s in samples])
     boxes_per_image = torch.tensor([len(s["cls"]) for s in samples])
     batch["batch_idx"] = torch.repeat_interleave(torch.arange(len(samples)), boxes_per_image).float()
+    batch["max_boxes"] = int(boxes_per_image.max()) if len(samples) else 0
     for key in samples[0]:
         if key not in batch:
             batch[key] = [s[key] for s in samples]

@@ -3,7 +3,7 @@
 Label files follow the YOLO convention: for `.../images/.../name.jpg` the labels are `.../labels/.../name.txt`,
 one object per line as `class x_center y_center width height`, coordinates normalised to [0, 1].
 
-What happens to bad input (each kind is counted in the ScanReport, the first offenders are kept with a reason):
+What happens to bad input (each kind is counted in the ScanReport, and every offender is kept with a reason):
 - image unreadable, missing, of an unsupported format, truncated (a JPEG without its end-of-image marker),
   undecodable or smaller than 10 px: the image is skipped.
 - no label file, or an empty one: the image is kept as a background (no objects).
@@ -16,7 +16,8 @@ What happens to bad input (each kind is counted in the ScanReport, the first off
   its objects exist but cannot be located, and a background would teach the model that they are not there.
 
 The result is cached as `<labels folder>.cache` (an .npz without pickled objects), keyed by a hash of every image
-and label path, size and modification time plus `nc`; any change re-verifies the split.
+and label path, size and modification time plus `nc`; any change re-verifies the split. Every bad entry is listed
+beside it in `<labels folder>.bad.txt`, one `path<TAB>reason` line per file; a split without bad entries has none.
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ from yolotrain.utils.boxes import xywh2xyxy, xyxy2xywh
 
 LOGGER = logging.getLogger(__name__)
 
-CACHE_VERSION = "yolotrain-labels-1"
+CACHE_VERSION = "yolotrain-labels-2"  # 2: the report keeps every offender, not the first 20
 COORD_TOLERANCE = 0.01
 MIN_IMAGE_SIZE = 10
-MAX_OFFENDERS = 20
+BAD_ENTRIES_SUFFIX = ".bad.txt"
 JPEG_START = b"\xff\xd8\xff"
 JPEG_END = b"\xff\xd9"
 
@@ -65,7 +66,11 @@ SUMMARY_PHRASES = {
 
 @dataclass
 class ScanReport:
-    """Counts of each kind of problem found in a split, plus the first offenders as (file, reason)."""
+    """Counts of each kind of problem found in a split, plus every offender as (file, reason).
+
+    `notes` are phrases the summary adds after the counts (e.g. what a class filter dropped after the scan);
+    `bad_entries_file` is where `write_bad_entries` listed the offenders (None when it did not).
+    """
 
     prefix: str = ""
     images: int = 0  # usable images
@@ -73,31 +78,45 @@ class ScanReport:
     counts: Counter = field(default_factory=Counter)
     offenders: list = field(default_factory=list)
     from_cache: bool = False
+    notes: list = field(default_factory=list)
+    bad_entries_file: str | None = None
 
     def add(self, kind: str, n: int = 1, file: str | None = None, reason: str | None = None) -> None:
-        """Count `n` occurrences of `kind`; remember `file: reason` while fewer than MAX_OFFENDERS are kept."""
+        """Count `n` occurrences of `kind` and remember `file: reason` when given."""
         if n <= 0:
             return
         self.counts[kind] += n
-        if file is not None and reason is not None and len(self.offenders) < MAX_OFFENDERS:
+        if file is not None and reason is not None:
             self.offenders.append((file, reason))
 
     def merge(self, other: ScanReport) -> None:
         """Fold a per-image report into this one."""
         self.counts.update(other.counts)
-        room = MAX_OFFENDERS - len(self.offenders)
-        self.offenders.extend(other.offenders[: max(room, 0)])
+        self.offenders.extend(other.offenders)
 
     def summary(self) -> str:
         """One line, e.g. 'train: 120 images, 340 boxes, 3 backgrounds, 2 corrupt images skipped'."""
         parts = [f"{self.images} images", f"{self.boxes} boxes"]
         parts += [f"{self.counts[k]} {phrase}" for k, phrase in SUMMARY_PHRASES.items() if self.counts[k]]
+        parts += self.notes
         head = f"{self.prefix}: " if self.prefix else ""
         return head + ", ".join(parts) + (" (from cache)" if self.from_cache else "")
+
+    def summary_with_bad_entries_file(self) -> str:
+        """The summary, ending with where every bad entry is listed when there are any (the line users see)."""
+        listed = f"; every bad entry is listed in {self.bad_entries_file}" if self.bad_entries_file else ""
+        return self.summary() + listed
 
     def offender_lines(self, limit: int = 5) -> list[str]:
         """Up to `limit` lines 'path: reason' for the first offenders."""
         return [f"{file}: {reason}" for file, reason in self.offenders[:limit]]
+
+    def bad_entries(self) -> dict[str, str]:
+        """{file: its reasons joined by '; '}, one entry per offending file, in the order they were found."""
+        reasons: dict[str, list[str]] = {}
+        for file, reason in self.offenders:
+            reasons.setdefault(file, []).append(" ".join(str(reason).split()))  # one line, no tabs
+        return {file: "; ".join(why) for file, why in reasons.items()}
 
     def to_json(self) -> str:
         return json.dumps(
@@ -128,6 +147,28 @@ def label_cache_path(label_files: Sequence[str]) -> Path:
     return Path(label_files[0]).parent.with_suffix(".cache")
 
 
+def bad_entries_path(cache_path: str | Path) -> Path:
+    """Where a split's bad entries are listed: `<labels folder>.bad.txt`, beside its label cache."""
+    return Path(cache_path).with_suffix(BAD_ENTRIES_SUFFIX)
+
+
+def write_bad_entries(report: ScanReport, path: str | Path) -> None:
+    """List every bad entry of `report` in `path` as `file<TAB>reason` lines and record `path` in the report;
+    with none, remove a stale list instead. A folder that cannot be written only warns: the list is a convenience."""
+    path = Path(path)
+    entries = report.bad_entries()
+    try:
+        if not entries:
+            path.unlink(missing_ok=True)
+            return
+        text = "".join(f"{file}\t{reason}\n" for file, reason in entries.items())
+        _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+        report.bad_entries_file = str(path)
+    except OSError as e:
+        LOGGER.warning("%s: cannot write the list of bad entries %s (%s)", report.prefix or "dataset", path,
+                       e.strerror or e)
+
+
 def scan_labels(
     img_files: Sequence[str],
     nc: int,
@@ -155,11 +196,16 @@ def scan_labels(
         records, report = _verify_all(img_files, label_files, nc, workers, prefix)
         if cache_path is not None and records:
             _save_cache(cache_path, key, records, report)
+    if cache_path is not None:
+        write_bad_entries(report, bad_entries_path(cache_path))
 
     if not records:
         folder = source or _common_folder(img_files)
         first = f"; first problem: {report.offender_lines(1)[0]}" if report.offenders else ""
-        raise DatasetError(f"{prefix or 'dataset'}: no usable images in {folder} ({len(img_files)} listed){first}")
+        listed = f"; every bad entry is listed in {report.bad_entries_file}" if report.bad_entries_file else ""
+        raise DatasetError(
+            f"{prefix or 'dataset'}: no usable images in {folder} ({len(img_files)} listed){first}{listed}"
+        )
     if single_cls:
         for r in records:
             r["cls"][:] = 0
@@ -299,10 +345,10 @@ def clean_label_rows(numbered: list, nc: int, label_file: str, report: ScanRepor
 
 def _parse_numeric(numbered: list, label_file: str, report: ScanReport) -> tuple[np.ndarray, np.ndarray]:
     """Keep rows of exactly 5 finite numbers; returns (line numbers (m,), values (m, 5) float64)."""
+    column_counts = np.array([len(t) for _, t in numbered], np.int64)
+    _count_rows(report, "wrong_columns", column_counts != 5, np.array([n for n, _ in numbered], np.int64),
+                label_file, lambda i: f"expected 5 values (class x y w h), got {column_counts[i]}")
     well_sized = [(n, t) for n, t in numbered if len(t) == 5]
-    for n, tokens in (x for x in numbered if len(x[1]) != 5):
-        report.add("wrong_columns", file=label_file,
-                   reason=f"line {n}: expected 5 values (class x y w h), got {len(tokens)}")
     if not well_sized:
         return np.zeros(0, np.int64), np.zeros((0, 5))
     line_numbers = np.array([n for n, _ in well_sized], np.int64)
@@ -401,17 +447,26 @@ def _save_cache(cache_path: Path, key: str, records: list[dict], report: ScanRep
         "labels": np.concatenate([np.hstack([r["cls"], r["bboxes"]]) for r in records]).astype(np.float32),
         "report": np.array(report.to_json()),
     }
-    tmp_name = None
     try:
-        fd, tmp_name = tempfile.mkstemp(dir=cache_path.parent, prefix=cache_path.name, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, cache_path)
+        _write_atomic(cache_path, lambda f: np.savez(f, **arrays))
         LOGGER.debug("%s: label cache saved to %s", report.prefix, cache_path)
     except OSError as e:
         LOGGER.warning("%s: cannot write label cache %s (%s); labels will be verified again next run",
                        report.prefix, cache_path, e.strerror or e)
+
+
+def _write_atomic(path: Path, write) -> None:
+    """`write(binary file)` into a temp file in `path`'s folder, then replace `path`: readers never see half a file.
+    Raises OSError (the temp file removed)."""
+    tmp_name = None
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except OSError:
         if tmp_name and os.path.exists(tmp_name):
             os.remove(tmp_name)
+        raise

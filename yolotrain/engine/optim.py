@@ -337,7 +337,7 @@ class OptimizerStepper:
         Order: unscale, clip to ``max_norm``, step, update the scale, ``after_step()`` (the trainer's
         optimizer_step callbacks), ``before_zero_grad()``, zero the gradients, update the EMA.
         """
-        if step - self.last_opt_step < accumulate:
+        if not self.is_due(step, accumulate):
             return False
         self.scaler.unscale_(self.optimizer)
         self._clip_gradients(model)
@@ -352,6 +352,10 @@ class OptimizerStepper:
             ema.update(model)
         self.last_opt_step = step
         return True
+
+    def is_due(self, step: int, accumulate: int) -> bool:
+        """Whether ``step_if_due`` at this global batch index will step the optimizer."""
+        return step - self.last_opt_step >= accumulate
 
     def _clip_gradients(self, model: nn.Module) -> None:
         if self.max_norm is None or self.max_norm <= 0:

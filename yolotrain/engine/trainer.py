@@ -10,17 +10,17 @@ Tasks subclass it (`DetectionTrainer`) and fill in the override points: `get_dat
 `progress_string`.
 """
 
+import contextlib
 import copy
 import logging
 import math
+import shutil
 import signal
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import yaml
 
@@ -39,6 +39,7 @@ from yolotrain.engine.optim import (
 from yolotrain.engine.results import ResultsCSV
 from yolotrain.engine.schedule import TrainSchedule
 from yolotrain.engine.stopping import EarlyStopping
+from yolotrain.engine.time_budget import TimeBudget
 from yolotrain.errors import CheckpointError, YoloTrainError
 from yolotrain.utils import dist
 from yolotrain.utils.checkpoint import (
@@ -53,12 +54,14 @@ from yolotrain.utils.checkpoint import (
     strip_optimizer,
 )
 from yolotrain.utils.files import ensure_writable_dir, run_dir
-from yolotrain.utils.torch_utils import de_parallel, init_seeds
+from yolotrain.utils.torch_utils import cpu_copy, de_parallel, init_seeds
 
 LOGGER = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT_VERSION = 1
 MAX_NAN_RECOVERIES = 3
+# A fitness of exactly 0 counts as a collapse only after the best fitness reached this (mAP-scale) value.
+COLLAPSE_MIN_BEST_FITNESS = 0.01
 # Arguments that may change when a run is resumed; everything else comes from the checkpoint.
 RESUME_OVERRIDABLE = ("epochs", "patience", "time", "save_period", "workers", "device", "batch_timeout")
 
@@ -128,7 +131,8 @@ class BaseTrainer:
         self.resolved = SimpleNamespace()
         self._nan_recoveries = 0
         self._signals_received = 0
-        self._train_time_before = 0.0  # seconds trained before a resume (the time budget counts them)
+        self.time_budget = TimeBudget(self.args.time)
+        self._mosaic_closed = False
         self._pending_save_retry = False
         self._mid_epoch_state = None
         self._wait_group = None  # DDP: gloo group with a long timeout for waiting on rank-0-only work
@@ -163,7 +167,7 @@ class BaseTrainer:
 
     def _fit(self):
         self.run_callbacks("on_train_start")
-        self._train_start = time.time()
+        self.time_budget.start(self.start_epoch)
         epoch = self.start_epoch
         while epoch < self.epochs and not self.stop:
             self.epoch = epoch
@@ -177,9 +181,11 @@ class BaseTrainer:
                 epoch = self._recover_from_nan(f"fitness collapsed to {self.fitness}")
                 continue
             self._log_epoch(epoch)
+            self._replan_for_time_budget(epoch)
             self._save_if_due(epoch)
             self.run_callbacks("on_fit_epoch_end")
-            if self._signals_received and epoch + 1 < self.epochs:  # came during validation/saving: epoch complete
+            # A signal during validation or saving, on any rank: the epoch is complete, every rank stops here.
+            if dist.any_rank(self._signals_received > 0, self.device) and epoch + 1 < self.epochs:
                 self._interrupt_at_epoch_end(epoch)
             self.stop = self._should_stop(epoch)
             epoch += 1
@@ -195,41 +201,61 @@ class BaseTrainer:
         batches = self._progress(epoch)
         for i, batch in batches:
             self.run_callbacks("on_train_batch_start")
-            self._train_step(epoch, i, batch)
+            verdict = self._train_step(epoch, i, batch)
             self._update_progress(batches, epoch, i, batch)
             self.run_callbacks("on_train_batch_end")
-            if self._signals_received:
+            if verdict.interrupted:
                 self._save_interrupted(epoch, i + 1)
-            if self._time_exceeded():
+            if verdict.out_of_time:
                 self.stop = True
                 break
         self.start_batch = 0
         if self.tloss is not None:  # DDP: log the loss of the global batch, not rank 0's shard
-            self.tloss = dist.all_reduce_mean(self.tloss, group=self._wait_group)
+            self.tloss = dist.all_reduce_mean(self.tloss.cpu(), group=self._wait_group)
         self.lr = {f"lr/pg{j}": group["lr"] for j, group in enumerate(self.optimizer.param_groups)}
         self.run_callbacks("on_train_epoch_end")
 
     def _train_step(self, epoch, i, batch):
+        """One batch: forward, the agreed verdict, backward, optimizer step when due. Returns the verdict."""
         step = epoch * self.num_batches + i
         self.accumulate = self.schedule.accumulate(epoch, i)
         self.schedule.apply(self.optimizer, epoch, i)
         batch = self.preprocess_batch(batch)
-        self.loss, self.loss_items = self._forward_loss(batch)
-        # Agreed over ranks: no rank may enter DDP's backward (a collective) while another rolls back.
-        if dist.any_rank(not torch.isfinite(self.loss).all(), self.device):
-            raise NonFiniteLossError(f"non-finite loss {self.loss.item()} at epoch {epoch + 1}, batch {i}")
-        self._backward(self.loss)
+        # DDP: gradients are all-reduced only on the micro-step that steps the optimizer; the others accumulate.
+        with self._gradient_sync(self.stepper.is_due(step, self.accumulate)):
+            self.loss, self.loss_items = self._forward_loss(batch)
+            verdict = self._agree_on_step(self.loss)
+            # Every rank rolls back together: none may enter DDP's backward (a collective) while another does not.
+            if verdict.nonfinite:
+                raise NonFiniteLossError(f"non-finite loss at epoch {epoch + 1}, batch {i}")
+            self._backward(self.loss)
         self._optimizer_step(step)
-        self._update_running_loss(self.loss_items.detach().float().cpu())
+        self._update_running_loss(self.loss_items.detach().float())
+        return verdict
+
+    def _agree_on_step(self, loss):
+        """The step's three decisions, taken by all ranks together from one all-reduce: the loss is not finite
+        (on some rank), a signal arrived (on some rank), the time budget ran out (on some rank's clock)."""
+        nonfinite, interrupted, out_of_time = dist.agreed_flags(
+            [~torch.isfinite(loss.detach()).all(), self._signals_received > 0, self.time_budget.exceeded()],
+            self.device,
+        )
+        return SimpleNamespace(nonfinite=nonfinite, interrupted=interrupted, out_of_time=out_of_time)
+
+    def _gradient_sync(self, due):
+        """DDP's `no_sync()` on accumulation micro-steps; a no-op when training in one process."""
+        if due or not hasattr(self.train_model, "no_sync"):
+            return contextlib.nullcontext()
+        return self.train_model.no_sync()
 
     def _update_running_loss(self, items):
-        """tloss: the mean of the loss items over this epoch's batches so far."""
+        """tloss: the mean of the loss items over this epoch's batches so far (on the device: read when shown)."""
         done = self._batches_in_epoch
         self.tloss = items if self.tloss is None else (self.tloss * done + items) / (done + 1)
         self._batches_in_epoch = done + 1
 
     def _forward_loss(self, batch):
-        with self.stepper.autocast():
+        with self.stepper.autocast(), dist.training_step_scope():
             loss, loss_items = self.compute_loss(batch)
         # `loss` is this rank's mean loss times its batch size; DDP averages gradients over ranks, so times the world
         # size the gradient is that of (mean loss x global batch), the same scale as one process on the global batch.
@@ -270,6 +296,8 @@ class BaseTrainer:
             self.train_loader = self.get_dataloader(self.data["train"], self.batch_size, dist.rank(), "train")
             self.test_loader = self.get_dataloader(self.data["val"], self.batch_size * 2, -1, "val")
         self.num_batches = len(self.train_loader)
+        if dist.is_main():
+            self._copy_bad_entry_lists()
         self.set_model_attributes()
         self.validator = self.get_validator()
         self.ema = ModelEMA(self.model)
@@ -284,6 +312,13 @@ class BaseTrainer:
         self._initial_state, self._initial_epoch = self._state_snapshot(), self.start_epoch
         self._log_resolved()
         self.run_callbacks("on_pretrain_routine_end")
+
+    def _copy_bad_entry_lists(self):
+        """The datasets' lists of skipped files (with reasons) go into the run folder, beside the run they shaped."""
+        for split, loader in (("train", self.train_loader), ("val", self.test_loader)):
+            listed = getattr(getattr(loader, "dataset", None), "bad_entries_file", None)
+            if listed and Path(listed).is_file():
+                shutil.copy2(listed, self.save_dir / f"{split}.bad.txt")
 
     def _resolve_batch(self):
         world = dist.world_size()
@@ -454,7 +489,8 @@ class BaseTrainer:
         self.model.train()
         self._seed_epoch(epoch)
         self._set_loader_epoch(epoch)
-        if self.args.close_mosaic and epoch == self.epochs - self.args.close_mosaic:
+        # `>=`, not `==`: a resume or a time-budget re-plan may start past the boundary.
+        if self.args.close_mosaic and epoch >= self.epochs - self.args.close_mosaic and not self._mosaic_closed:
             self._close_dataloader_mosaic()
         self.tloss = None
         self._batches_in_epoch = 0
@@ -476,6 +512,7 @@ class BaseTrainer:
     def _close_dataloader_mosaic(self):
         """Switch mosaic (and the augmentations that go with it) off for the final epochs."""
         LOGGER.info("close_mosaic: mosaic off for the final epochs")
+        self._mosaic_closed = True
         from yolotrain.data.loader import reset_loader_workers
 
         dataset = self.train_loader.dataset
@@ -505,9 +542,12 @@ class BaseTrainer:
         return metrics, float(fitness)
 
     def _fitness_collapsed(self):
+        """Divergence seen by validation: a non-finite fitness, or exactly 0 after the run had learnt something.
+        Early in training fitness hovers near 0 and may touch it: below COLLAPSE_MIN_BEST_FITNESS that is no sign."""
         if self.fitness is None:
             return False
-        return not math.isfinite(self.fitness) or (bool(self.best_fitness and self.best_fitness > 0) and self.fitness == 0)
+        learnt = self.best_fitness is not None and self.best_fitness >= COLLAPSE_MIN_BEST_FITNESS
+        return not math.isfinite(self.fitness) or (learnt and self.fitness == 0)
 
     def _log_epoch(self, epoch):
         if not dist.is_main():
@@ -540,30 +580,25 @@ class BaseTrainer:
         except Exception as e:  # a plot must never stop training
             self._warn_once("plot_results", f"results plot failed: {e}")
 
-    def _should_stop(self, epoch):
-        stop = self.stop or self.stopper.should_stop
-        if self.args.time:
-            stop = stop or self._replan_epochs_for_time_budget(epoch)
-        return bool(dist.broadcast_object(stop, group=self._wait_group))
-
-    # ------------------------------------------------------------------ time budget
-    def _elapsed(self):
-        return self._train_time_before + time.time() - self._train_start
-
-    def _time_exceeded(self):
-        return bool(self.args.time) and dist.any_rank(self._elapsed() > self.args.time * 3600, self.device)
-
-    def _replan_epochs_for_time_budget(self, epoch):
-        """Re-plan the epoch count from the measured epoch time so the run ends within `time` hours."""
-        epochs_done_here = epoch + 1 - self.start_epoch
-        seconds_per_epoch = (time.time() - self._train_start) / max(epochs_done_here, 1)
-        remaining = self.args.time * 3600 - self._elapsed()
-        planned = epoch + 1 + max(int(remaining // seconds_per_epoch), 0)
+    def _replan_for_time_budget(self, epoch):
+        """`time=` runs: the epoch count that fits, from rank 0's clock, the same on every rank (LR included)."""
+        if not self.args.time:
+            return
+        planned = dist.broadcast_object(self.time_budget.replan(epoch), group=self._wait_group)
         if planned != self.epochs:
             self.epochs = planned
             self.schedule.set_epochs(planned)
             self.resolved.epochs = planned
-        return epoch + 1 >= self.epochs or self._time_exceeded()
+
+    def _should_stop(self, epoch):
+        """Rank 0 decides (early stopping, the end of a time budget) and every rank follows."""
+        stop = self.stop or self.stopper.should_stop
+        if self.args.time:
+            stop = stop or epoch + 1 >= self.epochs or self.time_budget.exceeded()
+        return bool(dist.broadcast_object(stop, group=self._wait_group))
+
+    def _elapsed(self):
+        return self.time_budget.elapsed()
 
     # ------------------------------------------------------------------ checkpoints
     def _save_if_due(self, epoch):
@@ -603,7 +638,7 @@ class BaseTrainer:
             train_args=dict(vars(self.args)),
             train_metrics={**(self.metrics or {}), "fitness": self.fitness},
             train_time=self._elapsed(),
-            planned_epochs=self.epochs,
+            planned_epochs=self.epochs,  # a time= run re-plans it; resume restores it
             nan_recoveries=self._nan_recoveries,
             callbacks=self.callbacks.state_dict(),
             rng=rng_state(),
@@ -621,7 +656,9 @@ class BaseTrainer:
         return {}
 
     def _state_snapshot(self):
-        return copy.deepcopy(
+        """A copy of the training state in CPU memory (on a GPU, a second copy of the model there would cost as
+        much memory as the model itself)."""
+        return cpu_copy(
             {
                 "model": de_parallel(self.model).state_dict(),
                 "ema": self.ema.module.state_dict(),
@@ -644,9 +681,11 @@ class BaseTrainer:
         self.stopper.load_state_dict(state["stopper"])
         if not restore_progress:
             return
+        self.time_budget.load_state_dict(state)
+        if self.args.time and state.get("planned_epochs"):
+            self.epochs = int(state["planned_epochs"])  # the re-planned count, not the epochs= it started from
         self.schedule.set_epochs(self.epochs)
         self.best_fitness = state.get("best_fitness")
-        self._train_time_before = state.get("train_time", 0.0)
         self._nan_recoveries = state.get("nan_recoveries", 0)
         self.callbacks.load_state_dict(state.get("callbacks", {}))
         if "batch_index" in state:
@@ -666,7 +705,7 @@ class BaseTrainer:
         """After the epoch's normal start: put back RNGs, running loss and not-yet-stepped gradients."""
         state, self._mid_epoch_state = self._mid_epoch_state, None
         set_rng_state(state["rng"])
-        self.tloss = None if state.get("tloss") is None else torch.tensor(state["tloss"])
+        self.tloss = None if state.get("tloss") is None else torch.tensor(state["tloss"], device=self.device)
         self._batches_in_epoch = state.get("batches_in_epoch", 0)
         for param, grad in zip(de_parallel(self.model).parameters(), state.get("grads", [])):
             param.grad = None if grad is None else grad.to(param.device)
@@ -680,7 +719,8 @@ class BaseTrainer:
         self._nan_recoveries += 1
         if self._nan_recoveries > MAX_NAN_RECOVERIES:
             raise YoloTrainError(f"training diverged: {reason}; gave up after {MAX_NAN_RECOVERIES} recoveries")
-        good = self._last_good_state()
+        # Rank 0 reads the rollback state and sends it: other nodes may not share its filesystem.
+        good = dist.broadcast_object(self._last_good_state() if dist.is_main() else None, group=self._wait_group)
         self._load_state(good["state"], restore_progress=False)
         self.epoch = good["next_epoch"]
         self.best_fitness = self.stopper.best_fitness
@@ -737,6 +777,12 @@ class BaseTrainer:
         checkpoint = load_checkpoint(path)
         if "optimizer" not in checkpoint or "train_args" not in checkpoint:
             raise CheckpointError(f"'{path}' holds no optimizer state (stripped release weights); cannot resume it")
+        found = checkpoint.get("format_version")
+        if found != CHECKPOINT_FORMAT_VERSION:
+            raise CheckpointError(
+                f"'{path}' has checkpoint format version {found}, this yolotrain resumes version "
+                f"{CHECKPOINT_FORMAT_VERSION} only; train it further with the yolotrain that wrote it"
+            )
         args = dict(checkpoint["train_args"])
         changed = {k: overrides[k] for k in RESUME_OVERRIDABLE if k in overrides and overrides[k] != args.get(k)}
         ignored = sorted(k for k in overrides if k not in RESUME_OVERRIDABLE and k not in ("resume", "model", "cfg"))

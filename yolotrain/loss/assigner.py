@@ -116,19 +116,14 @@ class TaskAlignedAssigner(nn.Module):
     def _alignment(self, pred_scores, pred_bboxes, gt_labels, gt_bboxes, candidates):
         """Alignment metric and IoU between every ground truth and anchor, zero outside the candidates.
 
-        IoU is only computed for candidate pairs: the full (B, M, A, 4) pair tensor would cost hundreds of MB
-        for a real batch.
+        The IoU is broadcast over (B, M, A) one coordinate at a time (never a (B, M, A, 4) pair tensor) and masked
+        rather than indexed by the candidates: indexing would make the device report the candidate count.
         """
-        batch_size, num_max_boxes, num_anchors = candidates.shape
+        num_anchors = candidates.shape[-1]
         # Score of each anchor for the class of each ground truth.
         scores_by_class = pred_scores.transpose(1, 2)  # (B, C, A)
         gt_class_scores = scores_by_class.gather(1, gt_labels.expand(-1, -1, num_anchors))  # (B, M, A)
-
-        gt_expanded = gt_bboxes[:, :, None, :].expand(-1, -1, num_anchors, -1)  # (B, M, A, 4)
-        pred_expanded = pred_bboxes[:, None, :, :].expand(-1, num_max_boxes, -1, -1)  # (B, M, A, 4)
-        overlaps = torch.zeros_like(gt_class_scores)  # (B, M, A)
-        overlaps[candidates] = _pairwise_aligned_iou(gt_expanded[candidates], pred_expanded[candidates])
-
+        overlaps = _pairwise_iou(gt_bboxes, pred_bboxes) * candidates  # (B, M, A)
         align_metric = gt_class_scores.pow(self.alpha) * overlaps.pow(self.beta)  # (B, M, A)
         return align_metric * candidates, overlaps
 
@@ -149,8 +144,6 @@ class TaskAlignedAssigner(nn.Module):
         """An anchor selected by several ground truths keeps only the one it overlaps most."""
         num_max_boxes = is_positive.shape[1]
         shared = is_positive.sum(1, keepdim=True) > 1  # (B, 1, A)
-        if not shared.any():
-            return is_positive
         # Restrict the choice to the ground truths that actually selected the anchor.
         best_gt = overlaps.masked_fill(~is_positive, -1.0).argmax(1)  # (B, A)
         gt_ids = torch.arange(num_max_boxes, device=best_gt.device)[None, :, None]  # (1, M, 1)
@@ -182,10 +175,13 @@ class TaskAlignedAssigner(nn.Module):
         return quality.amax(1)  # (B, A): at most one positive gt per anchor, so this picks it
 
 
-def _pairwise_aligned_iou(boxes1, boxes2, eps=1e-7):
-    """IoU of matching rows of two (N, 4) xyxy tensors, clamped at 0."""
-    inter_wh = (torch.minimum(boxes1[:, 2:], boxes2[:, 2:]) - torch.maximum(boxes1[:, :2], boxes2[:, :2])).clamp(0)
-    inter = inter_wh.prod(-1)
-    area1 = (boxes1[:, 2:] - boxes1[:, :2]).clamp(0).prod(-1)
-    area2 = (boxes2[:, 2:] - boxes2[:, :2]).clamp(0).prod(-1)
-    return (inter / (area1 + area2 - inter + eps)).clamp(0)
+def _pairwise_iou(gt_bboxes, pred_bboxes, eps=1e-7):
+    """(B, M, A) IoU, clamped at 0, of every ground truth (B, M, 4) with every prediction (B, A, 4) of its image."""
+    gt_x1, gt_y1, gt_x2, gt_y2 = (c.unsqueeze(-1) for c in gt_bboxes.unbind(-1))  # (B, M, 1) each
+    pd_x1, pd_y1, pd_x2, pd_y2 = (c.unsqueeze(1) for c in pred_bboxes.unbind(-1))  # (B, 1, A) each
+    inter_w = (torch.minimum(gt_x2, pd_x2) - torch.maximum(gt_x1, pd_x1)).clamp(0)
+    inter_h = (torch.minimum(gt_y2, pd_y2) - torch.maximum(gt_y1, pd_y1)).clamp(0)
+    inter = inter_w * inter_h  # (B, M, A)
+    gt_area = (gt_x2 - gt_x1).clamp(0) * (gt_y2 - gt_y1).clamp(0)  # (B, M, 1)
+    pd_area = (pd_x2 - pd_x1).clamp(0) * (pd_y2 - pd_y1).clamp(0)  # (B, 1, A)
+    return (inter / (gt_area + pd_area - inter + eps)).clamp(0)

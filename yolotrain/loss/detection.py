@@ -41,6 +41,7 @@ class DetectionLoss:
         self.num_classes = int(head.nc)
         self.reg_max = int(head.reg_max)
         self.stride = torch.as_tensor(head.stride, dtype=torch.float32)
+        self.strides = [float(s) for s in self.stride]  # plain numbers: read every step without a device copy
         args = getattr(model, "args", None)
         self.box_gain = float(getattr(args, "box", 7.5))
         self.cls_gain = float(getattr(args, "cls", 0.5))
@@ -75,15 +76,16 @@ class DetectionLoss:
 
         Under DDP each rank sees a share of the batch; normalising by the global sum (clamped to 1, then split over
         the ranks) makes the averaged gradient equal to a single process's at the same global batch, also early in
-        training when the clamp is active.
+        training when the clamp is active. Only inside the trainer's step (`dist.training_step_scope`), where every
+        rank computes the same loss; anywhere else (validation, a callback) the loss is this rank's own.
         """
         from yolotrain.utils import dist
 
         total = target_scores.sum()
-        # Only training steps run on every rank; validation (no_grad, on rank 0 alone) must not wait for the others.
-        if dist.is_dist() and torch.is_grad_enabled():
-            total = total.detach().clone()
-            torch.distributed.all_reduce(total)
+        if not dist.in_training_step():
+            return total.clamp(min=1.0)
+        total = total.detach().clone()
+        torch.distributed.all_reduce(total)
         return total.clamp(min=1.0) / dist.world_size()
 
     def __call__(self, preds, batch):
@@ -110,7 +112,7 @@ class DetectionLoss:
         pred_distri, pred_logits = self._flatten_predictions(feats)  # (B, A, 4R), (B, A, C)
         # Float32 shape stand-ins: anchors made in the maps' bf16 would round grid coordinates above 128.
         level_shapes = [torch.empty(f.shape[-2:], device=device) for f in feats]
-        anchor_points, stride_tensor = make_anchors(level_shapes, self.stride.tolist(), 0.5)  # (A, 2), (A, 1)
+        anchor_points, stride_tensor = make_anchors(level_shapes, self.strides, 0.5)  # (A, 2), (A, 1)
 
         image_hw = batch["img"].shape[2:]
         gt_labels, gt_bboxes, mask_gt = self.build_targets(batch, batch_size, image_hw, device)
@@ -144,7 +146,8 @@ class DetectionLoss:
         return pred_distri.permute(0, 2, 1).contiguous(), pred_logits.permute(0, 2, 1).contiguous()
 
     def build_targets(self, batch, batch_size, image_hw, device):
-        """Pad the batch's ground truths per image.
+        """Pad the batch's ground truths per image (to the batch's `max_boxes` when it has one: code that adds boxes
+        to a collated batch updates that count too).
 
         Returns gt_labels (B, M, 1), gt_bboxes (B, M, 4) pixel xyxy and mask_gt (B, M, 1), M = most boxes in one
         image. Boxes keep their order within each image; rows past an image's count are zero and masked out.
@@ -153,7 +156,7 @@ class DetectionLoss:
         classes = batch["cls"].to(device).float().view(-1, 1)  # (N, 1)
         boxes = batch["bboxes"].to(device).float().view(-1, 4)  # (N, 4)
         counts = torch.bincount(batch_idx, minlength=batch_size)  # (B,)
-        num_max_boxes = int(counts.max()) if batch_idx.numel() else 0
+        num_max_boxes = _most_boxes_per_image(batch, counts)
 
         # Slot of each box within its image = its rank among that image's boxes (stable sort keeps input order).
         order = torch.sort(batch_idx, stable=True).indices
@@ -197,26 +200,28 @@ class DetectionLoss:
                     target_scores_sum, fg_mask, stride_tensor, image_hw):
         """CIoU and DFL losses over foreground anchors, each weighted by the anchor's target score.
 
-        target_bboxes are in grid units, like pred_bboxes and anchor_points. With reg_max=1 the second loss is the
-        L1 distance of the four sides instead of DFL (see `side_distance_l1`).
+        Computed for every anchor and weighted by a mask (0 for background) rather than indexed by it: boolean
+        indexing would make the device report how many anchors it kept, a synchronisation every step. target_bboxes
+        are in grid units, like pred_bboxes and anchor_points. With reg_max=1 the second loss is the L1 distance of
+        the four sides instead of DFL (see `side_distance_l1`).
         """
-        if not fg_mask.any():
-            # Zero that still touches the box outputs, so every parameter gets a gradient (DDP expects it).
-            zero = pred_distri.sum() * 0.0
-            return zero, zero
-        weight = target_scores.sum(-1)[fg_mask].unsqueeze(-1)  # (F, 1), F = foreground anchors
-        ciou = bbox_ciou(pred_bboxes[fg_mask], target_bboxes[fg_mask]).unsqueeze(-1)  # (F, 1)
+        weight = target_scores.sum(-1) * fg_mask  # (B, A), zero for background anchors
+        # Background anchors are compared with their own (detached) prediction: a finite CIoU that weighs zero.
+        targets = torch.where(fg_mask.unsqueeze(-1), target_bboxes, pred_bboxes.detach())  # (B, A, 4)
+        ciou = bbox_ciou(pred_bboxes, targets)  # (B, A)
         loss_box = ((1.0 - ciou) * weight).sum() / target_scores_sum
 
-        anchors_fg = anchor_points.unsqueeze(0).expand(fg_mask.shape[0], -1, -1)[fg_mask]  # (F, 2)
+        batch_size, num_anchors = weight.shape
+        anchors = anchor_points.unsqueeze(0).expand(batch_size, -1, -1)  # (B, A, 2)
         if self.reg_max == 1:
-            strides_fg = stride_tensor.unsqueeze(0).expand(fg_mask.shape[0], -1, -1)[fg_mask]  # (F, 1)
-            l1 = side_distance_l1(pred_distri[fg_mask], anchors_fg, target_bboxes[fg_mask], strides_fg, image_hw)
-            return loss_box, (l1 * weight).sum() / target_scores_sum
-        target_distances = bbox2dist(anchors_fg, target_bboxes[fg_mask], self.reg_max)  # (F, 4)
-        side_logits = pred_distri[fg_mask].view(-1, 4, self.reg_max)  # (F, 4, R)
-        loss_dfl = (distribution_focal_loss(side_logits, target_distances) * weight).sum() / target_scores_sum
-        return loss_box, loss_dfl
+            strides = stride_tensor.unsqueeze(0).expand(batch_size, -1, -1)  # (B, A, 1)
+            l1 = side_distance_l1(pred_distri.reshape(-1, 4), anchors.reshape(-1, 2), targets.reshape(-1, 4),
+                                  strides.reshape(-1, 1), image_hw)  # (B*A, 1)
+            return loss_box, (l1.view(batch_size, num_anchors) * weight).sum() / target_scores_sum
+        target_distances = bbox2dist(anchors, targets, self.reg_max)  # (B, A, 4)
+        side_logits = pred_distri.reshape(-1, 4, self.reg_max)  # (B*A, 4, R)
+        dfl = distribution_focal_loss(side_logits, target_distances.reshape(-1, 4)).view(batch_size, num_anchors)
+        return loss_box, (dfl * weight).sum() / target_scores_sum
 
 
 def loss_item_names(reg_max):
@@ -315,6 +320,14 @@ def class_weights_from_labels(labels_cls, nc, power):
     counts[counts == 0] = 1.0
     weights = (1.0 / counts) ** power
     return torch.from_numpy(weights / weights.mean()).float()
+
+
+def _most_boxes_per_image(batch, counts):
+    """M, the padded ground-truth count: from the collated batch's `max_boxes` (counted on the CPU by the loader,
+    so no device read), else from `counts` (B,)."""
+    if "max_boxes" in batch:
+        return int(batch["max_boxes"])
+    return int(counts.max()) if counts.numel() else 0
 
 
 def _feature_maps(preds):

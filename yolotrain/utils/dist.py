@@ -8,11 +8,12 @@ spawning workers cannot freeze a stale rank into module state.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime
 import functools
 import logging
 import os
-from typing import Any, Callable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Iterator, List, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as torch_dist
@@ -108,6 +109,39 @@ def any_rank(flag: bool, device: Optional[torch.device] = None) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
     return bool(value.item() > 0)
+
+
+def agreed_flags(flags: Sequence[Any], device: Optional[torch.device] = None) -> List[bool]:
+    """Each flag OR-ed over all ranks, from one all-reduce: every rank then takes the same decisions.
+
+    ``flags``: bools or 0-dim tensors (a tensor flag stays on its device, so nothing is read back before the
+    reduction; the one read is of the result). ``device``: this rank's device (CUDA for NCCL).
+    """
+    if device is None or (is_dist() and torch_dist.get_backend() != "nccl"):
+        device = torch.device("cpu")
+    values = torch.stack([torch.as_tensor(flag, device=device).reshape(()).float() for flag in flags])
+    if is_dist():
+        torch_dist.all_reduce(values, op=torch_dist.ReduceOp.MAX)
+    return [value > 0 for value in values.tolist()]
+
+
+_reduce_in_step: contextvars.ContextVar[bool] = contextvars.ContextVar("reduce_in_step", default=False)
+
+
+@contextlib.contextmanager
+def training_step_scope() -> Iterator[None]:
+    """The trainer's forward: inside it a loss may reduce over the ranks (every rank runs the same step); a loss
+    computed anywhere else (a callback, a custom validator) stays local and can never wait on the other ranks."""
+    token = _reduce_in_step.set(is_dist())
+    try:
+        yield
+    finally:
+        _reduce_in_step.reset(token)
+
+
+def in_training_step() -> bool:
+    """True inside `training_step_scope` of a distributed run."""
+    return _reduce_in_step.get()
 
 
 @contextlib.contextmanager

@@ -175,3 +175,14 @@ def model_info(model, imgsz=640, verbose=True, name="YOLO"):
             name, fused, layers, f"{parameters:,}", f"{gradients:,}", gflops,
         )
     return layers, parameters, gradients, gflops
+
+
+def cpu_copy(obj):
+    """A deep copy of nested dicts, lists and tuples in which every tensor is copied to CPU memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: cpu_copy(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(value) for value in obj)
+    return copy.deepcopy(obj)

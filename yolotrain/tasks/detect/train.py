@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from yolotrain.cfg import check_imgsz
 from yolotrain.engine.trainer import BaseTrainer
 from yolotrain.loss.detection import loss_item_names
 from yolotrain.utils import dist
@@ -47,13 +48,14 @@ class DetectionTrainer(BaseTrainer):
         return check_det_dataset(data)
 
     def build_dataset(self, img_path, mode="train", batch=None):
-        """A `YOLODataset` for `mode`: augmented for training, letterboxed with rect batches for validation."""
+        """A `YOLODataset` for `mode`: augmented for training, letterboxed with rect batches for validation.
+        Both drop the labels of classes outside `classes` and use `imgsz` rounded up to the model's stride."""
         from yolotrain.data.dataset import YOLODataset
 
         training = mode == "train"
         return YOLODataset(
             img_path,
-            imgsz=self.args.imgsz,
+            imgsz=self._train_imgsz(),
             augment=training,
             hyp=self.args,
             rect=self.args.rect if training else True,
@@ -61,6 +63,7 @@ class DetectionTrainer(BaseTrainer):
             stride=self._model_stride(),
             pad=0.0 if training else 0.5,
             single_cls=self.args.single_cls,
+            classes=self.args.classes,
             fraction=self.args.fraction if training else 1.0,
             cache=self.args.cache or False,
             data=self.data,
@@ -69,6 +72,12 @@ class DetectionTrainer(BaseTrainer):
 
     def _model_stride(self):
         return max(int(de_parallel(self.model).stride.max()), 32) if self.model is not None else 32
+
+    def _train_imgsz(self):
+        # Rounded once (one warning), kept with the other derived values; args.imgsz stays as the user gave it.
+        if getattr(self.resolved, "imgsz", None) is None:
+            self.resolved.imgsz = check_imgsz(self.args.imgsz, self._model_stride())
+        return self.resolved.imgsz
 
     def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
         """The DataLoader for `mode`; each rank reads its own shard when distributed."""
@@ -93,9 +102,12 @@ class DetectionTrainer(BaseTrainer):
         return batch
 
     def _random_rescale(self, images):
-        """Resize a batch to a random multiple of the stride in [0.5, 1.5] x imgsz (labels are normalised)."""
+        """Resize a batch to a random multiple of the stride within imgsz * (1 +/- r), r = 0.5 for
+        multi_scale=True or the share given (labels are normalised, so they need no change)."""
+        from yolotrain.data.augment import multi_scale_sizes
+
         stride = self._model_stride()
-        size = random.randrange(int(self.args.imgsz * 0.5), int(self.args.imgsz * 1.5) + stride) // stride * stride
+        size = random.choice(multi_scale_sizes(self._train_imgsz(), stride, self.args.multi_scale))
         scale = size / max(images.shape[2:])
         if scale == 1:
             return images

@@ -102,6 +102,7 @@ class DetectionValidator(BaseValidator):
             stride=stride,
             pad=self.rect_pad,
             single_cls=self.args.single_cls,
+            classes=self.args.classes,  # labels of other classes are dropped, as in training
             data=self.data,
             prefix=f"{split}: ",
             workers=self.args.workers,

@@ -1,0 +1,21 @@
+"""imgsz: a size off the model's stride is rounded up to the next multiple, with one warning naming both sizes."""
+
+import pytest
+
+from yolotrain.cfg import check_imgsz
+
+
+@pytest.mark.parametrize("given, used", [(640, 640), (641, 672), (200, 224), (50, 64), (16, 32), (1, 32)])
+def test_imgsz_is_rounded_up_to_a_multiple_of_the_stride(given, used):
+    assert check_imgsz(given, 32) == used
+
+
+def test_rounding_warns_in_one_line_naming_the_given_and_the_used_size(yolotrain_log):
+    check_imgsz(200, 32)
+    (message,) = yolotrain_log
+    assert "imgsz=200" in message and "imgsz=224" in message and "stride 32" in message and "\n" not in message
+
+
+def test_size_on_the_stride_is_used_silently(yolotrain_log):
+    assert check_imgsz(640, 32) == 640 and check_imgsz(128, 64) == 128
+    assert yolotrain_log == []
