@@ -102,13 +102,7 @@ def any_rank(flag: bool, device: Optional[torch.device] = None) -> bool:
     Used for decisions all ranks must take together (e.g. "this step's loss is not finite: roll back"), so no rank
     enters a collective (DDP's backward) that the others skip. ``device``: this rank's device (CUDA for NCCL).
     """
-    if not is_dist():
-        return bool(flag)
-    if device is None or torch_dist.get_backend() != "nccl":
-        device = torch.device("cpu")
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+    return agreed_flags([flag], device)[0]
 
 
 def agreed_flags(flags: Sequence[Any], device: Optional[torch.device] = None) -> List[bool]:
