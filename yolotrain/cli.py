@@ -18,22 +18,25 @@ from yolotrain.cfg import (
     parse_cli_args,
     user_args,
 )
-from yolotrain.errors import CfgError, YoloTrainError
+from yolotrain.engine.tune_space import TUNE_ARGS, load_space, split_tune_args
+from yolotrain.errors import CfgError, YoloTrainError, one_line
 
 LOGGER = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "yolo-n.yaml"
-USAGE = "usage: yolotrain MODE [key=value ...]   (MODE: train, val, predict, export, help, convert, sync, version)"
+USAGE = "usage: yolotrain MODE [key=value ...]  (MODE: train, val, predict, export, tune, help, convert, sync, version)"
 CONVERT_USAGE = "yolotrain convert coco SRC.json IMAGES_DIR OUT_DIR"
 CONVERT_ULTRALYTICS_USAGE = "yolotrain convert ultralytics yolov8n.pt yolov8n.safetensors"
 SYNC_USAGE = "yolotrain sync RUN_DIR"
 EXPORT_USAGE = "yolotrain export model=best.pt format=onnx"
 PREDICT_USAGE = "yolotrain predict model=best.pt source=images/"
+TUNE_USAGE = "yolotrain tune data=data.yaml epochs=10 iterations=100 space=tune.yaml"
 MODE_HELP = (
     ("train", "train a detector", "yolotrain train data=data.yaml model=yolo-n.yaml epochs=100"),
     ("val", "validate a trained model", "yolotrain val model=runs/detect/train/weights/best.pt data=data.yaml"),
     ("predict", "detect objects in images, videos or folders", PREDICT_USAGE),
     ("export", "write a checkpoint as onnx, torchscript or safetensors", EXPORT_USAGE),
+    ("tune", "search hyperparameters: many short training runs", TUNE_USAGE),
     ("convert", "convert COCO json labels to YOLO txt labels", CONVERT_USAGE),
     ("convert", "write an Ultralytics .pt as a plain safetensors file", CONVERT_ULTRALYTICS_USAGE),
     ("sync", "upload a run folder to the remote tracking server", SYNC_USAGE),
@@ -71,7 +74,7 @@ def main(argv: Optional[list] = None) -> int:
 
 
 def _print_error(error: YoloTrainError) -> None:
-    message = " ".join(str(error).split()) or type(error).__name__
+    message = one_line(error) or type(error).__name__
     print(f"yolotrain: error: {message}", file=sys.stderr)
 
 
@@ -93,6 +96,8 @@ def _dispatch(argv: list) -> int:
         return 0
     if mode is None:
         raise CfgError(f"no mode given: start with one of {', '.join(CLI_MODES)}, e.g. yolotrain train data=data.yaml")
+    if mode == "tune":
+        return _run_tune(overrides)
     return _run_mode(mode, overrides)
 
 
@@ -119,6 +124,21 @@ def _run_mode(mode: str, overrides: dict) -> int:
     else:
         # Under torchrun, `record` hands an uncaught error's traceback to the launcher's failure report.
         record(getattr(model, mode))(**kwargs)
+    return 0
+
+
+def _run_tune(overrides: dict) -> int:
+    """Hyperparameter search: tuning's own arguments split off, the rest checked as training arguments."""
+    if overrides.get("mode") == "tune":  # `mode=tune` names the mode, not the trials' mode
+        overrides.pop("mode")
+    settings, _ = split_tune_args(overrides)  # every argument and the space checked before the heavy import below
+    if settings["space"] is not None:
+        load_space(settings["space"])
+    _configure_logging()
+    from yolotrain.engine.model import YOLO  # imports torch
+
+    model = overrides.pop("model", None) or DEFAULT_MODEL
+    YOLO(model).tune(**overrides)
     return 0
 
 
@@ -182,4 +202,7 @@ def help_text() -> str:
             lines += ["", f"{section}:"]
         default = "" if spec.default is None else format_value(spec.default)
         lines.append(f"  {spec.name + '=' + default:<30} ({' | '.join(spec.types)}) {spec.comment}")
+    lines += ["", "tune (besides the training arguments above, which every trial trains with):"]
+    for name, default, comment in TUNE_ARGS:
+        lines.append(f"  {name + '=' + ('' if default is None else format_value(default)):<30} {comment}")
     return "\n".join(lines)

@@ -19,3 +19,8 @@ class DatasetError(YoloTrainError):
 
 class CheckpointError(YoloTrainError):
     """A checkpoint that cannot be loaded safely or is not a yolotrain checkpoint."""
+
+
+def one_line(error) -> str:
+    """An error's message on a single line (parsers such as YAML's spread theirs over several)."""
+    return " ".join(str(error).split())

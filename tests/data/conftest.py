@@ -40,6 +40,25 @@ def jpeg_with_exif_orientation(img: np.ndarray, orientation: int) -> bytes:
     return jpeg[:2] + app1 + jpeg[2:]  # right after the SOI marker
 
 
+def write_coloured_split(root, shapes, rectangles, colours) -> Path:
+    """A split of black PNG images of the given (h, w) shapes, each with solid rectangles (normalised x1y1x2y2) of
+    class colours, and their YOLO labels; returns the images folder. Image i's k-th rectangle is class (i + k)."""
+    images, labels = Path(root) / "images" / "train", Path(root) / "labels" / "train"
+    images.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    for i, (h, w) in enumerate(shapes):
+        img = np.zeros((h, w, 3), np.uint8)
+        rows = []
+        for k, (x1, y1, x2, y2) in enumerate(rectangles):
+            c = (i + k) % len(colours)
+            px1, py1, px2, py2 = round(x1 * w), round(y1 * h), round(x2 * w), round(y2 * h)
+            img[py1:py2, px1:px2] = colours[c]
+            rows.append(f"{c} {(px1 + px2) / 2 / w} {(py1 + py2) / 2 / h} {(px2 - px1) / w} {(py2 - py1) / h}")
+        assert cv2.imwrite(str(images / f"im{i}.png"), img)
+        (labels / f"im{i}.txt").write_text("\n".join(rows) + "\n")
+    return images
+
+
 @pytest.fixture(name="write_image")
 def write_image_fixture():
     """The `write_image(path, h, w, seed)` helper, for tests that need loose image files."""
@@ -90,3 +109,9 @@ def tiny_data(tmp_path, yolo_split):
         yaml.safe_dump({"path": ".", "train": "images/train", "val": "images/val", "names": ["a", "b", "c"]})
     )
     return yaml_path
+
+
+@pytest.fixture(name="write_coloured_split")
+def write_coloured_split_fixture():
+    """The `write_coloured_split(root, shapes, rectangles, colours)` helper, for pixel tests of boxes."""
+    return write_coloured_split

@@ -1,6 +1,5 @@
 """collate_fn, worker seeding and the (seed, epoch)-determined order of build_dataloader."""
 
-import logging
 import random
 
 import numpy as np
@@ -121,13 +120,19 @@ def test_epoch_order_is_a_function_of_seed_and_epoch_for_resume():
     assert [flat_order(unset), flat_order(unset)] == orders[:2]  # without set_loader_epoch epochs still advance
 
 
-def test_unshuffled_loader_is_sequential_and_rect_disables_shuffle(caplog):
+def test_unshuffled_loader_is_sequential_and_rect_shuffles_whole_groups():
     dataset = RandomDataset(6)
-    dataset.rect = True
-    with caplog.at_level(logging.WARNING, logger="yolotrain.data.loader"):
-        loader = build_dataloader(dataset, batch=4, workers=0, shuffle=True)
-    assert "shuffle disabled" in caplog.text
-    assert [i for b in loader for i in b["img"][:, 0, 0, 0].tolist()] == list(range(6))
+    assert [i for b in build_dataloader(dataset, 4, 0, shuffle=False) for i in b["img"][:, 0, 0, 0].tolist()] == [
+        0, 1, 2, 3, 4, 5]
+    dataset.rect, dataset.batch = True, np.arange(6) // 2  # groups {0, 1}, {2, 3}, {4, 5}
+    loader = build_dataloader(dataset, batch=2, workers=0, shuffle=True, seed=1)
+    orders = []
+    for epoch in range(4):
+        set_loader_epoch(loader, epoch)
+        batches = [b["img"][:, 0, 0, 0].tolist() for b in loader]
+        assert sorted(batches) == [[0, 1], [2, 3], [4, 5]]  # every batch is one whole group
+        orders.append(batches)
+    assert len({str(order) for order in orders}) > 1  # the groups are shuffled
 
 
 def test_distributed_sampler_splits_the_dataset_between_ranks():

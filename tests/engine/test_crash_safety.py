@@ -59,9 +59,9 @@ def install_hooks(env):
         preprocess = DetectionTrainer.preprocess_batch
 
         def preprocess_and_pause(self, batch):
-            if (self.epoch, self._batches_in_epoch) == (pause_epoch, pause_batch) and not self._signals_received:
+            if (self.epoch, self.batches_in_epoch) == (pause_epoch, pause_batch) and not self.interrupt.received:
                 touch(env["YT_MARKER"])
-                wait_for(lambda: self._signals_received)
+                wait_for(lambda: self.interrupt.received)
                 if env.get("YT_HOLD"):
                     touch(env["YT_MARKER"] + ".got-first")
                     wait_for(lambda: False)

@@ -53,7 +53,7 @@ class FailingTrainer(DetectionTrainer):
     """Rank 1 raises at its third batch (index 2) of the first epoch."""
 
     def preprocess_batch(self, batch):
-        if dist.rank() == 1 and self._batches_in_epoch == 2:
+        if dist.rank() == 1 and self.batches_in_epoch == 2:
             raise RuntimeError("rank 1 failed on purpose at batch 2")
         return super().preprocess_batch(batch)
 

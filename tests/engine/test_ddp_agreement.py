@@ -53,7 +53,7 @@ class SignalToRankOne(DigestingTrainer):
     """Rank 1 alone receives SIGTERM as its third batch of the second epoch starts."""
 
     def preprocess_batch(self, batch):
-        if dist.rank() == 1 and self.epoch == 1 and self._batches_in_epoch == 2:
+        if dist.rank() == 1 and self.epoch == 1 and self.batches_in_epoch == 2:
             os.kill(os.getpid(), signal.SIGTERM)
         return super().preprocess_batch(batch)
 
@@ -73,7 +73,7 @@ class NonFiniteLossOnRankOne(DigestingTrainer):
 
     def compute_loss(self, batch):
         loss, items = super().compute_loss(batch)
-        if dist.rank() == 1 and self.epoch == 1 and self._batches_in_epoch == 1 and not getattr(self, "_fired", 0):
+        if dist.rank() == 1 and self.epoch == 1 and self.batches_in_epoch == 1 and not getattr(self, "_fired", 0):
             self._fired = 1
             loss = loss * float("nan")
         return loss, items

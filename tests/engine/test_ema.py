@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from yolotrain.engine.ema import ModelEMA, unwrap_model
+from yolotrain.engine.ema import ModelEMA
+from yolotrain.utils.torch_utils import de_parallel
 
 
 def _set_weight(linear, values):
@@ -86,8 +87,8 @@ class CompiledLike(nn.Module):
 
 def test_wrapped_models_are_unwrapped():
     model = nn.Linear(2, 1)
-    assert unwrap_model(nn.DataParallel(model)) is model
-    assert unwrap_model(CompiledLike(nn.DataParallel(model))) is model
+    assert de_parallel(nn.DataParallel(model)) is model
+    assert de_parallel(CompiledLike(nn.DataParallel(model))) is model
     ema = ModelEMA(CompiledLike(model), decay=0.5, tau=1e-9)
     assert list(ema.state_dict()) == ["weight", "bias"]
     ema.update(nn.DataParallel(model))  # updating from a wrapped model reads the same keys

@@ -101,7 +101,7 @@ def test_resuming_a_checkpoint_of_another_format_version_is_one_line(train_overr
     checkpoint = load_checkpoint(trainer.last)
     checkpoint.update(format_version=99, epoch=0)
     save_checkpoint(checkpoint, trainer.last)
-    with pytest.raises(CheckpointError, match="format version 99, this yolotrain resumes version 1"):
+    with pytest.raises(CheckpointError, match="format version 99, this yolotrain reads version 1"):
         DetectionTrainer(overrides={"resume": str(trainer.last)})
     assert cli_main(["train", f"resume={trainer.last}"]) != 0
     err = capsys.readouterr().err.strip().splitlines()

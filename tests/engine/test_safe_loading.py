@@ -51,7 +51,7 @@ class CountingCallback:
 
 def signal_at(epoch, batches_done):
     def send(trainer):
-        if (trainer.epoch, trainer._batches_in_epoch) == (epoch, batches_done):
+        if (trainer.epoch, trainer.batches_in_epoch) == (epoch, batches_done):
             os.kill(os.getpid(), signal.SIGTERM)
 
     return send

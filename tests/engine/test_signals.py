@@ -19,7 +19,7 @@ def epochs_in(path):
 
 def send_at_batch(signum, epoch, batches_done):
     def send(trainer):
-        if (trainer.epoch, trainer._batches_in_epoch) == (epoch, batches_done):
+        if (trainer.epoch, trainer.batches_in_epoch) == (epoch, batches_done):
             os.kill(os.getpid(), signum)
 
     return send
@@ -72,7 +72,7 @@ class NaNAtStep(DetectionTrainer):
 
     def compute_loss(self, batch):
         loss, items = super().compute_loss(batch)
-        if self.epoch * self.num_batches + self._batches_in_epoch == self.nan_step:
+        if self.epoch * self.num_batches + self.batches_in_epoch == self.nan_step:
             NaNAtStep.nan_step = -1
             loss = loss * float("nan")
         return loss, items
@@ -84,6 +84,6 @@ def test_nan_after_a_mid_epoch_resume_rolls_back_to_the_resumed_weights(train_ov
     )
     resumed = NaNAtStep(overrides={"resume": str(trainer.last)})
     resumed.train()
-    assert resumed._nan_recoveries == 1
+    assert resumed.nan_recovery.count == 1
     assert epochs_in(resumed.csv) == [1, 2, 3]
     assert "batch_index" not in load_checkpoint(resumed.last)

@@ -126,7 +126,7 @@ def test_callback_order(train_overrides):
         if not event.startswith("on_val"):
             model.add_callback(event, lambda t, e=event: events.append(e))
     model.train(**{**train_overrides, "epochs": 1, "nbs": 8, "warmup_epochs": 0})
-    assert events[:3] == ["on_pretrain_routine_start", "on_pretrain_routine_end", "on_train_start"]
+    assert events[:4] == ["on_pretrain_routine_start", "on_params_update", "on_pretrain_routine_end", "on_train_start"]
     first_batch = events.index("on_train_batch_start")
     assert events[first_batch - 1] == "on_train_epoch_start"
     # Batch 0 accumulates; batch 1 steps the optimizer (8 images).
@@ -182,7 +182,7 @@ def test_nan_fitness_is_never_an_improvement_and_rolls_back(train_overrides):
 
     trainer = train(train_overrides, trainer_class=NaNOnce, epochs=3, patience=10)
     assert trainer.best_fitness == 0.2
-    assert trainer._nan_recoveries == 1
+    assert trainer.nan_recovery.count == 1
     assert NaNOnce.calls[:3] == [0, 1, 1]  # epoch 2 (index 1) replayed from epoch 1's checkpoint
 
 
@@ -201,7 +201,7 @@ class InjectNaN(DetectionTrainer):
 
     def compute_loss(self, batch):
         loss, items = super().compute_loss(batch)
-        step = self.epoch * self.num_batches + self._batches_in_epoch
+        step = self.epoch * self.num_batches + self.batches_in_epoch
         if step in self.nan_steps:
             self.nan_steps = self.nan_steps - {step}
             loss = loss * float("nan")
@@ -210,7 +210,7 @@ class InjectNaN(DetectionTrainer):
 
 def test_nan_recovery_reloads_last_good_checkpoint(train_overrides, caplog):
     trainer = train(train_overrides, trainer_class=InjectNaN, epochs=3)
-    assert trainer._nan_recoveries == 1
+    assert trainer.nan_recovery.count == 1
     rows = read_rows(trainer.csv)
     assert [int(float(r["epoch"])) for r in rows] == [1, 2, 3]
     state = load_checkpoint(trainer.last)

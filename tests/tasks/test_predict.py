@@ -64,19 +64,13 @@ def test_predict_on_a_folder_writes_one_annotated_image_and_label_file_per_image
 def test_predicted_boxes_equal_the_validators_predictions(detector, val_images, tiny_data, tmp_path):
     """Same letterbox (batch 1, the same margin), same NMS (single-label): validation and predict find the same
     boxes."""
-    recorded = []
     validator = DetectionValidator(args=dict(data=tiny_data, imgsz=64, batch=1, conf=CONF, device="cpu",
                                              workers=0, plots=False, multi_label=False, save_json=True),
                                    save_dir=tmp_path / "val")
     validator.rect_pad = DetectionPredictor.rect_pad
-    original_record = validator._record
-
-    def record(detections, gt_boxes, gt_cls):
-        recorded.append(detections.clone())
-        return original_record(detections, gt_boxes, gt_cls)
-
-    validator._record = record
     validator(model=str(detector))
+    # save_json keeps each batch's detections in original-image pixels; at batch 1 a record is one image.
+    recorded = [detections for _, _, _, detections in validator.json_records]
     predicted = YOLO(str(detector)).predict([str(p) for p in validator.dataloader.dataset.im_files],
                                             **common(tmp_path, save=False))
     assert len(predicted) == len(recorded) == len(val_images)

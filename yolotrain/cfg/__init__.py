@@ -20,7 +20,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from yolotrain.errors import CfgError
+from yolotrain.data.data_yaml import SPLITS
+from yolotrain.errors import CfgError, one_line
 
 LOGGER = logging.getLogger(__name__)
 
@@ -28,11 +29,11 @@ DEFAULT_CFG_PATH = Path(__file__).resolve().parent / "default.yaml"
 
 TASKS = ("detect",)
 MODES = ("train", "val", "predict", "export")
-# Modes of the command line; `convert` and `sync` take positional arguments instead of key=value pairs.
-CLI_MODES = ("train", "val", "predict", "help", "convert", "sync", "export", "version")
+# Modes of the command line; `convert` and `sync` take positional arguments instead of key=value pairs, `tune` runs
+# many `train` runs (its trials) and is no `mode=` of a run.
+CLI_MODES = ("train", "val", "predict", "tune", "help", "convert", "sync", "export", "version")
 POSITIONAL_CLI_MODES = ("convert", "sync")
 OPTIMIZER_CHOICES = ("SGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSProp", "MuSGD", "auto")
-SPLITS = ("val", "test", "train")
 EXPORT_FORMATS = ("onnx", "torchscript", "safetensors")
 
 _TYPE_NAMES = ("int", "float", "bool", "str", "list")
@@ -51,9 +52,13 @@ _STR_CHOICES = types.MappingProxyType(
         "split": SPLITS,
         "cache": ("ram", "disk"),
         "amp": ("bf16",),
+        "augment_device": ("cpu", "device", "auto"),
         "format": EXPORT_FORMATS,
     }
 )
+# Keys a Python caller may set to an object instead of a str: `augment=fn` (a callable or an albumentations Compose).
+# The trainer keeps such an object out of its saved arguments (see yolotrain.data.augment_hook).
+_OBJECT_KEYS = ("augment",)
 # str keys for which a number is a natural thing to type (`device=0`, `name=2`): converted to str.
 _NUMBER_AS_STR_KEYS = ("device", "name", "project")
 # Examples shown in type errors, for keys whose default is empty or would make a poor example.
@@ -115,8 +120,8 @@ _BOUNDS = types.MappingProxyType(
         # Counts and sizes.
         **dict.fromkeys(("epochs", "patience", "close_mosaic", "workers", "seed"), _NON_NEGATIVE),
         **dict.fromkeys(("imgsz", "val_period", "max_det", "nbs", "vid_stride", "line_width"), _AT_LEAST_ONE),
-        "batch": Bound(1.0, extra=(-1,)),
         "save_period": Bound(1.0, extra=(-1,)),
+        "freeze": _NON_NEGATIVE,  # a layer count; a list holds layer indices and name prefixes
         # Rates, gains and durations.
         **dict.fromkeys(("lr0", "time", "dist_timeout"), _POSITIVE),
         **dict.fromkeys(("lrf", "weight_decay", "warmup_epochs", "warmup_bias_lr"), _NON_NEGATIVE),
@@ -134,8 +139,14 @@ _BOUNDS = types.MappingProxyType(
     }
 )
 # Keys whose range depends on the type of the value: fraction=0.5 is a share of the images, fraction=50 a count.
+# batch=16 is a size, batch=-1 or batch=0.7 the share of GPU memory the measured batch may fill (-1: 60%).
 _BOUNDS_BY_TYPE = types.MappingProxyType(
-    {"fraction": types.MappingProxyType({"float": Bound(0.0, 1.0, low_open=True), "int": _AT_LEAST_ONE})}
+    {
+        "fraction": types.MappingProxyType({"float": Bound(0.0, 1.0, low_open=True), "int": _AT_LEAST_ONE}),
+        "batch": types.MappingProxyType(
+            {"int": Bound(1.0, extra=(-1,)), "float": Bound(0.0, 1.0, low_open=True, high_open=True)}
+        ),
+    }
 )
 
 
@@ -269,27 +280,28 @@ def _cfg_layer(cfg) -> tuple:
 
 def load_cfg_file(path: Union[str, Path]) -> dict:
     """Read a yaml file of arguments; raise `CfgError` naming the file if it is missing or not a mapping."""
+    return read_yaml_mapping(path, "cfg file", "key: value arguments")
+
+
+def read_yaml_mapping(path: Union[str, Path], kind: str, expected: str) -> dict:
+    """Read a yaml file that holds a mapping (an empty file is an empty one); raise a one-line `CfgError` naming
+    the `kind` of file, its path and the `expected` content when it is missing, unreadable or not a mapping."""
     path = Path(path)
     if not path.is_file():
         reason = "is a folder" if path.is_dir() else "does not exist"
-        raise CfgError(f"cfg file '{path}' {reason}: expected a yaml file of key: value arguments")
+        raise CfgError(f"{kind} '{path}' {reason}: expected a yaml file of {expected}")
     try:
         content = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
-        raise CfgError(f"cfg file '{path}' is not valid yaml: {_one_line(error)}") from None
+        raise CfgError(f"{kind} '{path}' is not valid yaml: {one_line(error)}") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise CfgError(f"cfg file '{path}' cannot be read: {_one_line(error)}") from None
-    if content is None:  # an empty file sets nothing
+        raise CfgError(f"{kind} '{path}' cannot be read: {one_line(error)}") from None
+    if content is None:
         return {}
     if not isinstance(content, dict):
-        raise CfgError(
-            f"cfg file '{path}' must be a mapping of key: value arguments, got a {type(content).__name__}"
-        )
+        raise CfgError(f"{kind} '{path}' must be a mapping of {expected}, got a {type(content).__name__}")
     return content
 
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
 
 
 def check_args(layer: dict, specs: Optional[dict] = None, source: Optional[str] = None) -> dict:
@@ -334,6 +346,8 @@ def _checked_value(spec: ArgSpec, value, prefix: str):
         if spec.allows_none:
             return None
         raise _value_error(spec, value, prefix)
+    if spec.name in _OBJECT_KEYS and callable(value):
+        return value
     value = _normalised(spec, value)
     for type_name in spec.types:
         if _matches_type(type_name, value):
@@ -353,6 +367,8 @@ def _normalised(spec: ArgSpec, value):
         return str(value)
     if spec.name == "device" and isinstance(value, (list, tuple)) and all(_is_int(v) for v in value):
         return ",".join(str(v) for v in value)  # device=[0, 1] -> "0,1"
+    if spec.name == "freeze" and isinstance(value, str):
+        return [value]  # freeze=model.23.cv2: one name prefix
     return value
 
 
@@ -483,6 +499,19 @@ def check_imgsz(imgsz: int, stride: int) -> int:
     if used != imgsz:
         LOGGER.warning(f"imgsz={imgsz} is not a multiple of the model's stride {stride}: using imgsz={used}")
     return used
+
+
+def check_class_ids(classes, nc, owner: str = "the model") -> None:
+    """Raise `CfgError` naming the first id of `classes` (an id or a list; None keeps all) that `owner`, with `nc`
+    classes, does not have: a filter on a class that cannot be predicted is a mistake, not an empty result."""
+    if classes is None or nc is None:
+        return
+    for class_id in classes if isinstance(classes, (list, tuple)) else [classes]:
+        if not 0 <= int(class_id) < int(nc):
+            raise CfgError(
+                f"classes={format_value(classes)} is invalid: class id {class_id} is not below nc={int(nc)} of "
+                f"{owner} (class ids 0 to {int(nc) - 1})"
+            )
 
 
 # ----------------------------------------------------------------------------------------------- command line

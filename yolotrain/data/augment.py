@@ -11,6 +11,7 @@ transform reproducible.
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import random
@@ -19,8 +20,11 @@ import cv2
 import numpy as np
 import torch
 
+from yolotrain.data.augment_hook import CustomAugment
 from yolotrain.errors import CfgError
 from yolotrain.utils.boxes import clip_boxes, xyxy2xywhn
+
+LOGGER = logging.getLogger(__name__)
 
 PAD_VALUE = 114  # gray used for letterbox padding, mosaic canvas and warp borders
 _PAD_BGR = (PAD_VALUE, PAD_VALUE, PAD_VALUE)
@@ -532,12 +536,19 @@ def build_transforms(dataset, imgsz, hyp, augment):
 
     `hyp` is an object with attributes or a dict holding the gains named in cfg/default.yaml.
     Training: Mosaic -> CopyPaste -> RandomPerspective (letterboxes non-mosaic samples first) -> MixUp ->
-    RandomHSV -> vertical flip -> horizontal flip -> Format. Validation: LetterBox (no upscaling; the sample's
-    `rect_shape` overrides the square) -> Format.
+    the user's `augment` hook when `dataset.augment_hook` is set (yolotrain.data.augment_hook) -> RandomHSV ->
+    vertical flip -> horizontal flip -> Format. A rect dataset (`dataset.rect`: rectangular batches) trains without
+    mosaic and mixup: each batch has its own shape, which square mosaic tiles would not fit. Validation: LetterBox
+    (no upscaling; the sample's `rect_shape` overrides the square) -> Format.
     """
     if not augment:
         return Compose([LetterBox((imgsz, imgsz), scaleup=False), Format()])
-    mosaic = Mosaic(dataset, imgsz, p=_probability(hyp, "mosaic"))
+    mosaic_p, mixup_p = _probability(hyp, "mosaic"), _probability(hyp, "mixup")
+    if getattr(dataset, "rect", False) and (mosaic_p > 0 or mixup_p > 0):
+        LOGGER.warning("rect=True: mosaic and mixup are off (each rectangular batch has its own shape, square "
+                       "mosaic tiles would not fit it)")
+        mosaic_p = mixup_p = 0.0
+    mosaic = Mosaic(dataset, imgsz, p=mosaic_p)
     copy_paste = CopyPaste(p=_probability(hyp, "copy_paste"))
     perspective = RandomPerspective(
         degrees=_non_negative(hyp, "degrees"),
@@ -547,13 +558,15 @@ def build_transforms(dataset, imgsz, hyp, augment):
         perspective=_non_negative(hyp, "perspective"),
         pre_transform=LetterBox((imgsz, imgsz)),
     )
-    mixup = MixUp(dataset, pre_transform=Compose([mosaic, copy_paste, perspective]), p=_probability(hyp, "mixup"))
+    mixup = MixUp(dataset, pre_transform=Compose([mosaic, copy_paste, perspective]), p=mixup_p)
+    hook = getattr(dataset, "augment_hook", None)
     return Compose(
         [
             mosaic,
             copy_paste,
             perspective,
             mixup,
+            *([CustomAugment(hook)] if hook is not None else []),
             RandomHSV(_non_negative(hyp, "hsv_h"), _non_negative(hyp, "hsv_s"), _non_negative(hyp, "hsv_v")),
             RandomFlip(p=_probability(hyp, "flipud"), direction="vertical"),
             RandomFlip(p=_probability(hyp, "fliplr"), direction="horizontal"),

@@ -24,6 +24,8 @@ import cv2
 import numpy as np
 import yaml
 
+from yolotrain.data.data_yaml import REQUIRED_SPLITS
+
 logger = logging.getLogger(__name__)
 
 BUILTIN_NAMES = ("circle", "square", "triangle", "star", "cross", "ellipse")
@@ -34,7 +36,6 @@ DEFAULT_SEED = 0
 DEFAULT_TRAIN_IMAGES = 400
 DEFAULT_VAL_IMAGES = 100
 DEFAULT_IMGSZ = 224  # longest image side; the other sides vary down to 70% of it
-SPLITS = ("train", "val")
 COMPLETE_MARKER = ".complete"
 JPEG_QUALITY = 90
 
@@ -111,7 +112,7 @@ def generate_shapes_dataset(
     Not atomic on its own (see `builtin_data_yaml`). The same arguments always produce the same files.
     """
     out_dir = Path(out_dir)
-    for split, count in zip(SPLITS, (n_train, n_val)):
+    for split, count in zip(REQUIRED_SPLITS, (n_train, n_val)):
         image_dir, label_dir = out_dir / "images" / split, out_dir / "labels" / split
         image_dir.mkdir(parents=True, exist_ok=True)
         label_dir.mkdir(parents=True, exist_ok=True)
@@ -125,7 +126,7 @@ def generate_shapes_dataset(
 
 def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """The generator that renders image `index` of `split`: each image is reproducible on its own."""
-    return np.random.default_rng([seed, SPLITS.index(split), index])
+    return np.random.default_rng([seed, REQUIRED_SPLITS.index(split), index])
 
 
 def render_scene(rng: np.random.Generator, imgsz: int = DEFAULT_IMGSZ) -> ShapesScene:

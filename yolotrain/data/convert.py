@@ -4,7 +4,10 @@ Output layout, for `instances_val2017.json`:
 
     out_dir/images/val2017/<file_name>   symlinks to the source images (copies where links are not possible)
     out_dir/labels/val2017/<stem>.txt    `cls cx cy w h` per box, normalised by the image size in the JSON
-    out_dir/data.yaml                    train and val both point at images/val2017; names from the categories
+    out_dir/data.yaml                    train and val both point at images/val2017; names from the categories;
+                                         `coco_json` (the annotation file, absolute) and `coco_category_ids` (the
+                                         COCO category id of each class), so that validation with save_json=True
+                                         writes COCO's own ids and scores predictions.json with pycocotools
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from yolotrain.errors import DatasetError
+from yolotrain.errors import DatasetError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +70,7 @@ def convert_coco(src_json: str | Path, images_dir: str | Path, out_dir: str | Pa
     split = _split_name(src_json)
     present = _link_images(images, images_dir, out_dir / "images" / split, src_json)
     _write_labels(images, present, image_row, rows, out_dir / "labels" / split)
-    yaml_path = _write_data_yaml(out_dir, split, [c["name"] for c in categories])
+    yaml_path = _write_data_yaml(out_dir, split, categories, src_json)
     logger.info(
         f"Converted {src_json.name}: {int(present.sum())} images, {len(rows)} boxes "
         f"({int(boxes.crowd.sum())} crowd skipped, {int((~non_empty).sum())} empty after clipping dropped), "
@@ -87,7 +90,7 @@ def _load_coco_json(path: Path) -> dict:
     try:
         coco = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DatasetError(f"COCO annotation file {path} is not valid JSON: {_one_line(error)}") from None
+        raise DatasetError(f"COCO annotation file {path} is not valid JSON: {one_line(error)}") from None
     if not isinstance(coco, dict):
         raise DatasetError(f"COCO annotation file {path} must hold a JSON object, got {type(coco).__name__}")
     missing = [key for key in REQUIRED_TOP_KEYS if not isinstance(coco.get(key), list)]
@@ -109,9 +112,6 @@ def _check_entries(entries: list, section: str, required: tuple[str, ...], path:
         if absent:
             raise DatasetError(f"COCO annotation file {path}: {section}[{position}] lacks key '{absent[0]}'")
 
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
 
 
 def _image_sizes(images: list[dict], path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -235,9 +235,11 @@ def _write_labels(
             np.savetxt(handle, image_rows, fmt="%d %.6f %.6f %.6f %.6f")
 
 
-def _write_data_yaml(out_dir: Path, split: str, names: list[str]) -> Path:
+def _write_data_yaml(out_dir: Path, split: str, categories: list[dict], src_json: Path) -> Path:
     # No `path:` key: split folders resolve relative to this file's folder, so the output can be moved.
-    content = {"train": f"images/{split}", "val": f"images/{split}", "nc": len(names), "names": names}
+    names = [c["name"] for c in categories]
+    content = {"train": f"images/{split}", "val": f"images/{split}", "nc": len(names), "names": names,
+               "coco_json": str(src_json.resolve()), "coco_category_ids": [int(c["id"]) for c in categories]}
     yaml_path = out_dir / "data.yaml"
     out_dir.mkdir(parents=True, exist_ok=True)
     yaml_path.write_text(yaml.safe_dump(content, sort_keys=False))

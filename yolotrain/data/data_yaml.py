@@ -12,7 +12,7 @@ from typing import Iterable, Union
 
 import yaml
 
-from yolotrain.errors import DatasetError
+from yolotrain.errors import DatasetError, one_line
 
 IMG_FORMATS = frozenset({"bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pfm"})
 SPLITS = ("train", "val", "test")
@@ -61,7 +61,7 @@ def _read_data_yaml(data: str | Path | dict) -> tuple[str | None, dict]:
     try:
         raw = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{yaml_path}: not valid YAML ({_one_line(e)})") from None
+        raise DatasetError(f"{yaml_path}: not valid YAML ({one_line(e)})") from None
     if not isinstance(raw, dict):
         raise DatasetError(f"{yaml_path}: expected a mapping with keys path/train/val/names, got {type(raw).__name__}")
     return str(yaml_path.resolve()), raw
@@ -89,6 +89,16 @@ def _resolve_split(spec, root: Path, where: str, split: str) -> str | list[str]:
             raise DatasetError(f"{where}: '{split}' must be a folder of images or a .txt list, got file {p}")
         resolved.append(str(p))
     return resolved if isinstance(spec, (list, tuple)) else resolved[0]
+
+
+SINGLE_CLASS_NAME = "item"
+
+
+def single_class_names(names: dict) -> dict[int, str]:
+    """The class names of a `single_cls=True` run on a dataset with `names`: the dataset's own name when it has one
+    class, else {0: "item"} (the classes merged into one)."""
+    names = dict(names or {})
+    return {0: str(names[0])} if len(names) == 1 else {0: SINGLE_CLASS_NAME}
 
 
 def _check_names(names, nc, where: str) -> dict[int, str]:
@@ -167,6 +177,3 @@ def has_image_suffix(path: str | Path) -> bool:
     """True when the file name ends with a supported image suffix (case-insensitive)."""
     return Path(path).suffix[1:].lower() in IMG_FORMATS
 
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())

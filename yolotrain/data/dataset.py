@@ -21,7 +21,7 @@ import psutil
 from torch.utils.data import Dataset
 
 from yolotrain.cfg import format_value
-from yolotrain.data.data_yaml import list_image_files
+from yolotrain.data.data_yaml import list_image_files, single_class_names
 from yolotrain.data.scan import ScanReport, img2label_paths, label_cache_path, scan_labels
 from yolotrain.errors import CfgError, DatasetError
 from yolotrain.utils.boxes import xywhn2xyxy
@@ -41,7 +41,8 @@ class YOLODataset(Dataset):
         imgsz: the long side images are resized to.
         augment: training augmentation (mosaic, perspective, ...) instead of a plain letterbox.
         hyp: augmentation gains (an `Args` or a dict with the keys of default.yaml); defaults when None.
-        rect: rectangular batches: images sorted by aspect ratio, each batch letterboxed to its own shape.
+        rect: rectangular batches: images sorted by aspect ratio, each batch letterboxed to its own shape (`batch`
+            gives each image's batch group, `batch_shapes` the group's shape; training then has no mosaic/mixup).
         batch_size, stride, pad: batch shape computation for `rect` (shape = ceil(size / stride + pad) * stride).
         single_cls: every class becomes class 0.
         classes: keep only boxes of these class ids (one id or a list; None keeps all); ids stay as they are.
@@ -51,6 +52,8 @@ class YOLODataset(Dataset):
         data: the dict from `check_det_dataset` (gives `names`, `nc` and the `path` root for .txt lists).
         prefix: a name for messages, e.g. 'train'.
         workers: threads used to verify labels and fill caches.
+        augment_hook: a user augmentation run in training after mosaic/affine/mixup (a callable or an
+            Albumentations Compose, see yolotrain.data.augment_hook); tried once on the first image when built.
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class YOLODataset(Dataset):
         data: dict | None = None,
         prefix: str = "",
         workers: int = 8,
+        augment_hook=None,
     ):
         super().__init__()
         self.img_path = img_path
@@ -84,6 +88,7 @@ class YOLODataset(Dataset):
         self.data = data or {}
         self.prefix = prefix.rstrip(": ")  # callers may pass 'train: '; messages add their own separator
         self.workers = workers
+        self.augment_hook = augment_hook
         cache_mode = _cache_mode(cache)  # checked before the (slow) scan
         classes = self._checked_classes(classes)
 
@@ -110,6 +115,8 @@ class YOLODataset(Dataset):
         self.cache = None  # set before filling: load_image reads it
         self.cache = self._cache_images(cache_mode)
         self.transforms = self.build_transforms(hyp)
+        if augment and augment_hook is not None:
+            self._try_augment_hook()
 
     # ----------------------------------------------------------------------------------------------- building
     def _list_images(self, img_path, fraction: float | int) -> list[str]:
@@ -161,7 +168,7 @@ class YOLODataset(Dataset):
 
     def _names(self) -> dict[int, str]:
         if self.single_cls:
-            return {0: "item"}
+            return single_class_names(self.data.get("names"))
         if "names" in self.data:
             return dict(self.data["names"])
         largest = max((int(r["cls"].max()) for r in self.labels if len(r["cls"])), default=0)
@@ -188,6 +195,16 @@ class YOLODataset(Dataset):
 
         hyp = hyp if hyp is not None else (self.hyp if self.hyp is not None else _default_hyp())
         return build_transforms(self, self.imgsz, hyp, self.augment)
+
+    def _try_augment_hook(self) -> None:
+        """Run the pipeline once on image 0, so a hook that breaks its contract stops the run before training
+        (with one line) rather than in a loader worker; the RNG states are put back."""
+        states = random.getstate(), np.random.get_state()
+        try:
+            self[(0, 0)]
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
 
     def close_mosaic(self, hyp=None) -> None:
         """Turn mosaic, mixup and copy-paste off for the final epochs.

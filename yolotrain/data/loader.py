@@ -2,7 +2,9 @@
 (seed, epoch), so that a resumed run sees the same batches as an uninterrupted one.
 
 Call `set_loader_epoch(loader, epoch, start_batch, salt)` before each epoch; it also skips the finished batches
-of an epoch resumed in the middle.
+of an epoch resumed in the middle. The orders themselves live in yolotrain.data.samplers: an image permutation
+(`EpochSampler`), whole rectangular batches shuffled as groups (`GroupBatchSampler`, for a shuffled or sharded rect
+dataset) or a weighted draw (`ImageWeightSampler`, `image_weights=True`).
 The sampler hands each index to the dataset together with a per-sample seed derived from (seed, epoch, salt,
 index), and the dataset seeds its augmentation from it. So every augmented sample is a pure function of those
 four numbers, whatever the number of workers, whether they persist, or how many ranks share the data: resume,
@@ -12,13 +14,21 @@ mid-epoch resume and DDP replay the exact same images.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
+
+from yolotrain.data.samplers import (
+    EpochSampler,
+    ExactShardBatchSampler,
+    GroupBatchSampler,
+    ImageWeightSampler,
+    epoch_seed,
+)
+from yolotrain.errors import CfgError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -49,52 +59,6 @@ def seed_worker(worker_id: int) -> None:
     random.seed(worker_seed)
 
 
-def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
-    """One integer seed per (seed, epoch, salt); distinct for any realistic epoch and salt counts."""
-    return ((int(seed) * 1_000_003 + int(epoch)) * 10_007 + int(salt)) % 2**63
-
-
-def sample_seed(base: int, index: int) -> int:
-    """The 32-bit seed of sample `index` in the pass seeded by `base` (a Knuth multiplicative hash)."""
-    return (base + int(index) * 2654435761) % 2**32
-
-
-class EpochSampler(DistributedSampler):
-    """Indices for one replica whose order depends only on (seed, epoch, salt), resumable mid-epoch.
-
-    With `num_replicas=1, rank=0` it is a plain (shuffled or sequential) sampler; no process group is needed.
-    It yields `(index, sample_seed)` pairs (see the module docstring).
-    `set_epoch(epoch)` picks the permutation, `salt` varies it (e.g. after a NaN rollback), `skip` drops the first
-    indices of the next pass only (a resumed epoch's finished batches). Each pass advances the epoch by one, so
-    a loader whose epoch is never set still reshuffles every epoch. `len()` is the full epoch, skip or not.
-    """
-
-    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
-        self.salt = 0
-        self.skip = 0
-
-    def __iter__(self):
-        n = len(self.dataset)
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, self.salt))
-            indices = torch.randperm(n, generator=generator).tolist()
-        else:
-            indices = list(range(n))
-        indices = self._shard(indices)
-        skip, self.skip = self.skip, 0
-        base = epoch_seed(self.seed, self.epoch, self.salt)
-        self.epoch += 1
-        return iter([(i, sample_seed(base, i)) for i in indices[skip:]])
-
-    def _shard(self, indices: list) -> list:
-        """Pad by repeating (so every replica gets the same count), then take every num_replicas-th index."""
-        padding = self.total_size - len(indices)
-        if padding > 0:
-            indices += (indices * math.ceil(padding / len(indices)))[:padding]
-        return indices[: self.total_size][self.rank : self.total_size : self.num_replicas]
-
-
 def resolve_workers(batch: int, workers: int, world_size: int = 1) -> int:
     """Worker processes per rank: no more than the CPUs per rank, none for batch 1, at most `workers`."""
     cpus_per_rank = (os.cpu_count() or 1) // max(world_size, 1)
@@ -110,27 +74,32 @@ def build_dataloader(
     seed: int = 0,
     world_size: int = 1,
     drop_last: bool = False,
+    image_weights: bool = False,
+    exact_shard: bool = False,
 ) -> DataLoader:
     """A DataLoader with `collate_fn`, seeded workers and a (seed, epoch)-determined order.
 
     rank != -1 shards the data over `world_size` replicas (no process group needed to build the loader).
-    Rectangular-batch datasets are never shuffled (each batch shape is computed for consecutive images).
+    A rectangular-batch dataset (`dataset.rect`) that is shuffled or sharded is served as whole batch groups
+    (`GroupBatchSampler`: `dataset.batch` gives each image's group, so the dataset's batch size sets the batches);
+    unshuffled and unsharded, consecutive images already form its groups. `image_weights` draws the images by the
+    classes they hold (`ImageWeightSampler`, the dataset needs `labels` and `nc`); it cannot be combined with rect.
+    `exact_shard` (evaluation, unshuffled): each rank takes whole consecutive batches in turn with nothing padded or
+    repeated (`ExactShardBatchSampler`), so the ranks together see every image exactly once.
     """
-    if shuffle and getattr(dataset, "rect", False):
-        LOGGER.warning("rect=True keeps images in aspect-ratio order: shuffle disabled for this loader")
-        shuffle = False
     num_workers = resolve_workers(batch, workers, world_size)
     replicas, replica = (max(world_size, 1), rank) if rank != -1 else (1, 0)
-    sampler = EpochSampler(dataset, num_replicas=replicas, rank=replica, shuffle=shuffle, seed=seed)
+    if exact_shard and replicas > 1 and not shuffle:
+        batching = {"batch_sampler": ExactShardBatchSampler(len(dataset), batch, replicas, replica)}
+    else:
+        batching = _batching(dataset, batch, shuffle, replicas, replica, seed, drop_last, image_weights)
     loader = DataLoader(
         dataset,
-        batch_size=batch,
         shuffle=False,  # the sampler decides the order
-        sampler=sampler,
+        **batching,
         num_workers=num_workers,
         collate_fn=collate_fn,
         pin_memory=torch.cuda.is_available(),
-        drop_last=drop_last,
         worker_init_fn=seed_worker,
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(int(seed)),  # worker base seeds
@@ -139,16 +108,56 @@ def build_dataloader(
     return loader
 
 
+def _batching(dataset, batch, shuffle, replicas, replica, seed, drop_last, image_weights) -> dict:
+    """The DataLoader's batching arguments: a batch sampler of whole rect groups, or a sampler and a batch size."""
+    rect = getattr(dataset, "rect", False)
+    if image_weights and rect:
+        raise CfgError("image_weights=True cannot be combined with rect=True: rectangular batches are fixed groups "
+                       "of images of one shape; set one of them to false")
+    if rect and (shuffle or replicas > 1):
+        group_ids = getattr(dataset, "batch", None)
+        group_ids = np.arange(len(dataset)) // batch if group_ids is None else group_ids
+        sampler = GroupBatchSampler(group_ids, num_replicas=replicas, rank=replica, shuffle=shuffle, seed=seed)
+        return {"batch_sampler": sampler}
+    if image_weights:
+        sampler = ImageWeightSampler(dataset, num_replicas=replicas, rank=replica, seed=seed)
+    else:
+        sampler = EpochSampler(dataset, num_replicas=replicas, rank=replica, shuffle=shuffle, seed=seed)
+    return {"batch_size": batch, "sampler": sampler, "drop_last": drop_last}
+
+
+def is_exact_shard(loader) -> bool:
+    """True when `loader` serves one rank's share of an evaluation set (`exact_shard`) in a multi-rank run."""
+    sampler = getattr(loader, "batch_sampler", None)
+    return isinstance(sampler, ExactShardBatchSampler) and sampler.num_replicas > 1
+
+
+def unsharded(loader: DataLoader) -> DataLoader:
+    """`loader` itself, or for an `exact_shard` loader one over its whole dataset with the same batches."""
+    if not is_exact_shard(loader):
+        return loader
+    return build_dataloader(loader.dataset, loader.batch_sampler.batch_size, loader.num_workers, shuffle=False,
+                            seed=getattr(loader, "seed", 0))
+
+
+def epoch_order(loader: DataLoader):
+    """The object that orders `loader`'s epochs: its `GroupBatchSampler`, else its sampler."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    return batch_sampler if isinstance(batch_sampler, GroupBatchSampler) else loader.sampler
+
+
 def set_loader_epoch(loader: DataLoader, epoch: int, start_batch: int = 0, salt: int = 0) -> None:
     """Make the coming pass over `loader` epoch `epoch` of a run: its order is a function of (seed, epoch, salt),
     the first `start_batch` batches are skipped (resume mid-epoch), and the loader's generator (worker seeds of
     non-persistent workers) is re-seeded to match."""
-    sampler = loader.sampler
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-    if isinstance(sampler, EpochSampler):
-        sampler.salt = int(salt)
-        sampler.skip = int(start_batch) * (loader.batch_size or 1)
+    order = epoch_order(loader)
+    if hasattr(order, "set_epoch"):
+        order.set_epoch(epoch)
+    if isinstance(order, GroupBatchSampler):
+        order.salt, order.skip = int(salt), int(start_batch)
+    elif isinstance(order, EpochSampler):
+        order.salt = int(salt)
+        order.skip = int(start_batch) * (loader.batch_size or 1)
     elif start_batch:
         raise ValueError("start_batch needs a loader built by build_dataloader (EpochSampler)")
     if loader.generator is not None:

@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 
 from yolotrain.data.data_yaml import IMG_FORMATS, has_image_suffix
-from yolotrain.errors import DatasetError
+from yolotrain.errors import DatasetError, one_line
 from yolotrain.utils.boxes import xywh2xyxy, xyxy2xywh
 
 LOGGER = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class ScanReport:
         """{file: its reasons joined by '; '}, one entry per offending file, in the order they were found."""
         reasons: dict[str, list[str]] = {}
         for file, reason in self.offenders:
-            reasons.setdefault(file, []).append(" ".join(str(reason).split()))  # one line, no tabs
+            reasons.setdefault(file, []).append(one_line(reason))  # no tabs or newlines in the report
         return {file: "; ".join(why) for file, why in reasons.items()}
 
     def to_json(self) -> str:

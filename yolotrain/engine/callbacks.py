@@ -29,6 +29,8 @@ EVENTS = (
     "on_fit_epoch_end",
     "on_model_save",
     "on_train_end",
+    # The trainer's arguments are final: once at set-up after on_pretrain_routine_start (before args.yaml is
+    # written), and after each `trainer.update_args(...)` call.
     "on_params_update",
     "teardown",
     "on_val_start",

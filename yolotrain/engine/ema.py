@@ -2,7 +2,7 @@
 
 The EMA is an ``nn.Module`` holding a frozen copy of the model, so moving it (``.to``), evaluating it and saving it
 work like any module. Its ``state_dict()`` is exactly the copied model's state dict (same keys as the model), and
-the number of updates is a plain int attribute that the trainer saves next to it as ``ema_updates``.
+the number of updates is a plain int attribute that the checkpoint stores next to it as ``ema_updates``.
 """
 
 from __future__ import annotations
@@ -14,18 +14,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-_PARALLEL_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain model inside ``DistributedDataParallel``/``DataParallel`` and ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, _PARALLEL_WRAPPERS):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        else:
-            return model
+from yolotrain.utils.torch_utils import de_parallel
 
 
 class ModelEMA(nn.Module):
@@ -37,7 +26,7 @@ class ModelEMA(nn.Module):
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000, updates: int = 0) -> None:
         super().__init__()
-        self.module = copy.deepcopy(unwrap_model(model)).eval()
+        self.module = copy.deepcopy(de_parallel(model)).eval()
         for parameter in self.module.parameters():
             parameter.requires_grad_(False)
         self.decay = float(decay)
@@ -53,7 +42,7 @@ class ModelEMA(nn.Module):
         """Blend the model's current weights into the average (one call per optimizer step)."""
         self.updates += 1
         decay = self.decay_at(self.updates)
-        model_state = unwrap_model(model).state_dict()
+        model_state = de_parallel(model).state_dict()
         ema_floats, model_floats = [], []
         for name, ema_value in self.module.state_dict().items():
             model_value = model_state[name]
@@ -68,7 +57,7 @@ class ModelEMA(nn.Module):
 
     def update_attr(self, model: nn.Module, include: Iterable[str] = ("nc", "names", "stride", "args", "yaml")) -> None:
         """Copy plain attributes (class names, stride, hyperparameters, ...) from the model to the EMA copy."""
-        source = unwrap_model(model)
+        source = de_parallel(model)
         for name in include:
             if hasattr(source, name):
                 setattr(self.module, name, getattr(source, name))

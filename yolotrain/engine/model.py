@@ -61,6 +61,19 @@ class YOLO:
             self.model_path = str(self.trainer.best)
         return self.metrics
 
+    def tune(self, **overrides):
+        """Search hyperparameters: `iterations` training runs with values drawn from `space`; returns the best.
+
+        Training arguments are given as for `train` (each trial trains with them plus its drawn values); tuning's
+        own are `iterations`, `space` (a yaml of ranges; default `cfg/tune_space.yaml`), `backend` (optuna or ray)
+        and `ray_address`. `resume=True` continues the newest tuning folder. See `yolotrain.engine.tuner`.
+        """
+        from yolotrain.engine.tuner import Tuner
+
+        model = overrides.pop("model", self.model_path)
+        setup_logging(get_cfg({k: v for k, v in overrides.items() if k == "verbose"}).verbose)
+        return Tuner(model, self.task, self.callbacks, overrides).run()
+
     def _train_distributed(self, trainer_class, args, processes):
         from yolotrain.engine.launch import launch_training
 

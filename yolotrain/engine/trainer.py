@@ -1,9 +1,13 @@
 """BaseTrainer: the task-agnostic training loop.
 
 The loop reads as its outline (see `train` and `_fit`): set up, then per epoch train, validate if due, save if due,
-decide whether to stop. A batch is `_forward_loss -> _backward -> _optimizer_step`. Everything stateful (model,
-EMA, optimizer, GradScaler, schedule, early stopping, RNGs, stateful callbacks) has a state dict, and a resumed run
-is a fresh set-up followed by `_load_state(checkpoint)`.
+decide whether to stop. A batch is `_forward_loss -> _backward -> _optimizer_step`, followed by the one verdict
+all ranks agree on (non-finite loss, a signal, the time budget).
+
+The concerns around the loop live in their own modules, each with public state: `checkpointer` (what a checkpoint
+holds, one rule for every component), `resume` (which checkpoint, which arguments, the mid-epoch position),
+`interrupt` (SIGTERM/SIGINT), `nan_recovery` (rollback on divergence), `time_budget`, `progress` (the display shared
+with the validator). A resumed run is a fresh set-up followed by `_load_state(checkpoint)`.
 
 Tasks subclass it (`DetectionTrainer`) and fill in the override points: `get_dataset`, `get_model`,
 `get_dataloader`, `preprocess_batch`, `get_validator`, `set_model_attributes`, `label_loss_items`,
@@ -11,12 +15,9 @@ Tasks subclass it (`DetectionTrainer`) and fill in the override points: `get_dat
 """
 
 import contextlib
-import copy
 import logging
 import math
 import shutil
-import signal
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,8 +27,12 @@ import yaml
 
 from yolotrain import __version__
 from yolotrain.cfg import get_cfg
+from yolotrain.engine.amp import resolve_amp, resolve_channels_last
 from yolotrain.engine.callbacks import Callbacks
+from yolotrain.engine.checkpointer import Checkpointer, EMAState, Stored
 from yolotrain.engine.ema import ModelEMA
+from yolotrain.engine.interrupt import GracefulInterrupt, TrainingInterrupted
+from yolotrain.engine.nan_recovery import NanRecovery, NonFiniteLossError
 from yolotrain.engine.optim import (
     OptimizerStepper,
     build_param_groups,
@@ -36,44 +41,33 @@ from yolotrain.engine.optim import (
     resolve_auto_optimizer,
     scaled_weight_decay,
 )
+from yolotrain.engine.progress import interactive_terminal, progress_bar
 from yolotrain.engine.results import ResultsCSV
+from yolotrain.engine.resume import MidEpochPosition, args_for_resume, find_resume_checkpoint
 from yolotrain.engine.schedule import TrainSchedule
 from yolotrain.engine.stopping import EarlyStopping
 from yolotrain.engine.time_budget import TimeBudget
-from yolotrain.errors import CheckpointError, YoloTrainError
+from yolotrain.errors import YoloTrainError
 from yolotrain.utils import dist
 from yolotrain.utils.checkpoint import (
     NonFiniteCheckpointError,
-    find_latest_checkpoint,
     is_weights_file,
     load_checkpoint,
-    rng_state,
     save_atomic_text,
     save_checkpoint,
-    set_rng_state,
     strip_optimizer,
 )
 from yolotrain.utils.files import ensure_writable_dir, run_dir
-from yolotrain.utils.torch_utils import cpu_copy, de_parallel, init_seeds
+from yolotrain.utils.torch_utils import de_parallel, init_seeds
 
 LOGGER = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT_VERSION = 1
-MAX_NAN_RECOVERIES = 3
+# Arguments `update_args` refuses: the trainer's run folder, device and resume source are chosen from them when it
+# is created.
+ARGS_FIXED_AT_CONSTRUCTION = ("task", "mode", "resume", "device", "project", "name", "exist_ok")
+
 # A fitness of exactly 0 counts as a collapse only after the best fitness reached this (mAP-scale) value.
 COLLAPSE_MIN_BEST_FITNESS = 0.01
-# Arguments that may change when a run is resumed; everything else comes from the checkpoint.
-RESUME_OVERRIDABLE = ("epochs", "patience", "time", "save_period", "workers", "device", "batch_timeout")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised inside an epoch when the loss is NaN/Inf; handled by rolling back to the last good state."""
-
-
-class TrainingInterrupted(YoloTrainError):
-    """SIGTERM/SIGINT: the current batch finished, a mid-epoch checkpoint was written."""
-
-    exit_code = 130
 
 
 class CompiledWithFallback(torch.nn.Module):
@@ -112,15 +106,17 @@ class BaseTrainer:
     def __init__(self, cfg=None, overrides=None, _callbacks=None):
         overrides = dict(overrides or {})
         self.args = get_cfg(overrides, cfg)
-        self.callbacks = _callbacks if _callbacks is not None else Callbacks()
-        self.resume_path = self._find_resume_checkpoint() if self.args.resume else None
+        # Its own registry: integrations a run adds must not stay registered on the caller's (the YOLO object's).
+        self.callbacks = _callbacks.copy() if _callbacks is not None else Callbacks()
+        self.resume_path = find_resume_checkpoint(self.args) if self.args.resume else None
         if self.resume_path:
-            self.args = self._args_for_resume(self.resume_path, overrides)
+            self.args = args_for_resume(self.resume_path, overrides)
         self.device = dist.rank_device(self.args.device)  # cuda:LOCAL_RANK (or cpu) in a DDP worker
         self._use_save_dir(self._resolve_save_dir())
         self.epochs = self.args.epochs
         self.epoch = self.start_epoch = 0
         self.start_batch = 0
+        self.batches_in_epoch = 0
         self.model = self.ema = self.optimizer = self.validator = None
         self.metrics = self.fitness = self.best_fitness = None
         self.loss = self.loss_items = self.tloss = None
@@ -129,13 +125,15 @@ class BaseTrainer:
         self.plots = {}
         self.lr = {}
         self.resolved = SimpleNamespace()
-        self._nan_recoveries = 0
-        self._signals_received = 0
+        self.interrupt = GracefulInterrupt()
+        self.nan_recovery = NanRecovery()
         self.time_budget = TimeBudget(self.args.time)
+        self.checkpointer = None  # built at set-up, once the components it gathers exist
+        self._mid_epoch = None  # a MidEpochPosition to apply when the resumed epoch starts
         self._mosaic_closed = False
         self._pending_save_retry = False
-        self._mid_epoch_state = None
         self._wait_group = None  # DDP: gloo group with a long timeout for waiting on rank-0-only work
+        self._args_final = False  # set-up has read args: update_args() is refused from then on
 
     # ------------------------------------------------------------------ callbacks
     def add_callback(self, event, fn):
@@ -150,17 +148,38 @@ class BaseTrainer:
         """Run every callback of `event` with this trainer."""
         self.callbacks.run(event, self)
 
+    # ------------------------------------------------------------------ arguments
+    def update_args(self, **overrides):
+        """Set arguments (e.g. the hyperparameters of a tuning trial) and fire `on_params_update`.
+
+        Allowed until set-up reads the arguments: before `train()`, or from an `on_pretrain_routine_start`
+        callback; args.yaml and checkpoints then hold the new values. Values are checked as at construction
+        (one-line `CfgError`); `args` is replaced by a new object, never changed in place.
+        """
+        from yolotrain.cfg import Args, check_args
+
+        if self._args_final:
+            raise YoloTrainError("update_args() after set-up has read the arguments: call it before train() or "
+                                 "from an on_pretrain_routine_start callback")
+        fixed = sorted(set(overrides) & set(ARGS_FIXED_AT_CONSTRUCTION))
+        if fixed:
+            raise YoloTrainError(f"update_args(): {', '.join(fixed)} cannot change after the trainer is created "
+                                 f"(they chose its run folder and device); pass them when creating it")
+        self.args = Args(**{**vars(self.args), **check_args(overrides)})
+        self.epochs = self.args.epochs
+        self.time_budget = TimeBudget(self.args.time)
+        self.run_callbacks("on_params_update")
+
     # ------------------------------------------------------------------ the loop
     def train(self):
         """Train and return the final validation metrics (a dict)."""
-        previous_handlers = self._install_signal_handlers()
         joined_group = self._join_process_group()
         try:
-            self._setup()
-            self._fit()
+            with self.interrupt:
+                self._setup()
+                self._fit()
             return self.metrics
         finally:
-            self._restore_signal_handlers(previous_handlers)
             self.run_callbacks("teardown")
             if joined_group:  # also on error, so a failed rank leaves the group instead of hanging it
                 dist.destroy_process_group()
@@ -185,7 +204,7 @@ class BaseTrainer:
             self._save_if_due(epoch)
             self.run_callbacks("on_fit_epoch_end")
             # A signal during validation or saving, on any rank: the epoch is complete, every rank stops here.
-            if dist.any_rank(self._signals_received > 0, self.device) and epoch + 1 < self.epochs:
+            if dist.any_rank(self.interrupt.requested, self.device) and epoch + 1 < self.epochs:
                 self._interrupt_at_epoch_end(epoch)
             self.stop = self._should_stop(epoch)
             epoch += 1
@@ -194,8 +213,8 @@ class BaseTrainer:
 
     def _train_epoch(self, epoch):
         self._begin_epoch(epoch)
-        if self._mid_epoch_state is not None:
-            self._apply_mid_epoch_state()
+        if self._mid_epoch is not None:
+            self._resume_mid_epoch()
         self.run_callbacks("on_train_epoch_start")
         self._freeze_bn_stats_of_frozen_layers()
         batches = self._progress(epoch)
@@ -237,7 +256,7 @@ class BaseTrainer:
         """The step's three decisions, taken by all ranks together from one all-reduce: the loss is not finite
         (on some rank), a signal arrived (on some rank), the time budget ran out (on some rank's clock)."""
         nonfinite, interrupted, out_of_time = dist.agreed_flags(
-            [~torch.isfinite(loss.detach()).all(), self._signals_received > 0, self.time_budget.exceeded()],
+            [~torch.isfinite(loss.detach()).all(), self.interrupt.requested, self.time_budget.exceeded()],
             self.device,
         )
         return SimpleNamespace(nonfinite=nonfinite, interrupted=interrupted, out_of_time=out_of_time)
@@ -250,9 +269,9 @@ class BaseTrainer:
 
     def _update_running_loss(self, items):
         """tloss: the mean of the loss items over this epoch's batches so far (on the device: read when shown)."""
-        done = self._batches_in_epoch
+        done = self.batches_in_epoch
         self.tloss = items if self.tloss is None else (self.tloss * done + items) / (done + 1)
-        self._batches_in_epoch = done + 1
+        self.batches_in_epoch = done + 1
 
     def _forward_loss(self, batch):
         with self.stepper.autocast(), dist.training_step_scope():
@@ -282,6 +301,8 @@ class BaseTrainer:
 
             add_integration_callbacks(self)
         self.run_callbacks("on_pretrain_routine_start")
+        self._args_final = True
+        self.run_callbacks("on_params_update")  # the arguments this run trains with, final from here on
         if dist.is_main():
             ensure_writable_dir(self.wdir)
             save_atomic_text(yaml.safe_dump(vars(self.args), sort_keys=False), self.save_dir / "args.yaml")
@@ -290,11 +311,13 @@ class BaseTrainer:
             self.data = self.get_dataset()
         self.model = self.get_model(cfg=self.args.model, weights=self._pretrained_weights())
         self.model.to(self.device)
+        self._use_channels_last()
         self._freeze_layers()
         self._resolve_batch()
         with dist.main_process_first(self._wait_group):
             self.train_loader = self.get_dataloader(self.data["train"], self.batch_size, dist.rank(), "train")
-            self.test_loader = self.get_dataloader(self.data["val"], self.batch_size * 2, -1, "val")
+            # Every rank validates its own share of the val set (the validator gathers the statistics).
+            self.test_loader = self.get_dataloader(self.data["val"], self.batch_size * 2, dist.rank(), "val")
         self.num_batches = len(self.train_loader)
         if dist.is_main():
             self._copy_bad_entry_lists()
@@ -304,12 +327,14 @@ class BaseTrainer:
         self._build_optimization()
         self.stopper = EarlyStopping(self.args.patience)
         self.train_model = self._wrap_model()
+        self.checkpointer = self._build_checkpointer()
         if self.resume_path:
             self._load_state(load_checkpoint(self.resume_path))
         elif dist.is_main():
             self.results.reset()  # a fresh run in an existing folder (exist_ok=True) starts a new results.csv
         # NaN recovery falls back to where this process started when last.pt is missing or mid-epoch.
-        self._initial_state, self._initial_epoch = self._state_snapshot(), self.start_epoch
+        source = f"the weights resumed from {self.resume_path}" if self.resume_path else "the initial weights"
+        self.nan_recovery.remember_start(self.checkpointer.snapshot(), self.start_epoch, source)
         self._log_resolved()
         self.run_callbacks("on_pretrain_routine_end")
 
@@ -321,7 +346,17 @@ class BaseTrainer:
                 shutil.copy2(listed, self.save_dir / f"{split}.bad.txt")
 
     def _resolve_batch(self):
+        """The per-rank batch: `batch` split over the processes, or for batch=-1 / a share in (0, 1) the batch that
+        fits that share of one GPU's memory, measured once on rank 0 and used by every rank."""
+        from yolotrain.engine.autobatch import auto_batch_size, is_auto_batch
+
         world = dist.world_size()
+        if is_auto_batch(self.args.batch):
+            measured = None
+            if dist.is_main():
+                measured = auto_batch_size(self.model, self.args.imgsz, self.device, self.args.batch, self.args.amp)
+            self.batch_size = int(dist.broadcast_object(measured, group=self._wait_group))
+            return
         if self.args.batch % world:
             raise YoloTrainError(f"batch={self.args.batch} does not divide over {world} processes")
         self.batch_size = self.args.batch // world
@@ -354,7 +389,7 @@ class BaseTrainer:
             nominal_batch=self.args.nbs,
             batch_size=global_batch,
         )
-        self.amp_dtype = self._resolve_amp()
+        self.amp_dtype = resolve_amp(self.args.amp, self.device, self.model)
         self.stepper = OptimizerStepper(self.optimizer, self.amp_dtype, self.device.type, max_norm=10.0)
         self.resolved.__dict__.update(
             batch_per_rank=self.batch_size,
@@ -390,36 +425,17 @@ class BaseTrainer:
         boosted = class_branch_prefixes(model) if muon else ()
         return make_optimizer(name, build_param_groups(model, decay, muon=muon, boosted_prefixes=boosted), lr, momentum)
 
-    def _resolve_amp(self):
-        """torch dtype for autocast, or None. fp16 only on CUDA, checked against fp32 first; bf16 on request."""
-        amp = self.args.amp
-        if not amp or self.device.type != "cuda":
-            return None
-        if amp == "bf16":
-            return torch.bfloat16
-        return torch.float16 if self._amp_output_matches() else None
-
-    def _amp_output_matches(self):
-        """Run the model once in fp32 and fp16 autocast on a synthetic image; fall back to fp32 on a mismatch."""
-        model = copy.deepcopy(de_parallel(self.model)).eval()
-        image = torch.rand(1, 3, 64, 64, device=self.device)
-        with torch.no_grad():
-            reference = self._first_tensor(model(image)).float()
-            with torch.autocast("cuda", dtype=torch.float16):
-                mixed = self._first_tensor(model(image)).float()
-        ok = torch.allclose(reference, mixed, atol=0.5, rtol=0.05) and torch.isfinite(mixed).all()
-        if not ok:
-            LOGGER.warning("AMP check failed: fp16 outputs differ from fp32 on this GPU, training in fp32")
-        return bool(ok)
-
-    @staticmethod
-    def _first_tensor(output):
-        while isinstance(output, (list, tuple)):
-            output = output[0]
-        return output
+    def _use_channels_last(self):
+        """`channels_last`: keep the model's (and, in `compute_loss`, the batch's) tensors channels-last, where
+        oneDNN or CUDA convolutions run faster on them. The weights keep their values; only their layout changes."""
+        self.channels_last = resolve_channels_last(self.args.channels_last, self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.resolved.channels_last = self.channels_last
 
     def _wrap_model(self):
-        """The module the training step calls: compiled and/or DDP-wrapped views of self.model."""
+        """The module the training step calls: compiled and/or DDP-wrapped views of self.model. The training step
+        calls it with images only (see `compute_loss`), so `compile=True` compiles the network, never the loss."""
         model = self.model
         if self.args.compile:
             model = self._compile(model)
@@ -452,37 +468,24 @@ class BaseTrainer:
 
     # ------------------------------------------------------------------ freezing
     def _freeze_layers(self):
-        prefixes = self._frozen_prefixes()
-        frozen = []
-        for name, param in self.model.named_parameters():
-            if any(name.startswith(p) for p in prefixes):
-                param.requires_grad = False
-                frozen.append(name)
-        if frozen and self.args.freeze is not None:
-            LOGGER.info(f"freeze: {len(frozen)} parameters frozen ({', '.join(sorted(set(prefixes)))})")
+        """Freeze what `freeze` and `always_frozen()` name (see `yolotrain.engine.freeze`)."""
+        from yolotrain.cfg import format_value
+        from yolotrain.engine.freeze import freeze_parameters
 
-    def _frozen_prefixes(self):
-        """Name prefixes to freeze: `freeze=N` is layers 0..N-1; a list holds layer indices or name prefixes."""
-        freeze = self.args.freeze
-        if freeze is None:
-            items = []
-        elif isinstance(freeze, int):
-            items = list(range(freeze))
-        else:
-            items = list(freeze)
-        prefixes = [f"model.{x}." if isinstance(x, int) else str(x) for x in items]
-        return prefixes + list(self.always_frozen())
+        frozen = freeze_parameters(self.model, self.args.freeze, self.always_frozen())
+        if frozen and self.args.freeze is not None:
+            LOGGER.info(f"freeze: {len(frozen)} parameters frozen (freeze={format_value(self.args.freeze)})")
 
     def always_frozen(self):
-        """Name prefixes that never train (e.g. a fixed DFL projection)."""
+        """Name prefixes that never train (e.g. a fixed DFL projection); a leading dot matches them anywhere in
+        a parameter's name. Called once at set-up, when the model is built."""
         return ()
 
     def _freeze_bn_stats_of_frozen_layers(self):
         """Keep running statistics of frozen normalisation layers fixed (callbacks may unfreeze, so check now)."""
-        for module in self.model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                if module.weight is not None and not module.weight.requires_grad:
-                    module.eval()
+        from yolotrain.engine.freeze import freeze_bn_statistics
+
+        freeze_bn_statistics(self.model)
 
     # ------------------------------------------------------------------ epochs
     def _begin_epoch(self, epoch):
@@ -493,7 +496,7 @@ class BaseTrainer:
         if self.args.close_mosaic and epoch >= self.epochs - self.args.close_mosaic and not self._mosaic_closed:
             self._close_dataloader_mosaic()
         self.tloss = None
-        self._batches_in_epoch = 0
+        self.batches_in_epoch = 0
         self.stepper.zero_grad()
 
     def _seed_epoch(self, epoch):
@@ -501,13 +504,13 @@ class BaseTrainer:
 
         After a NaN rollback the salt changes the replay, so the same bad step is not repeated.
         """
-        seed = self.args.seed + 1_000_003 * epoch + 7919 * self._nan_recoveries
+        seed = self.args.seed + 1_000_003 * epoch + 7919 * self.nan_recovery.salt
         init_seeds(seed, self.args.deterministic)
 
     def _set_loader_epoch(self, epoch):
         from yolotrain.data.loader import set_loader_epoch
 
-        set_loader_epoch(self.train_loader, epoch, start_batch=self.start_batch, salt=self._nan_recoveries)
+        set_loader_epoch(self.train_loader, epoch, start_batch=self.start_batch, salt=self.nan_recovery.salt)
 
     def _close_dataloader_mosaic(self):
         """Switch mosaic (and the augmentations that go with it) off for the final epochs."""
@@ -523,7 +526,7 @@ class BaseTrainer:
     def _validate_if_due(self, epoch):
         final_epoch = epoch + 1 >= self.epochs or self.stop or self.stopper.possible_stop
         due = self.args.val and (epoch + 1) % max(self.args.val_period, 1) == 0
-        if dist.is_main() and (due or final_epoch):
+        if due or final_epoch:  # on every rank, each over its shard: the metrics come out the same on all
             self.ema.module.to(self.device)
             self.metrics, self.fitness = self.validate()
         else:
@@ -628,118 +631,77 @@ class BaseTrainer:
 
     def checkpoint_state(self, batch_index=None):
         """Everything resume needs, as state dicts and plain types (loads with weights_only=True)."""
-        state = self._state_snapshot()
+        state = self.checkpointer.state_dict()
         state.update(
-            format_version=CHECKPOINT_FORMAT_VERSION,
             version=__version__,
             date=datetime.now(timezone.utc).isoformat(),
             epoch=self.epoch,
             best_fitness=None if self.best_fitness is None else float(self.best_fitness),
             train_args=dict(vars(self.args)),
             train_metrics={**(self.metrics or {}), "fitness": self.fitness},
-            train_time=self._elapsed(),
-            planned_epochs=self.epochs,  # a time= run re-plans it; resume restores it
-            nan_recoveries=self._nan_recoveries,
-            callbacks=self.callbacks.state_dict(),
-            rng=rng_state(),
         )
         state.update(self.checkpoint_extras())
         if batch_index is not None:
-            state["batch_index"] = batch_index
-            state["grads"] = self._accumulated_grads()
-            state["tloss"] = None if self.tloss is None else self.tloss.tolist()
-            state["batches_in_epoch"] = self._batches_in_epoch
+            model = de_parallel(self.model)
+            state.update(MidEpochPosition.entries(batch_index, model, self.tloss, self.batches_in_epoch))
         return state
 
     def checkpoint_extras(self):
         """Task-specific plain entries added to every checkpoint (e.g. the model yaml and class names)."""
         return {}
 
-    def _state_snapshot(self):
-        """A copy of the training state in CPU memory (on a GPU, a second copy of the model there would cost as
-        much memory as the model itself)."""
-        return cpu_copy(
-            {
-                "model": de_parallel(self.model).state_dict(),
-                "ema": self.ema.module.state_dict(),
-                "ema_updates": int(self.ema.updates),
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.stepper.state_dict(),
-                "schedule": self.schedule.state_dict(),
-                "stopper": self.stopper.state_dict(),
-            }
-        )
+    def _build_checkpointer(self):
+        """The components whose state a checkpoint holds, each under its fixed keys (see `Checkpointer`)."""
+        weights = [
+            Stored("model", de_parallel(self.model)),
+            EMAState(self.ema),
+            Stored("optimizer", self.optimizer),
+            Stored("scaler", self.stepper),
+            Stored("schedule", self.schedule),
+            Stored("stopper", self.stopper),
+        ]
+        progress = [self.time_budget, self.nan_recovery, Stored("callbacks", self.callbacks)]
+        return Checkpointer(weights, progress)
 
-    def _load_state(self, state, restore_progress=True):
-        """Continue from a checkpoint: the same code path as a fresh start, plus state dicts."""
-        de_parallel(self.model).load_state_dict(state["model"])
-        self.ema.module.load_state_dict(state["ema"])
-        self.ema.updates = state["ema_updates"]
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.stepper.load_state_dict(state["scaler"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.stopper.load_state_dict(state["stopper"])
-        if not restore_progress:
-            return
-        self.time_budget.load_state_dict(state)
-        if self.args.time and state.get("planned_epochs"):
-            self.epochs = int(state["planned_epochs"])  # the re-planned count, not the epochs= it started from
+    def _load_state(self, checkpoint):
+        """Continue from a checkpoint: the same code path as a fresh start, plus the components' state."""
+        self.checkpointer.load_state_dict(checkpoint)
+        if self.args.time and self.time_budget.planned_epochs:
+            self.epochs = int(self.time_budget.planned_epochs)  # re-planned, not the epochs= it started from
         self.schedule.set_epochs(self.epochs)
-        self.best_fitness = state.get("best_fitness")
-        self._nan_recoveries = state.get("nan_recoveries", 0)
-        self.callbacks.load_state_dict(state.get("callbacks", {}))
-        if "batch_index" in state:
-            self._restore_mid_epoch(state)
+        self.best_fitness = checkpoint.get("best_fitness")
+        if "batch_index" in checkpoint:
+            self._mid_epoch = MidEpochPosition(checkpoint)
+            self.start_epoch, self.start_batch = self._mid_epoch.epoch, self._mid_epoch.next_batch
         else:
-            self.start_epoch = state["epoch"] + 1
+            self.start_epoch = checkpoint["epoch"] + 1
         if dist.is_main():
             self.results.keep_epochs_up_to(self.start_epoch)
         LOGGER.info(f"resume: continuing {self.resume_path} from epoch {self.start_epoch + 1} to {self.epochs}")
 
-    def _restore_mid_epoch(self, state):
-        self.start_epoch = state["epoch"]
-        self.start_batch = state["batch_index"]
-        self._mid_epoch_state = state
-
-    def _apply_mid_epoch_state(self):
+    def _resume_mid_epoch(self):
         """After the epoch's normal start: put back RNGs, running loss and not-yet-stepped gradients."""
-        state, self._mid_epoch_state = self._mid_epoch_state, None
-        set_rng_state(state["rng"])
-        self.tloss = None if state.get("tloss") is None else torch.tensor(state["tloss"], device=self.device)
-        self._batches_in_epoch = state.get("batches_in_epoch", 0)
-        for param, grad in zip(de_parallel(self.model).parameters(), state.get("grads", [])):
-            param.grad = None if grad is None else grad.to(param.device)
-
-    def _accumulated_grads(self):
-        return [None if p.grad is None else p.grad.detach().clone() for p in de_parallel(self.model).parameters()]
+        position, self._mid_epoch = self._mid_epoch, None
+        self.tloss, self.batches_in_epoch = position.apply(de_parallel(self.model), self.device)
 
     # ------------------------------------------------------------------ NaN recovery
     def _recover_from_nan(self, reason):
         """Roll back to the last good checkpoint (or the initial state) and replay with a new seed salt."""
-        self._nan_recoveries += 1
-        if self._nan_recoveries > MAX_NAN_RECOVERIES:
-            raise YoloTrainError(f"training diverged: {reason}; gave up after {MAX_NAN_RECOVERIES} recoveries")
+        self.nan_recovery.begin(reason)
         # Rank 0 reads the rollback state and sends it: other nodes may not share its filesystem.
-        good = dist.broadcast_object(self._last_good_state() if dist.is_main() else None, group=self._wait_group)
-        self._load_state(good["state"], restore_progress=False)
+        good = self.nan_recovery.last_good_state(self.last) if dist.is_main() else None
+        good = dist.broadcast_object(good, group=self._wait_group)
+        self.checkpointer.load_weights(good["state"])
         self.epoch = good["next_epoch"]
         self.best_fitness = self.stopper.best_fitness
         self.tloss = self.fitness = None
-        self.start_batch, self._mid_epoch_state = 0, None  # the replayed epoch starts from its first batch
+        self.start_batch, self._mid_epoch = 0, None  # the replayed epoch starts from its first batch
         self.stepper.zero_grad()
         LOGGER.warning(
-            f"NaN recovery {self._nan_recoveries}/{MAX_NAN_RECOVERIES}: {reason}; "
+            f"NaN recovery {self.nan_recovery.count}/{self.nan_recovery.max_recoveries}: {reason}; "
             f"reloaded {good['source']} and continuing from epoch {good['next_epoch'] + 1}"
         )
         return good["next_epoch"]
-
-    def _last_good_state(self):
-        if self.last.exists():
-            state = load_checkpoint(self.last)
-            if "batch_index" not in state:
-                return {"state": state, "next_epoch": state["epoch"] + 1, "source": str(self.last)}
-        source = "the initial weights" if self.resume_path is None else f"the weights resumed from {self.resume_path}"
-        return {"state": self._initial_state, "next_epoch": self._initial_epoch, "source": source}
 
     # ------------------------------------------------------------------ end of training
     def _final_eval(self):
@@ -759,47 +721,6 @@ class BaseTrainer:
         return metrics
 
     # ------------------------------------------------------------------ resume
-    def _find_resume_checkpoint(self):
-        resume = self.args.resume
-        if isinstance(resume, str):
-            path = Path(resume)
-            if not path.exists():
-                raise CheckpointError(f"resume checkpoint '{resume}' does not exist")
-            return path
-        search_dir = Path(self.args.project or Path("runs") / self.args.task)
-        path = find_latest_checkpoint(search_dir)
-        if path is None:
-            raise CheckpointError(f"resume=True but no last.pt was found under '{search_dir}'")
-        return path
-
-    def _args_for_resume(self, path, overrides):
-        """The checkpoint's arguments, with the few that may change on resume taken from the user."""
-        checkpoint = load_checkpoint(path)
-        if "optimizer" not in checkpoint or "train_args" not in checkpoint:
-            raise CheckpointError(f"'{path}' holds no optimizer state (stripped release weights); cannot resume it")
-        found = checkpoint.get("format_version")
-        if found != CHECKPOINT_FORMAT_VERSION:
-            raise CheckpointError(
-                f"'{path}' has checkpoint format version {found}, this yolotrain resumes version "
-                f"{CHECKPOINT_FORMAT_VERSION} only; train it further with the yolotrain that wrote it"
-            )
-        args = dict(checkpoint["train_args"])
-        changed = {k: overrides[k] for k in RESUME_OVERRIDABLE if k in overrides and overrides[k] != args.get(k)}
-        ignored = sorted(k for k in overrides if k not in RESUME_OVERRIDABLE and k not in ("resume", "model", "cfg"))
-        args.update(changed)
-        args.update(resume=str(path), exist_ok=True)
-        if changed:
-            LOGGER.info(f"resume: using the new values {changed}")
-        if ignored:
-            LOGGER.warning(f"resume: ignoring {ignored}; these come from the checkpoint when resuming")
-        epochs = args["epochs"]
-        last_epoch = checkpoint["epoch"] + (0 if "batch_index" in checkpoint else 1)
-        if last_epoch >= epochs and not args.get("time"):
-            raise YoloTrainError(
-                f"'{path}' already finished its {epochs} epochs; resume with epochs=N (N > {epochs}) to train further"
-            )
-        return get_cfg(args)
-
     def _use_save_dir(self, save_dir):
         self.save_dir = Path(save_dir)
         self.wdir = self.save_dir / "weights"
@@ -833,22 +754,6 @@ class BaseTrainer:
         return None
 
     # ------------------------------------------------------------------ signals
-    def _install_signal_handlers(self):
-        """SIGTERM/SIGINT: finish the batch, save a mid-epoch checkpoint, exit; a second signal exits at once."""
-        if not self._in_main_thread():
-            return None
-        previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, self._on_signal)
-        return previous
-
-    def _on_signal(self, signum, frame):
-        self._signals_received += 1
-        if self._signals_received > 1:
-            LOGGER.warning("second signal received: exiting now without saving")
-            raise SystemExit(128 + signum)
-        LOGGER.warning(f"{signal.Signals(signum).name} received: finishing this batch and saving a checkpoint")
-
     def _save_interrupted(self, epoch, next_batch):
         saved = "state saved to"
         if dist.is_main() and self.args.save:
@@ -868,27 +773,14 @@ class BaseTrainer:
             f"training interrupted after epoch {epoch + 1}; {saved} {self.last}, continue with resume={self.last}"
         )
 
-    def _restore_signal_handlers(self, previous):
-        for sig, handler in (previous or {}).items():
-            signal.signal(sig, handler)
-
-    @staticmethod
-    def _in_main_thread():
-        import threading
-
-        return threading.current_thread() is threading.main_thread()
-
     # ------------------------------------------------------------------ progress and logging
     def _progress(self, epoch):
         batches = enumerate(self.train_loader, start=self.start_batch)
-        # tqdm draws on stderr (where the CLI also logs): both streams must be terminals, or `2> train.log` fills
-        # the log with carriage-return redraws.
-        if dist.is_main() and sys.stdout.isatty() and sys.stderr.isatty():
-            from tqdm import tqdm
-
+        if not dist.is_main():
+            return batches
+        if interactive_terminal():
             LOGGER.info(self.progress_string())
-            return tqdm(batches, total=self.num_batches, initial=self.start_batch, bar_format="{l_bar}{bar:10}{r_bar}")
-        return batches
+        return progress_bar(batches, total=self.num_batches, initial=self.start_batch)
 
     def _update_progress(self, batches, epoch, i, batch):
         if hasattr(batches, "set_description"):

@@ -9,6 +9,16 @@ that runs a model over a dataloader. It runs in two modes:
   `args.device`, builds the data loader from `args.data` / `args.split` (unless one was given) and returns the
   metrics.
 
+Distributed training: every rank validates its own share of the val set (a loader built with `exact_shard`, whole
+batches, nothing repeated) and `compute()` gathers the accumulated statistics of all ranks, in the order of the
+batches, before computing the metrics; so the metrics equal a single-process validation exactly and every rank
+returns them. Plots and files are written by rank 0 only. Standalone validation always reads the whole set.
+
+Precision: fp32 unless the trainer trains with autocast (its `amp_dtype`, bf16 also on the CPU) or, standalone,
+`half=True`: fp16 autocast on CUDA, bf16 autocast on a CPU that computes bf16 natively (AMX or AVX-512 BF16; other
+CPUs emulate it, slower than fp32, so they stay fp32 with a warning). On the CPU the standalone model and batches
+are channels-last, the layout the CPU convolution kernels run fastest in.
+
 Tasks subclass it (`DetectionValidator`) and fill in the override points: `preprocess`, `postprocess`,
 `init_metrics`, `reset`, `update`, `compute`, `build_dataloader`, `load_model`, `log_results`, `plot_batch`,
 `save_outputs`.
@@ -19,7 +29,6 @@ and `self.batch`, the collated batch before preprocessing, are set), on_val_batc
 
 import contextlib
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +36,9 @@ import torch
 
 from yolotrain.cfg import Args, get_cfg
 from yolotrain.engine.callbacks import Callbacks
+from yolotrain.engine.progress import progress_bar
 from yolotrain.errors import YoloTrainError
+from yolotrain.utils import dist
 from yolotrain.utils.files import ensure_writable_dir, run_dir
 from yolotrain.utils.torch_utils import de_parallel, fused_for_inference, select_device
 
@@ -36,6 +47,12 @@ LOGGER = logging.getLogger(__name__)
 SPEED_STAGES = ("preprocess", "inference", "loss", "postprocess")
 # Batches drawn as image mosaics (labels and predictions) when plots are on.
 PLOTTED_BATCHES = 3
+
+
+def cpu_has_native_bf16():
+    """True when this CPU computes bf16 in hardware (AMX or AVX-512 BF16), where bf16 autocast is faster."""
+    capabilities = getattr(torch.cpu, "get_capabilities", lambda: {})()
+    return bool(capabilities.get("amx_bf16") or capabilities.get("avx512_bf16"))
 
 
 class StageTimer:
@@ -87,7 +104,13 @@ class BaseValidator:
         self.callbacks = _callbacks if _callbacks is not None else Callbacks()
         self.training = False
         self.device = None
-        self.amp_dtype = None  # autocast dtype during training on CUDA, else None
+        self.amp_dtype = None  # autocast dtype (the trainer's, or half=True standalone), else None (fp32)
+        self.channels_last = False  # batches go to the model channels-last (standalone on the CPU)
+        self.sharded = False  # this rank evaluates its share of the data; compute() gathers over the ranks
+        self.gather_group = None  # process group of that gathering (the trainer's gloo wait group)
+        self.batch_positions = []  # global position of each batch of this rank's loader
+        self.batch_position = None  # ... of the batch being evaluated (orders gathered statistics)
+        self.loss_items = []  # (batch position, loss items) of each validated batch, during training
         self.model = None
         self.data = None
         self.names = {}
@@ -98,6 +121,7 @@ class BaseValidator:
         self.batch_i = None
         self.batch = None
         self.plots = False  # whether this run draws plots (args.plots, limited to the final epoch in training)
+        self.plot_stats = False  # whether plot-only statistics (the confusion matrix) are accumulated, on every rank
         self.speed = dict.fromkeys(SPEED_STAGES, 0.0)
 
     # ------------------------------------------------------------------ callbacks
@@ -121,6 +145,7 @@ class BaseValidator:
         model.eval()
         try:
             self.model = model
+            self._set_sharding(dataloader)
             self.init_metrics(model, dataloader)
             self.reset()
             self.run_callbacks("on_val_start")
@@ -141,12 +166,44 @@ class BaseValidator:
         ema = getattr(trainer, "ema", None)
         model = de_parallel(ema.module if ema is not None else trainer.model)
         self.device = trainer.device
-        self.amp_dtype = getattr(trainer, "amp_dtype", None) if self.device.type == "cuda" else None
+        self.amp_dtype = self._training_amp_dtype(getattr(trainer, "amp_dtype", None))
+        self.channels_last = False  # the EMA weights are the trainer's: their layout stays as it is
+        self.gather_group = getattr(trainer, "_wait_group", None)
+        self.data = getattr(trainer, "data", None) or self.data
         if self.save_dir is None:
             self.save_dir = Path(trainer.save_dir)
-        self.plots = bool(self.args.plots) and self._is_final_epoch(trainer)
+        self.plot_stats = bool(self.args.plots) and self._is_final_epoch(trainer)
+        self.plots = self.plot_stats and dist.is_main()
         dataloader = getattr(trainer, "test_loader", None)
         return model, dataloader if dataloader is not None else self.dataloader
+
+    def _training_amp_dtype(self, amp_dtype):
+        """The trainer's autocast dtype where it helps: any on CUDA, bf16 on the CPU (fp16 is slow there)."""
+        if self.device.type == "cuda" or amp_dtype == torch.bfloat16:
+            return amp_dtype
+        return None
+
+    def _standalone_amp_dtype(self):
+        """half=True: fp16 on CUDA, bf16 on a CPU with native bf16; None (fp32) otherwise."""
+        if not self.args.half:
+            return None
+        if self.device.type == "cuda":
+            return torch.float16
+        if self.device.type == "cpu" and cpu_has_native_bf16():
+            return torch.bfloat16
+        LOGGER.warning(f"half=True: {self.device.type} has no native bf16/fp16 arithmetic, validating in fp32")
+        return None
+
+    def _set_sharding(self, dataloader):
+        """Whether this rank holds one share of the data, and the global position of each of its batches."""
+        from yolotrain.data.loader import is_exact_shard
+
+        self.sharded = self.training and dist.is_dist() and is_exact_shard(dataloader)
+        sampler = getattr(dataloader, "batch_sampler", None)
+        if self.sharded:
+            self.batch_positions = list(sampler.batch_positions())
+        else:
+            self.batch_positions = list(range(len(dataloader)))
 
     @staticmethod
     def _is_final_epoch(trainer):
@@ -158,27 +215,38 @@ class BaseValidator:
         """Load/fuse the model on `args.device` and build the data loader unless one was given."""
         if model is None:
             raise YoloTrainError("validation needs model= (a DetectionModel or a checkpoint .pt path), got None")
+        from yolotrain.data.loader import unsharded
+
         self.device = select_device(self.args.device)
-        self.amp_dtype = None
+        self.amp_dtype = self._standalone_amp_dtype()
+        self.gather_group = None
         loaded = isinstance(model, (str, Path))
         model = self.load_model(model) if loaded else de_parallel(model)
         # Fusing removes BatchNorm in place: a model the caller gave is fused as a copy, so it can still train.
-        model = fused_for_inference(model, copy_first=not loaded).to(self.device)
+        fused = fused_for_inference(model, copy_first=not loaded)
+        owned = loaded or fused is not model  # a caller's model that was already fused is used as it is
+        model = fused.to(self.device)
+        # Exported models (ONNX, TorchScript) take their inputs as they were exported: only our own torch model.
+        self.channels_last = self.device.type == "cpu" and owned and hasattr(model, "fuse")
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         dataloader = self.dataloader
         if dataloader is None:
             dataloader = self.dataloader = self.build_dataloader(model)
+        dataloader = unsharded(dataloader)  # e.g. best.pt after a distributed run, on rank 0 alone
         if self.save_dir is None:
             self.save_dir = run_dir(self.args, "val")
-        self.plots = bool(self.args.plots)
+        self.plots = self.plot_stats = bool(self.args.plots)
         if self.plots or self.args.save_json:
             ensure_writable_dir(self.save_dir)
         return model, dataloader
 
     def _run_batches(self, model, dataloader):
         timer = StageTimer(self.device)
-        loss_sum, num_batches = None, 0
+        self.loss_items = []
         for self.batch_i, batch in enumerate(self._progress(dataloader)):
             self.batch = batch
+            self.batch_position = self.batch_positions[self.batch_i]
             self.run_callbacks("on_val_batch_start")
             with timer("preprocess"):
                 batch = self.preprocess(batch)
@@ -187,30 +255,36 @@ class BaseValidator:
             if self.training:
                 with timer("loss"), torch.no_grad(), self._autocast():
                     items = model.loss(batch, preds[1])[1].detach().float()
-                loss_sum = items if loss_sum is None else loss_sum + items
-                num_batches += 1
+                self.loss_items.append((self.batch_position, items))
             with timer("postprocess"):
                 preds = self.postprocess(preds)
             self.update(preds, batch)
             if self.plots and self.batch_i < PLOTTED_BATCHES:
                 self.plot_batch(batch, preds, self.batch_i)
             self.run_callbacks("on_val_batch_end")
-        self.loss = (loss_sum / num_batches).cpu() if num_batches else None
         self.speed = timer.per_image_ms(self.seen)
 
     def _autocast(self):
-        """fp16/bf16 autocast on CUDA when the trainer trains with it; the EMA weights stay fp32."""
+        """Autocast to `amp_dtype` (see the module docstring); the weights stay fp32."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def gathered(self, obj):
+        """Every rank's `obj` in rank order when this rank holds a share of the data, else `[obj]`. Collective
+        when sharded: call it from `compute()`, which every rank runs."""
+        return dist.all_gather_object(obj, group=self.gather_group) if self.sharded else [obj]
+
+    def _mean_loss(self):
+        """The mean validation loss items over all batches of all ranks, summed in batch order; None if no loss."""
+        records = [record for part in self.gathered([(p, i.cpu()) for p, i in self.loss_items]) for record in part]
+        if not records:
+            return None
+        return torch.stack([items for _, items in sorted(records, key=lambda r: r[0])]).sum(0) / len(records)
 
     def _progress(self, dataloader):
         """A tqdm bar on a terminal; plain iteration otherwise (logs and CI stay readable)."""
-        if not (sys.stdout.isatty() and sys.stderr.isatty()):
-            return dataloader
-        from tqdm import tqdm
-
-        return tqdm(dataloader, desc=self.progress_description(), total=len(dataloader), leave=False)
+        return progress_bar(dataloader, total=len(dataloader), desc=self.progress_description(), leave=False)
 
     def _log_speed(self):
         if self.training:
@@ -264,7 +338,9 @@ class BaseValidator:
         """Accumulate one batch of postprocessed predictions against its labels."""
 
     def compute(self):
-        """Return the metrics dict from everything accumulated (the place to gather across ranks)."""
+        """Return the metrics dict from everything accumulated; gathers over the ranks when `sharded`. This base
+        version sets `loss` (the mean validation loss of all ranks); subclasses call it first."""
+        self.loss = self._mean_loss()
         return {}
 
     def progress_description(self):

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from yolotrain.errors import CfgError, CheckpointError
+from yolotrain.errors import CfgError, CheckpointError, one_line
 from yolotrain.nn.modules import C2PSA, C2f, C3, C3k, C3k2, SPPF, Bottleneck, Concat, Conv, Detect, DWConv
 from yolotrain.utils.torch_utils import intersect_dicts, model_info
 
@@ -68,7 +68,7 @@ def _read_model_file(cfg):
     try:
         model_dict = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as error:
-        raise CfgError(f"model file '{path}' cannot be read: {' '.join(str(error).split())}") from None
+        raise CfgError(f"model file '{path}' cannot be read: {one_line(error)}") from None
     if not isinstance(model_dict, dict):
         raise CfgError(f"model file '{path}' must contain a mapping with nc, backbone and head")
     if scale_from_name is not None:
@@ -286,7 +286,7 @@ class DetectionModel(nn.Module):
         try:
             self.model, self.save = parse_model(self.yaml, ch, source, verbose)
         except (TypeError, ValueError, IndexError, KeyError) as error:
-            raise CfgError(f"model yaml '{source}': cannot build layers: {' '.join(str(error).split())}") from None
+            raise CfgError(f"model yaml '{source}': cannot build layers: {one_line(error)}") from None
         self.names = {i: str(i) for i in range(self.nc)}
         self.args = None
         self.class_weights = None
@@ -315,7 +315,7 @@ class DetectionModel(nn.Module):
             with torch.no_grad():
                 _, feats = self.forward(torch.zeros(1, ch, STRIDE_PROBE_SIZE, STRIDE_PROBE_SIZE))
         except RuntimeError as error:
-            message = " ".join(str(error).split())[:300]
+            message = one_line(error)[:300]
             raise CfgError(f"model yaml '{source}': layers do not fit together (probe forward failed: {message})") from None
         finally:
             self.train(was_training)

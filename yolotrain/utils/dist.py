@@ -84,6 +84,15 @@ def broadcast_object(obj: Any, src: int = 0, group: Optional[Any] = None) -> Any
     return holder[0]
 
 
+def all_gather_object(obj: Any, group: Optional[Any] = None) -> List[Any]:
+    """Every rank's ``obj`` (any picklable object), in rank order, on every rank; ``[obj]`` when alone."""
+    if not is_dist():
+        return [obj]
+    gathered = [None] * torch_dist.get_world_size(group)
+    torch_dist.all_gather_object(gathered, obj, group=group)
+    return gathered
+
+
 def all_reduce_mean(tensor: torch.Tensor, group: Optional[Any] = None) -> torch.Tensor:
     """Average ``tensor`` in place over all ranks and return it; unchanged when not distributed.
 

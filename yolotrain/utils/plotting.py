@@ -281,3 +281,41 @@ def _draw_box_outlines(ax, cls, bboxes, max_boxes=1000):
         cv2.rectangle(canvas, (250 - half_w, 250 - half_h), (250 + half_w, 250 + half_h), class_colour(class_id), 1)
     ax.imshow(canvas)
     ax.axis("off")
+
+
+
+def plot_tune_results(csv_path, save_path=None):
+    """tune_scatter_plots.png next to tune_results.csv: fitness against each tuned value, one panel per value,
+    points coloured by trial order and the best trial starred; choices that are not numbers are spread along the
+    axis in order of appearance. Failed trials (no fitness) are left out. Returns the saved path."""
+    with open(csv_path, newline="") as file:
+        rows = list(csv.DictReader(file))
+    names = [name for name in (rows[0] if rows else {}) if name not in ("trial", "state", "fitness")]
+    rows = [row for row in rows if math.isfinite(_as_float(row["fitness"]))]
+    fitness = np.array([float(row["fitness"]) for row in rows], dtype=np.float64)
+    best = int(np.argmax(fitness)) if len(fitness) else None
+    num_cols = min(5, max(1, len(names)))
+    num_rows = max(1, math.ceil(len(names) / num_cols))
+    fig = _new_figure(3 * num_cols, 2.8 * num_rows)
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(num_rows, num_cols, i + 1)
+        texts = [row[name] for row in rows]
+        values = np.array([_as_float(text) for text in texts], dtype=np.float64)
+        if not np.isfinite(values).all():  # choices such as optimizer names: one position per choice
+            labels = list(dict.fromkeys(texts))
+            values = np.array([labels.index(text) for text in texts], dtype=np.float64)
+            ax.set_xticks(np.arange(len(labels)), labels, rotation=45, fontsize=8)
+        ax.scatter(values, fitness, c=np.arange(len(values)), cmap="viridis", s=12, alpha=0.8)
+        if best is not None:
+            ax.plot(values[best], fitness[best], "r*", markersize=12)
+        ax.set_title(name if best is None else f"{name} = {_short(texts[best])}", fontsize=10)
+        if i % num_cols == 0:
+            ax.set_ylabel("fitness")
+    path = Path(save_path) if save_path else Path(csv_path).with_name("tune_scatter_plots.png")
+    return _save(fig, path)
+
+
+def _short(text):
+    """A csv value for a title: numbers to 3 significant digits, anything else as written."""
+    value = _as_float(text)
+    return f"{value:.3g}" if math.isfinite(value) else text

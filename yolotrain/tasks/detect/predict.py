@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import torch
 
-from yolotrain.cfg import Args, get_cfg
+from yolotrain.cfg import Args, check_class_ids, get_cfg
 from yolotrain.data.augment import LetterBox
 from yolotrain.data.dataset import rect_shapes, resize_long_side
 from yolotrain.data.sources import iter_frames
@@ -73,9 +73,11 @@ class DetectionPredictor:
         set_max_det(model, self.args.max_det)
         self.stride = max(int(model.stride.max()), 32)
         self.names = dict(model.names)
+        check_class_ids(self.args.classes, getattr(model, "nc", len(self.names)), "the model")
         # An export of fixed shape (ONNX without dynamic=True) takes exactly its input: square, its own batch.
         self.fixed_shape = tuple(model.imgsz) if getattr(model, "dynamic", True) is False else None
-        self.batch_size = model.batch if self.fixed_shape else self.args.batch
+        # batch=-1 / a share of memory sizes training batches; prediction then runs one image per call.
+        self.batch_size = model.batch if self.fixed_shape else max(int(self.args.batch), 1)
 
     def _setup_save_dir(self):
         if not (self.args.save or self.args.save_txt or self.args.save_crop):

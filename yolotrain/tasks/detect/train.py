@@ -1,6 +1,7 @@
 """DetectionTrainer: BaseTrainer plus the YOLO dataset, the anchor-free model, its loss and the validator."""
 
 import copy
+import functools
 import logging
 import random
 
@@ -28,9 +29,15 @@ class DetectionTrainer(BaseTrainer):
 
     `last_batch_shape` is the (B, 3, H, W) shape of the last preprocessed training batch (with `multi_scale`, the
     size the model actually saw), readable from `on_train_batch_end` callbacks.
+
+    An `augment` override that is an object (a callable or an Albumentations Compose) is kept as
+    `augment_hook`, outside `args` (whose values are saved as plain types); a `module:name` string stays in `args`.
     """
 
     def __init__(self, cfg=None, overrides=None, _callbacks=None):
+        from yolotrain.data.augment_hook import split_augment_hook
+
+        overrides, self.augment_hook = split_augment_hook(overrides)
         super().__init__(cfg, overrides, _callbacks)
         self.loss_names = ("box_loss", "cls_loss", "dfl_loss")
         self._plotted_batches = 0
@@ -53,7 +60,8 @@ class DetectionTrainer(BaseTrainer):
         from yolotrain.data.dataset import YOLODataset
 
         training = mode == "train"
-        return YOLODataset(
+        dataset_class = self._train_dataset_class() if training else YOLODataset
+        return dataset_class(
             img_path,
             imgsz=self._train_imgsz(),
             augment=training,
@@ -68,7 +76,31 @@ class DetectionTrainer(BaseTrainer):
             cache=self.args.cache or False,
             data=self.data,
             prefix=mode,
+            augment_hook=self._augment_hook() if training else None,
         )
+
+    def _augment_hook(self):
+        """The `augment` hook object (given from Python, or imported from its `module:name` argument), or None."""
+        from yolotrain.data.augment_hook import hook_name, resolve_augment_hook
+
+        hook = resolve_augment_hook(self.augment_hook if self.augment_hook is not None else self.args.augment)
+        if hook is not None:
+            LOGGER.info(f"augment: {hook_name(hook)} runs on every training sample after mosaic/affine")
+        return hook
+
+    def _train_dataset_class(self):
+        """`YOLODataset` (augmenting in the loader workers) or, with `augment_device`, `DeviceAugmentDataset`
+        (the workers only decode, or on CUDA with torchvision only read the JPEGs; `preprocess_batch` augments on
+        the device). Decided once, logged as resolved."""
+        from yolotrain.data.dataset import YOLODataset
+        from yolotrain.data.device_augment import DeviceAugmentDataset, check_device_augment, jpeg_decoder_for
+
+        if getattr(self.resolved, "augment_on_device", None) is None:
+            has_hook = self.augment_hook is not None or bool(getattr(self.args, "augment", None))
+            self.resolved.augment_on_device = check_device_augment(self.args, self.device, augment_hook=has_hook)
+        if not self.resolved.augment_on_device:
+            return YOLODataset
+        return functools.partial(DeviceAugmentDataset, decode_on_device=jpeg_decoder_for(self.device))
 
     def _model_stride(self):
         return max(int(de_parallel(self.model).stride.max()), 32) if self.model is not None else 32
@@ -80,21 +112,27 @@ class DetectionTrainer(BaseTrainer):
         return self.resolved.imgsz
 
     def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
-        """The DataLoader for `mode`; each rank reads its own shard when distributed."""
+        """The DataLoader for `mode`; each rank reads its own shard when distributed. Training shuffles (rect: whole
+        batches of one shape as groups) or, with `image_weights`, draws images by class content and class mAP."""
         from yolotrain.data.loader import build_dataloader
 
         dataset = self.build_dataset(dataset_path, mode, batch_size)
-        shuffle = mode == "train" and not dataset.rect
-        workers = self.args.workers if mode == "train" else self.args.workers * 2
+        training = mode == "train"
+        workers = self.args.workers if training else self.args.workers * 2
         return build_dataloader(
-            dataset, batch_size, workers, shuffle, rank=rank, seed=self.args.seed, world_size=dist.world_size()
+            dataset, batch_size, workers, training, rank=rank, seed=self.args.seed, world_size=dist.world_size(),
+            image_weights=training and self.args.image_weights, exact_shard=not training,
         )
 
     def preprocess_batch(self, batch):
-        """Move the batch to the device, scale images to [0, 1] and, with multi_scale, resize the batch."""
-        batch["img"] = batch["img"].to(self.device, non_blocking=True).float() / 255
-        for key in ("cls", "bboxes", "batch_idx"):
-            batch[key] = batch[key].to(self.device, non_blocking=True)
+        """Move the batch to the device, scale images to [0, 1] (a `DeviceAugmentDataset` batch: augment it there)
+        and, with multi_scale, resize the batch."""
+        if "augment_seed" in batch:
+            batch = self.train_loader.dataset.device_augment.preprocess(batch, self.device)
+        else:
+            batch["img"] = batch["img"].to(self.device, non_blocking=True).float() / 255
+            for key in ("cls", "bboxes", "batch_idx"):
+                batch[key] = batch[key].to(self.device, non_blocking=True)
         if self.args.multi_scale:
             batch["img"] = self._random_rescale(batch["img"])
         self.last_batch_shape = tuple(batch["img"].shape)
@@ -114,6 +152,14 @@ class DetectionTrainer(BaseTrainer):
         new_shape = [max(stride, round(x * scale / stride) * stride) for x in images.shape[2:]]
         return F.interpolate(images, size=new_shape, mode="bilinear", align_corners=False)
 
+    def class_names(self):
+        """{id: name} of the classes the model learns: the dataset's, or with `single_cls` one class (the dataset's
+        name when it has one class, else "item"); what the model and its checkpoints carry."""
+        from yolotrain.data.data_yaml import single_class_names
+
+        names = dict(self.data["names"])
+        return single_class_names(names) if self.args.single_cls else names
+
     def get_model(self, cfg=None, weights=None, verbose=True):
         """Build the model from a yaml (or a checkpoint's stored yaml) with the dataset's class count."""
         from yolotrain.nn.model import DetectionModel
@@ -122,7 +168,7 @@ class DetectionTrainer(BaseTrainer):
         cfg = cfg or "yolo-n.yaml"
         if is_weights_file(cfg):
             cfg = load_checkpoint(cfg)["model_yaml"]
-        model = DetectionModel(cfg, nc=self.data["nc"], verbose=verbose and dist.is_main())
+        model = DetectionModel(cfg, nc=len(self.class_names()), verbose=verbose and dist.is_main())
         if weights:
             checkpoint = load_checkpoint(weights)
             model.load(checkpoint.get("ema") or checkpoint["model"])
@@ -134,12 +180,14 @@ class DetectionTrainer(BaseTrainer):
         from yolotrain.loss.detection import class_weights_from_labels
 
         model = de_parallel(self.model)
-        model.nc = self.data["nc"]
-        model.names = self.data["names"]
+        model.names = self.class_names()
+        model.nc = len(model.names)
         model.args = self.args
         self.loss_names = loss_item_names(model.head.reg_max)
         if model.end2end:
             self.add_callback("on_train_epoch_start", _set_loss_epoch)
+        if self.args.image_weights:
+            self._feed_class_maps_to_sampler()
         if self.args.cls_pw > 0:
             classes = np.concatenate([label["cls"].reshape(-1) for label in self.train_loader.dataset.labels])
             model.class_weights = class_weights_from_labels(classes, model.nc, self.args.cls_pw).to(self.device)
@@ -147,9 +195,24 @@ class DetectionTrainer(BaseTrainer):
         if dist.is_main() and self.args.plots:
             self._plot_training_labels()
 
+    def _feed_class_maps_to_sampler(self):
+        """image_weights: each training validation's per-class mAP reweights the sampler's draw; the weights
+        are callback state, so checkpoints carry them and resume draws the same images."""
+        from yolotrain.data.samplers import ClassMapsFeed
+
+        feed = ClassMapsFeed(self.train_loader.sampler)
+        self.add_callback("on_val_end", feed.on_val_end)
+        self.add_callback("on_fit_epoch_end", feed.on_fit_epoch_end)
+
     def compute_loss(self, batch):
-        """Forward the batch and return (summed loss, loss items); the model computes its loss from a dict."""
-        return self.train_model(batch)
+        """Forward the images through `train_model` (the network, compiled and/or DDP-wrapped), then compute the
+        loss eagerly: `compile=True` compiles the network only, never the loss or the assigner. Returns (summed
+        loss, loss items)."""
+        images = batch["img"]
+        if getattr(self, "channels_last", False):
+            images = images.contiguous(memory_format=torch.channels_last)
+        preds = self.train_model(images)
+        return de_parallel(self.model).loss(batch, preds)
 
     def get_validator(self):
         """A `DetectionValidator` over the val loader, sharing this trainer's callbacks."""
@@ -166,7 +229,8 @@ class DetectionTrainer(BaseTrainer):
     def checkpoint_extras(self):
         """What a checkpoint needs to rebuild the model on its own."""
         model = de_parallel(self.model)
-        return {"model_yaml": model.yaml, "names": dict(self.data["names"]), "nc": int(self.data["nc"])}
+        names = self.class_names()
+        return {"model_yaml": model.yaml, "names": names, "nc": len(names)}
 
     def validate_checkpoint(self, path):
         """Validate the weights stored in `path` (best.pt at the end of training), with plots."""
@@ -180,7 +244,7 @@ class DetectionTrainer(BaseTrainer):
             labels = self.train_loader.dataset.labels
             boxes = np.concatenate([label["bboxes"] for label in labels], 0)
             classes = np.concatenate([label["cls"].reshape(-1) for label in labels], 0)
-            plot_labels(classes, boxes, self.data["names"], self.save_dir)
+            plot_labels(classes, boxes, self.class_names(), self.save_dir)
         except Exception as e:  # a plot must never stop training
             self._warn_once("plot_labels", f"label statistics plot failed: {e}")
 
@@ -197,7 +261,7 @@ class DetectionTrainer(BaseTrainer):
                 batch["bboxes"].cpu(),
                 paths=batch.get("im_file"),
                 fname=self.save_dir / f"train_batch{self._plotted_batches}.jpg",
-                names=self.data["names"],
+                names=self.class_names(),
             )
         except Exception as e:
             self._warn_once("plot_images", f"training batch plot failed: {e}")

@@ -6,22 +6,34 @@ and predictions.json holds boxes for the original images.
 
 predictions.json (`save_json=True`) is a COCO results list: `{"image_id", "category_id", "bbox", "score"}` with
 `image_id` = int(file stem) when the stem is numeric (COCO's file naming) else the stem, `category_id` = the
-*class index* of the data yaml (no mapping to COCO's 91 category ids is applied: map them yourself before running
-the official COCO evaluation on COCO itself), `bbox` = [x_min, y_min, width, height] in original-image pixels
-rounded to 3 decimals, `score` rounded to 5 decimals.
+class index of the data yaml, `bbox` = [x_min, y_min, width, height] in original-image pixels rounded to 3
+decimals, `score` rounded to 5 decimals. On a dataset made by `yolotrain convert coco` (its data yaml has
+`coco_json`, the annotation file, and `coco_category_ids`, the category id of each class) the ids are COCO's own:
+the image id listed for the file name and the original category id; predictions.json is then also scored by
+pycocotools (when installed) against that annotation file, logged beside our figures and, standalone, returned as
+"coco/mAP50-95(B)" and "coco/mAP50(B)".
+
+Metrics are computed batch by batch: NMS, the mapping to original pixels and the COCO matching of all images of a
+batch run as tensor operations over the whole batch (padded per image), on the device, without host copies; the
+statistics move to the CPU once, in `compute()`.
 """
 
+import contextlib
+import io
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from yolotrain.cfg import check_class_ids
 from yolotrain.engine.validator import BaseValidator
 from yolotrain.errors import DatasetError
+from yolotrain.utils import dist
 from yolotrain.loss.detection import loss_item_names
-from yolotrain.utils.boxes import box_iou, scale_boxes_to_original, xywhn2xyxy, xyxy2xywh
+from yolotrain.utils.boxes import box_area, xywhn2xyxy, xyxy2xywh
 from yolotrain.utils.metrics import ConfusionMatrix, DetMetrics, coco_iou_thresholds, match_predictions
 from yolotrain.utils.nms import end_to_end_detections, is_end_to_end, non_max_suppression, set_max_det
 from yolotrain.utils.torch_utils import de_parallel
@@ -36,6 +48,73 @@ PER_CLASS_ROWS_MAX_NC = 50  # below this class count the per-class table is alwa
 PLOT_MAX_DET = 15  # predictions drawn per image on val_batch{i}_pred.jpg
 TABLE_HEADER = ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
 STAT_KEYS = ("tp", "conf", "pred_cls", "target_cls", "target_img")
+# Elements of the (T, B, N, M) matching tensors handled at once; larger batches are matched in chunks of images.
+MATCH_CHUNK_ELEMENTS = 1 << 24
+
+
+def boxes_to_original(boxes, gain, pad, shape):
+    """(n, 4) xyxy letterboxed-batch pixels -> original-image pixels, clipped to the image; gain, pad, shape (n, 2)
+    (w, h) per box: original = (box - pad) / gain."""
+    scale, offset, limit = gain.repeat(1, 2), pad.repeat(1, 2), shape.repeat(1, 2)  # (n, 4) in x, y, x, y order
+    return ((boxes - offset) / scale).clamp(min=0).minimum(limit)
+
+
+def padded_match(detections, pred_image, gt_boxes, gt_cls, gt_image, num_images, max_preds, max_boxes, iouv):
+    """COCO matching of a whole batch at once: tp (P, T) bool for the detections (P, 6) of images `pred_image`.
+
+    Predictions and labels are laid out per image in (B, max_preds) / (B, max_boxes) slots (absent predictions get
+    class -2 and absent labels -1, so padding never matches) and matched with one `match_predictions` call per
+    chunk of images, the chunk sized so the (T, B, N, M) working tensors stay small.
+    """
+    num_thresholds, device = len(iouv), detections.device
+    tp = torch.zeros(len(detections), num_thresholds, dtype=torch.bool, device=device)
+    if len(detections) == 0 or len(gt_cls) == 0:
+        return tp
+    pred_slot = _slots(pred_image)
+    gt_slot = _slots(gt_image)
+    pred_boxes = torch.zeros(num_images, max_preds, 4, device=device)
+    pred_cls = torch.full((num_images, max_preds), -2.0, device=device)
+    pred_boxes[pred_image, pred_slot] = detections[:, :4]
+    pred_cls[pred_image, pred_slot] = detections[:, 5]
+    true_boxes = torch.zeros(num_images, max_boxes, 4, device=device)
+    true_cls = torch.full((num_images, max_boxes), -1.0, device=device)
+    true_boxes[gt_image, gt_slot] = gt_boxes
+    true_cls[gt_image, gt_slot] = gt_cls
+    per_image = max(max_preds * max_boxes * num_thresholds, 1)
+    chunk = max(MATCH_CHUNK_ELEMENTS // per_image, 1)
+    matched = []
+    for start in range(0, num_images, chunk):  # usually one chunk; more only for crowded, many-detection batches
+        part = slice(start, start + chunk)
+        iou = batched_box_iou(true_boxes[part], pred_boxes[part])  # (b, M, N)
+        matched.append(match_predictions(pred_cls[part], true_cls[part], iou, iouv))  # (b, N, T)
+    return torch.cat(matched)[pred_image, pred_slot]
+
+
+def batched_box_iou(boxes1, boxes2, eps=1e-7):
+    """IoU of (B, M, 4) with (B, N, 4) xyxy boxes -> (B, M, N), with the same arithmetic as `box_iou`."""
+    top_left = torch.max(boxes1[:, :, None, :2], boxes2[:, None, :, :2])
+    bottom_right = torch.min(boxes1[:, :, None, 2:], boxes2[:, None, :, 2:])
+    inter = (bottom_right - top_left).clamp(0).prod(3)
+    union = box_area(boxes1)[:, :, None] + box_area(boxes2)[:, None, :] - inter
+    return inter / (union + eps)
+
+
+def _slots(image_index):
+    """Position of each row within its image, for rows sorted by image: (n,) -> (n,)."""
+    return torch.arange(len(image_index), device=image_index.device) - torch.searchsorted(image_index, image_index)
+
+
+def classes_per_image(image_index, classes):
+    """The distinct classes of each image's labels, all images together: (k,) one entry per (image, class)."""
+    if len(classes) == 0:
+        return classes
+    pairs = torch.stack([image_index.to(classes.dtype), classes])  # (2, n)
+    return torch.unique(pairs, dim=1)[1]
+
+
+def _split_by_image(boxes, classes, image_index, num_images):
+    counts = torch.bincount(image_index, minlength=num_images).tolist()
+    return boxes.split(counts), classes.split(counts)
 
 
 class DetectionValidator(BaseValidator):
@@ -60,8 +139,9 @@ class DetectionValidator(BaseValidator):
         self.iouv = coco_iou_thresholds()  # (10,) IoU 0.50:0.05:0.95
         self.metrics = DetMetrics(names={})
         self.confusion_matrix = None
-        self.stats = {key: [] for key in STAT_KEYS}
-        self.json_records = []  # per image: (image_id, (n, 6) x, y, w, h, score, class) in original pixels
+        self.nms_classes = None  # the `classes` filter applied to predictions (set with the metrics)
+        self.stats = []  # per batch: {"position", "tp", "conf", "pred_cls", "target_cls", "target_img", "seen"}
+        self.json_records = []  # per batch: (position, im_files, detections per image, (P, 6) xyxy, conf, class)
         self.nt_per_class = self.nt_per_image = np.zeros(0, np.int64)
 
     # ------------------------------------------------------------------ standalone set-up
@@ -101,13 +181,23 @@ class DetectionValidator(BaseValidator):
             batch_size=batch,
             stride=stride,
             pad=self.rect_pad,
-            single_cls=self.args.single_cls,
+            single_cls=self._evaluates_single_class(model),
             classes=self.args.classes,  # labels of other classes are dropped, as in training
             data=self.data,
             prefix=f"{split}: ",
             workers=self.args.workers,
         )
         return build_dataloader(dataset, batch, self.args.workers, shuffle=False, rank=-1, seed=self.args.seed)
+
+    def _evaluates_single_class(self, model):
+        """single_cls, or a one-class model (as `single_cls` training makes) on a dataset of several classes: every
+        label then counts as that one class, as in the training run's own validation."""
+        model_nc = getattr(de_parallel(model), "nc", None)
+        if self.args.single_cls or model_nc != 1 or self.data["nc"] == 1 or self.args.classes is not None:
+            return bool(self.args.single_cls)
+        LOGGER.info(f"the model predicts one class and the dataset has {self.data['nc']}: evaluating with "
+                    f"single_cls=True (give classes= to evaluate chosen classes only)")
+        return True
 
     # ------------------------------------------------------------------ evaluator
     def metric_names(self):
@@ -119,8 +209,12 @@ class DetectionValidator(BaseValidator):
         self.names = {int(k): str(v) for k, v in dict(names).items()}
         self.nc = len(self.names)
         model_nc = getattr(de_parallel(model), "nc", self.nc)
-        if model_nc != self.nc and not self.args.single_cls:
+        single_class = bool(getattr(getattr(dataloader, "dataset", None), "single_cls", self.args.single_cls))
+        if model_nc != self.nc and not single_class:
             LOGGER.warning(f"the model predicts {model_nc} classes but the dataset has {self.nc}; metrics may mislead")
+        # A one-class model of a single_cls run predicts class 0: `classes` then selected labels, not predictions.
+        self.nms_classes = None if single_class and model_nc == 1 else self.args.classes
+        check_class_ids(self.nms_classes, model_nc, "the model")
         self.end2end = is_end_to_end(model)
         if hasattr(de_parallel(model), "head"):
             self.loss_names = loss_item_names(de_parallel(model).head.reg_max)
@@ -130,13 +224,16 @@ class DetectionValidator(BaseValidator):
 
     def reset(self):
         super().reset()
-        self.stats = {key: [] for key in STAT_KEYS}
+        self.stats = []
         self.json_records = []
 
     def preprocess(self, batch):
         """uint8 images -> float [0, 1] on the device; labels to the device (the loss needs them there)."""
         batch = dict(batch)  # the caller's collated batch stays as it was
-        batch["img"] = batch["img"].to(self.device, non_blocking=True).float() / 255
+        images = batch["img"].to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)  # uint8: the cheapest copy to make
+        batch["img"] = images.float().div_(255)  # in place: one float copy of the batch, not two
         for key in ("cls", "bboxes", "batch_idx"):
             batch[key] = batch[key].to(self.device, non_blocking=True)
         return batch
@@ -146,7 +243,7 @@ class DetectionValidator(BaseValidator):
         y = preds[0] if isinstance(preds, (list, tuple)) else preds
         conf = self.args.conf if self.args.conf is not None else DEFAULT_VAL_CONF
         if self.end2end:
-            return end_to_end_detections(y.float(), conf_thres=conf, classes=self.args.classes, max_det=self.args.max_det)
+            return end_to_end_detections(y.float(), conf_thres=conf, classes=self.nms_classes, max_det=self.args.max_det)
         # Multi-label by default: a box whose right class is not its top class still counts towards mAP.
         multi_label = self.args.multi_label if self.args.multi_label is not None else True
         return non_max_suppression(
@@ -154,65 +251,78 @@ class DetectionValidator(BaseValidator):
             conf_thres=conf,
             iou_thres=self.args.iou,
             max_det=self.args.max_det,
-            classes=self.args.classes,
+            classes=self.nms_classes,
             agnostic=self.args.agnostic_nms or self.args.single_cls,
             multi_label=multi_label,
         )
 
     def update(self, preds, batch):
-        """Match each image's predictions to its labels at IoU 0.50:0.05:0.95, in original-image pixels."""
+        """Match the predictions of every image of the batch to its labels at IoU 0.50:0.05:0.95, in original-image
+        pixels, all images at once; the statistics stay where they are (on the device) until `compute`."""
+        num_images = len(preds)
+        device = batch["img"].device
+        detections, pred_image = self._batch_detections(preds, device)  # (P, 6), (P,)
+        gt_image = batch["batch_idx"].detach().long().reshape(-1)  # (G,) sorted: collate concatenates image by image
+        gt_cls = batch["cls"].detach().reshape(-1).float()
         height, width = batch["img"].shape[2:]
-        # match_predictions and the confusion matrix work on CPU tensors; per-image tensors are small.
-        gt_cls_all = batch["cls"].detach().reshape(-1).cpu()
-        gt_boxes_all = xywhn2xyxy(batch["bboxes"].detach().float().cpu(), width, height)  # (N, 4) batch pixels
-        batch_idx = batch["batch_idx"].detach().cpu()
-        for i, pred in enumerate(preds):  # per image; everything inside is vectorised over boxes
-            self.seen += 1
-            in_image = batch_idx == i
-            ratio_pad, ori_shape = batch["ratio_pad"][i], batch["ori_shape"][i]
-            gt_cls = gt_cls_all[in_image]
-            gt_boxes = scale_boxes_to_original(gt_boxes_all[in_image], ratio_pad, ori_shape)
-            detections = self._to_original(pred.detach().float().cpu(), ratio_pad, ori_shape)
-            self._record(detections, gt_boxes, gt_cls)
-            if self.plots:
-                self.confusion_matrix.process_batch(detections, gt_boxes, gt_cls)
-            if self.args.save_json:
-                self._add_json_record(detections, batch["im_file"][i])
+        gt_boxes = xywhn2xyxy(batch["bboxes"].detach().float().reshape(-1, 4), width, height)  # batch pixels
+        gain, pad, shape = self._letterbox_params(batch, device)  # (B, 2) each
+        gt_boxes = boxes_to_original(gt_boxes, gain[gt_image], pad[gt_image], shape[gt_image])
+        detections[:, :4] = boxes_to_original(detections[:, :4], gain[pred_image], pad[pred_image], shape[pred_image])
+        max_boxes = batch.get("max_boxes")
+        if max_boxes is None:
+            max_boxes = int(torch.bincount(gt_image, minlength=1).max()) if len(gt_image) else 0
+        max_preds = max((len(p) for p in preds), default=0)
+        tp = padded_match(detections, pred_image, gt_boxes, gt_cls, gt_image, num_images, max_preds, max_boxes,
+                          self.iouv.to(device))  # (P, 10)
+        self.seen += num_images
+        self.stats.append({
+            "position": self.batch_position, "tp": tp, "conf": detections[:, 4], "pred_cls": detections[:, 5],
+            "target_cls": gt_cls, "target_img": classes_per_image(gt_image, gt_cls), "seen": num_images,
+        })  # fmt: skip
+        counts = [len(p) for p in preds]
+        if self.plot_stats:  # the plotted confusion matrix only (last epoch): image by image, confident detections
+            per_image = zip(detections.split(counts), *_split_by_image(gt_boxes, gt_cls, gt_image, num_images))
+            for image_detections, image_boxes, image_cls in per_image:
+                self.confusion_matrix.process_batch(image_detections.cpu(), image_boxes.cpu(), image_cls.cpu())
+        if self.args.save_json:
+            self.json_records.append((self.batch_position, list(batch["im_file"]), counts, detections))
 
-    def _to_original(self, detections, ratio_pad, ori_shape):
-        detections = detections.clone()
+    def _batch_detections(self, preds, device):
+        """All images' detections (P, 6) in one new tensor (batch pixels), and each one's image index (P,)."""
+        counts = torch.tensor([len(p) for p in preds], device=device)
+        detections = torch.cat([p.detach().float() for p in preds]) if preds else torch.zeros(0, 6, device=device)
+        pred_image = torch.repeat_interleave(torch.arange(len(preds), device=device), counts)
         if self.args.single_cls:
             detections[:, 5] = 0
-        detections[:, :4] = scale_boxes_to_original(detections[:, :4], ratio_pad, ori_shape)
-        return detections
+        return detections, pred_image
 
-    def _record(self, detections, gt_boxes, gt_cls):
-        """Store tp (n, 10), conf, class of the detections and the image's ground-truth classes."""
-        if len(detections) and len(gt_cls):
-            iou = box_iou(gt_boxes, detections[:, :4])  # (M, N)
-            tp = match_predictions(detections[:, 5], gt_cls, iou, self.iouv)
-        else:
-            tp = torch.zeros(len(detections), len(self.iouv), dtype=torch.bool)
-        self.stats["tp"].append(tp)
-        self.stats["conf"].append(detections[:, 4])
-        self.stats["pred_cls"].append(detections[:, 5])
-        self.stats["target_cls"].append(gt_cls)
-        self.stats["target_img"].append(gt_cls.unique())
-
-    def _add_json_record(self, detections, im_file):
-        stem = Path(im_file).stem
-        image_id = int(stem) if stem.isnumeric() else stem
-        boxes = xyxy2xywh(detections[:, :4])
-        boxes[:, :2] -= boxes[:, 2:] / 2  # COCO boxes start at the top-left corner
-        self.json_records.append((image_id, torch.cat([boxes, detections[:, 4:6]], 1).numpy()))
+    @staticmethod
+    def _letterbox_params(batch, device):
+        """(B, 2) gain (w, h), pad (w, h) and original size (w, h) of each image, from `ratio_pad` / `ori_shape`."""
+        letterboxes = zip(batch["ratio_pad"], batch["ori_shape"])
+        rows = [(gw, gh, pw, ph, w0, h0) for ((gh, gw), (pw, ph)), (h0, w0) in letterboxes]
+        params = torch.tensor(rows, dtype=torch.float32).reshape(-1, 6).to(device, non_blocking=True)
+        return params[:, 0:2], params[:, 2:4], params[:, 4:6]
 
     def compute(self):
-        """DetMetrics over all accumulated predictions; returns its results dict (with "fitness")."""
-        stats = {key: torch.cat(values).numpy() if values else np.zeros(0) for key, values in self.stats.items()}
+        """DetMetrics over all accumulated predictions (of all ranks, in batch order); returns its results dict
+        (with "fitness")."""
+        super().compute()
+        records = [{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in r.items()} for r in self.stats]
+        records = sorted((r for part in self.gathered(records) for r in part), key=lambda r: r["position"])
+        self.seen = sum(r["seen"] for r in records)
+        stats = {key: torch.cat([r[key] for r in records]).numpy() if records else np.zeros(0) for key in STAT_KEYS}
         tp = stats["tp"].reshape(-1, len(self.iouv)).astype(bool)
         target_cls = stats["target_cls"].astype(np.int64)
         self.nt_per_class = np.bincount(target_cls, minlength=self.nc)
         self.nt_per_image = np.bincount(stats["target_img"].astype(np.int64), minlength=self.nc)
+        if self.sharded:
+            self.confusion_matrix.matrix = sum(self.gathered(self.confusion_matrix.matrix))
+            if self.args.save_json:
+                cpu_records = [(p, f, c, d.cpu()) for p, f, c, d in self.json_records]
+                gathered = (r for part in self.gathered(cpu_records) for r in part)
+                self.json_records = sorted(gathered, key=lambda r: r[0])
         if len(target_cls) == 0:
             LOGGER.warning(f"no labels found in the {self.args.split} set, so no metrics can be computed")
         self.metrics.speed = dict(self.speed)
@@ -260,23 +370,129 @@ class DetectionValidator(BaseValidator):
             LOGGER.warning(f"confusion matrix plot failed: {e}")
 
     def save_outputs(self):
-        """predictions.json in save_dir when save_json is on (format in the module docstring)."""
-        if not self.args.save_json:
+        """predictions.json in save_dir when save_json is on (format in the module docstring), written by rank 0;
+        on a dataset converted from COCO it is then scored by pycocotools too (`coco_stats`)."""
+        self.coco_stats = {}
+        if not self.args.save_json or not dist.is_main():
             return
         from yolotrain.utils.checkpoint import save_atomic_text
 
+        coco = coco_source(self.data, self.args.split)
         path = Path(self.save_dir) / "predictions.json"
-        save_atomic_text(json.dumps(self.coco_predictions()), path)
-        LOGGER.info(f"Saving {path} ({sum(len(rows) for _, rows in self.json_records)} predictions)")
+        predictions = self.coco_predictions(coco)
+        save_atomic_text(json.dumps(predictions), path)
+        LOGGER.info(f"Saving {path} ({len(predictions)} predictions)")
+        if coco is not None:
+            self.coco_stats = self._pycocotools_eval(coco.annotations, path)
 
-    def coco_predictions(self):
-        """The COCO results list built from the accumulated per-image arrays."""
+    def _pycocotools_eval(self, annotations, predictions_path):
+        """pycocotools' mAP50-95 / mAP50 of predictions.json, logged beside ours; {} without pycocotools."""
+        try:
+            from pycocotools.coco import COCO
+            from pycocotools.cocoeval import COCOeval
+        except ImportError:
+            LOGGER.info("pycocotools is not installed: predictions.json is not scored by it (pip install pycocotools)")
+            return {}
+        if not self.json_records or not any(counts for _, _, counts, _ in self.json_records):
+            return {}  # pycocotools cannot load an empty results list
+        try:
+            with contextlib.redirect_stdout(io.StringIO()) as printed:
+                ground_truth = COCO(str(annotations))
+                detections = ground_truth.loadRes(str(predictions_path))
+                evaluation = COCOeval(ground_truth, detections, "bbox")
+                seen = {i for i in self._image_ids_seen() if isinstance(i, int)}  # a val set may be a subset
+                evaluation.params.imgIds = sorted(seen & set(ground_truth.getImgIds()))
+                evaluation.evaluate()
+                evaluation.accumulate()
+                evaluation.summarize()
+        except Exception as e:  # a broken annotation file must not end a validation that has its own metrics
+            LOGGER.warning(f"pycocotools evaluation of {predictions_path} failed: {e}")
+            return {}
+        LOGGER.info(printed.getvalue().rstrip())
+        ours = {"mAP50-95": self.metrics.box.map, "mAP50": self.metrics.box.map50}
+        theirs = {"mAP50-95": float(evaluation.stats[0]), "mAP50": float(evaluation.stats[1])}
+        LOGGER.info("%22s%11s%13s" % ("", "yolotrain", "pycocotools"))
+        for key in ours:
+            LOGGER.info("%22s%11.4g%13.4g" % (key, ours[key], theirs[key]))
+        return {f"coco/{key}(B)": value for key, value in theirs.items()}
+
+    def _image_ids_seen(self):
+        return [image_id for _, files, _, _ in self.json_records for image_id in self._image_ids(files)]
+
+    def _image_ids(self, im_files, coco=None):
+        coco = coco if coco is not None else getattr(self, "_coco", None)
+        return [coco_image_id(f, coco) for f in im_files]
+
+    def results(self, stats, trainer=None):
+        """The metrics dict; standalone, pycocotools' figures follow ours when predictions.json was scored."""
+        results = super().results(stats, trainer)
+        if trainer is None and getattr(self, "coco_stats", None):
+            fitness = results.pop("fitness", None)
+            results.update(self.coco_stats)
+            if fitness is not None:
+                results["fitness"] = fitness
+        return results
+
+    def coco_predictions(self, coco=None):
+        """The COCO results list from the accumulated detections: COCO image and category ids when the dataset
+        was converted from COCO (`coco`, a `CocoSource`), else the file stem and the class index."""
+        self._coco = coco
+        category_ids = np.asarray(coco.category_ids, np.int64) if coco is not None else None
         records = []
-        for image_id, rows in self.json_records:  # serialisation: one dict per box is what COCO json is
-            boxes, scores, classes = np.round(rows[:, :4], 3).tolist(), np.round(rows[:, 4], 5).tolist(), rows[:, 5]
-            records.extend(
-                {"image_id": image_id, "category_id": int(c), "bbox": b, "score": s}
-                for b, s, c in zip(boxes, scores, classes.astype(np.int64).tolist())
+        for _, im_files, counts, detections in self.json_records:
+            rows = detections.cpu().numpy().astype(np.float64)
+            boxes = rows[:, :4].copy()
+            boxes[:, 2:] -= boxes[:, :2]  # COCO boxes: x_min, y_min, width, height
+            classes = rows[:, 5].astype(np.int64)
+            if category_ids is not None:
+                classes = category_ids[classes]
+            image_ids = np.repeat(np.asarray(self._image_ids(im_files, coco), dtype=object), counts)
+            boxes, scores = np.round(boxes, 3).tolist(), np.round(rows[:, 4], 5).tolist()
+            records.extend(  # serialisation: one dict per box is what COCO json is
+                {"image_id": i, "category_id": int(c), "bbox": b, "score": sc}
+                for i, b, sc, c in zip(image_ids.tolist(), boxes, scores, classes.tolist())
             )
         return records
 
+
+@dataclass
+class CocoSource:
+    """What `yolotrain convert coco` recorded in the data yaml: the annotation file and each class's category id."""
+
+    annotations: Path
+    category_ids: list
+    image_ids: dict  # file name (as listed in the annotation file, and its base name) -> COCO image id
+
+
+def coco_source(data, split):
+    """The `CocoSource` of `split` when the data yaml has `coco_json` (a path, or {split: path}) and
+    `coco_category_ids`; None otherwise. Relative paths resolve against the yaml's folder."""
+    if not data or not data.get("coco_json") or not data.get("coco_category_ids"):
+        return None
+    source = data["coco_json"]
+    source = source.get(split) if isinstance(source, dict) else source
+    if not source:
+        return None
+    path = Path(str(source)).expanduser()
+    if not path.is_absolute() and data.get("yaml_file"):
+        path = Path(data["yaml_file"]).parent / path
+    if not path.is_file():
+        LOGGER.warning(f"coco_json: {path} not found, predictions.json keeps class indices and file stems")
+        return None
+    images = json.loads(path.read_text(encoding="utf-8")).get("images", [])
+    image_ids = {}
+    for image in images:
+        image_ids.setdefault(Path(image["file_name"]).name, image["id"])
+        image_ids[str(image["file_name"])] = image["id"]
+    return CocoSource(path, [int(c) for c in data["coco_category_ids"]], image_ids)
+
+
+def coco_image_id(im_file, coco=None):
+    """The image id of `im_file` in predictions.json: its COCO id when known, else int(stem) for a numeric stem
+    (COCO's file naming), else the stem."""
+    if coco is not None:
+        image_id = coco.image_ids.get(Path(im_file).name)
+        if image_id is not None:
+            return image_id
+    stem = Path(im_file).stem
+    return int(stem) if stem.isnumeric() else stem

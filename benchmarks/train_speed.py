@@ -1,0 +1,210 @@
+"""Training speed: yolotrain against the reference trainer (Ultralytics) on the same data and settings, and both
+against the compute floor of the model (forward + backward + optimizer step on random input, no data, no loss).
+
+    python benchmarks/train_speed.py --epochs 3 --imgsz 320              # COCO128, yolo-n vs yolov8n, CPU
+    python benchmarks/train_speed.py --device 0 --amp --batch 64         # on a GPU, mixed precision
+    python benchmarks/train_speed.py --skip-reference                    # yolotrain and the floor only
+
+Each trainer runs in its own subprocess, one after the other, with run folders in a temporary directory. Printed:
+train images/s (epoch time only), validation images/s (every validation, the final one included), wall time,
+peak RSS (main process plus its data workers), final mAP50 and mAP50-95, and the ratios. The reference runs with
+`/work/shared/anchor/ultralytics-python` (see setup-ultralytics.sh there) or `--reference-python`.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+DEFAULT_DATA = "/work/shared/datasets/coco128/data.yaml"
+DEFAULT_REFERENCE_PYTHON = "/work/shared/anchor/ultralytics-python"
+RESULT_PREFIX = "RESULT "
+
+# Shared by both child scripts: timing callbacks on the trainer (the validator shares its callbacks) and the
+# peak RSS of the process and its finished children (the data workers).
+_TIMING = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    marks = {"train": 0.0, "val": 0.0, "val_runs": 0, "t": {}}
+    def start(kind):
+        return lambda obj: marks["t"].__setitem__(kind, time.perf_counter())
+    def stop(kind):
+        def fn(obj):
+            marks[kind] += time.perf_counter() - marks["t"].pop(kind, time.perf_counter())
+            if kind == "val":
+                marks["val_runs"] += 1
+        return fn
+    def peak_rss_mb():
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        return (own + children) / 1024
+    def report(wall, trainer, metrics):
+        train_images = len(trainer.train_loader.dataset) * trainer.epochs
+        val_images = len(trainer.test_loader.dataset) * marks["val_runs"]
+        print("RESULT " + json.dumps({
+            "wall_s": wall, "train_s": marks["train"], "val_s": marks["val"],
+            "train_images": train_images, "val_images": val_images, "peak_rss_mb": peak_rss_mb(),
+            "map50": float(metrics.get("metrics/mAP50(B)", float("nan"))),
+            "map50_95": float(metrics.get("metrics/mAP50-95(B)", float("nan"))),
+        }), flush=True)
+    """
+)
+
+_YOLOTRAIN_CHILD = _TIMING + textwrap.dedent(
+    """
+    from yolotrain.tasks.detect.train import DetectionTrainer
+    overrides = json.loads(sys.argv[1])
+    trainer = DetectionTrainer(overrides=overrides)
+    for event, fn in (("on_train_epoch_start", start("train")), ("on_train_epoch_end", stop("train")),
+                      ("on_val_start", start("val")), ("on_val_end", stop("val"))):
+        trainer.add_callback(event, fn)
+    began = time.perf_counter()
+    metrics = trainer.train() or {}
+    report(time.perf_counter() - began, trainer, metrics)
+    """
+)
+
+_REFERENCE_CHILD = _TIMING + textwrap.dedent(
+    """
+    from ultralytics import YOLO
+    overrides = json.loads(sys.argv[1])
+    model = YOLO(overrides.pop("model"))
+    for event, fn in (("on_train_epoch_start", start("train")), ("on_train_epoch_end", stop("train")),
+                      ("on_val_start", start("val")), ("on_val_end", stop("val"))):
+        model.add_callback(event, fn)
+    began = time.perf_counter()
+    model.train(**overrides)
+    report(time.perf_counter() - began, model.trainer, model.trainer.metrics or {})
+    """
+)
+
+_FLOOR_CHILD = textwrap.dedent(
+    """
+    import json, sys, time, torch
+    from yolotrain.engine.amp import resolve_amp, resolve_channels_last
+    from yolotrain.nn.model import DetectionModel
+    from yolotrain.utils.torch_utils import select_device
+    args = json.loads(sys.argv[1])
+    device = select_device(args["device"])
+    torch.manual_seed(0)
+    model = DetectionModel(args["model"], nc=args["nc"], verbose=False).to(device).train()
+    amp_dtype = resolve_amp(args["amp"], device, model)
+    channels_last = resolve_channels_last(None, device)
+    images = torch.rand(args["batch"], 3, args["imgsz"], args["imgsz"], device=device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, nesterov=True)
+    def step():
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            maps = model(images)
+        loss = sum(m.float().square().mean() for m in maps)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    for _ in range(args["warmup"]):
+        step()
+    began = time.perf_counter()
+    for _ in range(args["steps"]):
+        step()
+    seconds = (time.perf_counter() - began) / args["steps"]
+    print("RESULT " + json.dumps({"s_per_batch": seconds, "images_per_s": args["batch"] / seconds,
+                                  "amp": str(amp_dtype), "channels_last": channels_last}), flush=True)
+    """
+)
+
+
+def run_child(python, code, payload, label, env=None):
+    """Run `code` with `python` in a subprocess; return its RESULT dict (None, with its output tail, on failure)."""
+    print(f"running {label} ...", flush=True)
+    result = subprocess.run([*python, "-c", code, json.dumps(payload)], capture_output=True, text=True, env=env)
+    for line in result.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    tail = (result.stdout + result.stderr)[-2000:]
+    print(f"{label} failed (exit code {result.returncode}):\n{tail}", file=sys.stderr)
+    return None
+
+
+def data_classes(data_yaml):
+    import yaml
+
+    names = yaml.safe_load(Path(data_yaml).read_text())["names"]
+    return len(names)
+
+
+def trainer_settings(args, run_root):
+    common = dict(data=args.data, epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, workers=args.workers,
+                  device=args.device, amp=args.amp, seed=0, plots=False, exist_ok=True)
+    ours = dict(common, model=args.model, project=str(run_root / "yolotrain"), name="train")
+    reference = dict(common, model=args.reference_model, project=str(run_root / "reference"), name="train")
+    return ours, reference
+
+
+def throughput(result, key_images, key_seconds):
+    return result[key_images] / result[key_seconds] if result and result[key_seconds] > 0 else float("nan")
+
+
+def print_report(results, floor, args):
+    print(f"\n{args.model} vs {args.reference_model}, {Path(args.data).parent.name}, device={args.device}, "
+          f"amp={args.amp}, imgsz={args.imgsz}, batch={args.batch}, epochs={args.epochs}, workers={args.workers}")
+    header = f"{'trainer':<12}{'train img/s':>12}{'val img/s':>11}{'wall s':>9}{'peak RSS MB':>13}{'mAP50':>8}{'mAP50-95':>10}"
+    print(header)
+    for name, result in results.items():
+        if result is None:
+            print(f"{name:<12}{'failed':>12}")
+            continue
+        print(f"{name:<12}{throughput(result, 'train_images', 'train_s'):>12.2f}"
+              f"{throughput(result, 'val_images', 'val_s'):>11.2f}{result['wall_s']:>9.1f}"
+              f"{result['peak_rss_mb']:>13.0f}{result['map50']:>8.4f}{result['map50_95']:>10.4f}")
+    if floor:
+        print(f"{'floor':<12}{floor['images_per_s']:>12.2f}  (forward+backward+step on random input, amp="
+              f"{floor['amp']}, channels_last={floor['channels_last']})")
+    ours, reference = results.get("yolotrain"), results.get("reference")
+    if ours and reference:
+        print(f"yolotrain / reference: train img/s x{throughput(ours, 'train_images', 'train_s') / throughput(reference, 'train_images', 'train_s'):.2f}, "
+              f"val img/s x{throughput(ours, 'val_images', 'val_s') / throughput(reference, 'val_images', 'val_s'):.2f}, "
+              f"wall x{reference['wall_s'] / ours['wall_s']:.2f} faster, peak RSS x{ours['peak_rss_mb'] / reference['peak_rss_mb']:.2f}")
+    if floor:
+        for name, result in results.items():
+            if result:
+                share = throughput(result, "train_images", "train_s") / floor["images_per_s"]
+                print(f"{name}: training runs at {share:.0%} of the compute floor")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or a GPU index (0)")
+    parser.add_argument("--amp", action="store_true", help="mixed precision for both trainers (and the floor)")
+    parser.add_argument("--model", default="yolo-n.yaml", help="yolotrain model yaml")
+    parser.add_argument("--reference-model", default="yolov8n.yaml", help="the reference's model of the same layout")
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--imgsz", type=int, default=320)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--floor-steps", type=int, default=5, help="timed steps of the compute floor (after 2 warmup)")
+    parser.add_argument("--reference-python", default=DEFAULT_REFERENCE_PYTHON)
+    parser.add_argument("--skip-reference", action="store_true")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
+        ours, reference = trainer_settings(args, Path(tmp))
+        results = {"yolotrain": run_child([sys.executable], _YOLOTRAIN_CHILD, ours, "yolotrain")}
+        if not args.skip_reference:
+            env = dict(os.environ, YOLO_OFFLINE="1")
+            results["reference"] = run_child([args.reference_python], _REFERENCE_CHILD, reference, "reference", env)
+        floor_args = dict(model=args.model, nc=data_classes(args.data), device=args.device, amp=args.amp,
+                          imgsz=args.imgsz, batch=args.batch, warmup=2, steps=args.floor_steps)
+        floor = run_child([sys.executable], _FLOOR_CHILD, floor_args, "compute floor")
+    print_report(results, floor, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""GracefulInterrupt: SIGTERM/SIGINT end a training run at a batch boundary, with its state saved.
+
+The first signal is only counted; the training loop reads `requested` (agreed over all ranks) after its batch,
+saves a mid-epoch checkpoint and raises `TrainingInterrupted`. A second signal exits at once.
+"""
+
+import logging
+import signal
+import threading
+
+from yolotrain.errors import YoloTrainError
+
+LOGGER = logging.getLogger(__name__)
+
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class TrainingInterrupted(YoloTrainError):
+    """SIGTERM/SIGINT: the current batch finished, a mid-epoch checkpoint was written."""
+
+    exit_code = 130
+
+
+class GracefulInterrupt:
+    """A context manager that holds SIGTERM/SIGINT handlers while training (in the main thread only: Python
+    delivers signals there). `received` counts the signals seen; the previous handlers come back on exit."""
+
+    def __init__(self):
+        self.received = 0
+        self._previous = {}
+
+    @property
+    def requested(self):
+        """A signal asked this process to stop."""
+        return self.received > 0
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in HANDLED_SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+        return False
+
+    def _on_signal(self, signum, frame):
+        self.received += 1
+        if self.received > 1:
+            LOGGER.warning("second signal received: exiting now without saving")
+            raise SystemExit(128 + signum)
+        LOGGER.warning(f"{signal.Signals(signum).name} received: finishing this batch and saving a checkpoint")

@@ -1,0 +1,90 @@
+"""Resume: which checkpoint a `resume=` run continues, with which arguments, and from which batch.
+
+A resumed run is a fresh set-up followed by loading the checkpoint's state (`Checkpointer.load_state_dict`). Its
+arguments come from the checkpoint, except the few in `RESUME_OVERRIDABLE` that a user may change when continuing.
+A checkpoint written mid-epoch (after a signal) also holds the position inside the epoch: `MidEpochPosition`.
+"""
+
+import logging
+from pathlib import Path
+
+import torch
+
+from yolotrain.cfg import get_cfg
+from yolotrain.engine.checkpointer import check_format_version
+from yolotrain.errors import CheckpointError, YoloTrainError
+from yolotrain.utils.checkpoint import find_latest_checkpoint, load_checkpoint, set_rng_state
+
+LOGGER = logging.getLogger(__name__)
+
+# Arguments that may change when a run is resumed; everything else comes from the checkpoint.
+RESUME_OVERRIDABLE = ("epochs", "patience", "time", "save_period", "workers", "device", "batch_timeout")
+
+
+def find_resume_checkpoint(args):
+    """The checkpoint `args.resume` names: a path, or (resume=True) the newest last.pt under the project folder."""
+    resume = args.resume
+    if isinstance(resume, str):
+        path = Path(resume)
+        if not path.exists():
+            raise CheckpointError(f"resume checkpoint '{resume}' does not exist")
+        return path
+    search_dir = Path(args.project or Path("runs") / args.task)
+    path = find_latest_checkpoint(search_dir)
+    if path is None:
+        raise CheckpointError(f"resume=True but no last.pt was found under '{search_dir}'")
+    return path
+
+
+def args_for_resume(path, overrides):
+    """The checkpoint's arguments, with the few that may change on resume taken from the user's `overrides`."""
+    checkpoint = load_checkpoint(path)
+    if "optimizer" not in checkpoint or "train_args" not in checkpoint:
+        raise CheckpointError(f"'{path}' holds no optimizer state (stripped release weights); cannot resume it")
+    check_format_version(checkpoint, path)
+    args = dict(checkpoint["train_args"])
+    changed = {k: overrides[k] for k in RESUME_OVERRIDABLE if k in overrides and overrides[k] != args.get(k)}
+    ignored = sorted(k for k in overrides if k not in RESUME_OVERRIDABLE and k not in ("resume", "model", "cfg"))
+    args.update(changed)
+    args.update(resume=str(path), exist_ok=True)
+    if changed:
+        LOGGER.info(f"resume: using the new values {changed}")
+    if ignored:
+        LOGGER.warning(f"resume: ignoring {ignored}; these come from the checkpoint when resuming")
+    epochs = args["epochs"]
+    last_epoch = checkpoint["epoch"] + (0 if "batch_index" in checkpoint else 1)
+    if last_epoch >= epochs and not args.get("time"):
+        raise YoloTrainError(
+            f"'{path}' already finished its {epochs} epochs; resume with epochs=N (N > {epochs}) to train further"
+        )
+    return get_cfg(args)
+
+
+class MidEpochPosition:
+    """Where inside an epoch a signal stopped training: the next batch, the running loss, the gradients
+    accumulated but not yet stepped, and the RNG states. Applied after the epoch's normal start (which seeds the
+    RNGs and positions the loader), so the rest of the epoch replays exactly as if never stopped."""
+
+    def __init__(self, checkpoint):
+        self.epoch = checkpoint["epoch"]
+        self.next_batch = checkpoint["batch_index"]
+        self._checkpoint = checkpoint
+
+    @staticmethod
+    def entries(next_batch, model, tloss, batches_in_epoch):
+        """The checkpoint entries of a position (added to the checkpoint written on a signal)."""
+        return {
+            "batch_index": next_batch,
+            "grads": [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()],
+            "tloss": None if tloss is None else tloss.tolist(),
+            "batches_in_epoch": batches_in_epoch,
+        }
+
+    def apply(self, model, device):
+        """Put back RNG states and gradients; return (tloss on `device` or None, batches done in the epoch)."""
+        state = self._checkpoint
+        set_rng_state(state["rng"])
+        for param, grad in zip(model.parameters(), state.get("grads", [])):
+            param.grad = None if grad is None else grad.to(param.device)
+        tloss = None if state.get("tloss") is None else torch.tensor(state["tloss"], device=device)
+        return tloss, state.get("batches_in_epoch", 0)
