@@ -6,8 +6,9 @@ all ranks agree on (non-finite loss, a signal, the time budget).
 
 The concerns around the loop live in their own modules, each with public state: `checkpointer` (what a checkpoint
 holds, one rule for every component), `resume` (which checkpoint, which arguments, the mid-epoch position),
-`interrupt` (SIGTERM/SIGINT), `nan_recovery` (rollback on divergence), `time_budget`, `progress` (the display shared
-with the validator). A resumed run is a fresh set-up followed by `_load_state(checkpoint)`.
+`interrupt` (SIGTERM/SIGINT), `nan_recovery` (rollback on divergence), `time_budget`, `amp`, `freeze`, `autobatch`,
+`wrapping` (compile, DDP), `progress` (the display shared with the validator). A resumed run is a fresh set-up
+followed by `_load_state(checkpoint)`.
 
 Tasks subclass it (`DetectionTrainer`) and fill in the override points: `get_dataset`, `get_model`,
 `get_dataloader`, `preprocess_batch`, `get_validator`, `set_model_attributes`, `label_loss_items`,
@@ -47,6 +48,7 @@ from yolotrain.engine.resume import MidEpochPosition, args_for_resume, find_resu
 from yolotrain.engine.schedule import TrainSchedule
 from yolotrain.engine.stopping import EarlyStopping
 from yolotrain.engine.time_budget import TimeBudget
+from yolotrain.engine.wrapping import wrap_for_training
 from yolotrain.errors import YoloTrainError
 from yolotrain.utils import dist
 from yolotrain.utils.checkpoint import (
@@ -68,35 +70,6 @@ ARGS_FIXED_AT_CONSTRUCTION = ("task", "mode", "resume", "device", "project", "na
 
 # A fitness of exactly 0 counts as a collapse only after the best fitness reached this (mAP-scale) value.
 COLLAPSE_MIN_BEST_FITNESS = 0.01
-
-
-class CompiledWithFallback(torch.nn.Module):
-    """A torch.compile'd module that turns back into the eager one if compiling fails when it is called.
-
-    torch.compile compiles lazily, so a missing C++ compiler or an unsupported op only shows at the first forward
-    (or at a recompilation for a new shape); training then continues uncompiled instead of stopping.
-    """
-
-    def __init__(self, compiled, eager):
-        super().__init__()
-        self.module = compiled
-        self._eager = (eager,)  # a tuple: not registered twice (the compiled module already holds its parameters)
-
-    @property
-    def _orig_mod(self):
-        """The eager model (what `de_parallel` unwraps to, as for torch.compile's own wrapper)."""
-        return self._eager[0]
-
-    def forward(self, *args, **kwargs):
-        if self.module is self._eager[0]:
-            return self.module(*args, **kwargs)
-        try:
-            return self.module(*args, **kwargs)
-        except Exception as e:  # a backend/compiler failure; an error of the model itself re-raises below
-            message = " ".join(f"{type(e).__name__}: {e}".split())[:200]
-            LOGGER.warning(f"compile: torch.compile failed when running the model ({message}); training uncompiled")
-            self.module = self._eager[0]
-            return self.module(*args, **kwargs)
 
 
 class BaseTrainer:
@@ -436,31 +409,7 @@ class BaseTrainer:
     def _wrap_model(self):
         """The module the training step calls: compiled and/or DDP-wrapped views of self.model. The training step
         calls it with images only (see `compute_loss`), so `compile=True` compiles the network, never the loss."""
-        model = self.model
-        if self.args.compile:
-            model = self._compile(model)
-        if dist.is_dist():
-            model = self._ddp_wrap(model)
-        return model
-
-    def _compile(self, model):
-        try:
-            compiled = torch.compile(model)
-            LOGGER.info("compile: torch.compile enabled")
-            return CompiledWithFallback(compiled, model)
-        except Exception as e:  # torch.compile is unavailable on some platforms/python versions
-            LOGGER.warning(f"compile: torch.compile is not available here ({e}); training uncompiled")
-            return model
-
-    def _ddp_wrap(self, model):
-        from torch.nn.parallel import DistributedDataParallel
-
-        if self.args.sync_bn and self.device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif self.args.sync_bn:
-            LOGGER.warning("sync_bn: SyncBatchNorm needs CUDA; training with per-process BatchNorm statistics")
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
+        return wrap_for_training(self.model, self.device, use_compile=self.args.compile, sync_bn=self.args.sync_bn)
 
     def compute_loss(self, batch):
         """Return (loss summed over the batch, detached loss items). Runs under autocast."""
