@@ -33,7 +33,7 @@ from yolotrain.engine.validator import BaseValidator
 from yolotrain.errors import DatasetError
 from yolotrain.utils import dist
 from yolotrain.loss.detection import loss_item_names
-from yolotrain.utils.boxes import box_area, xywhn2xyxy, xyxy2xywh
+from yolotrain.utils.boxes import box_area, xywhn2xyxy
 from yolotrain.utils.metrics import ConfusionMatrix, DetMetrics, coco_iou_thresholds, match_predictions
 from yolotrain.utils.nms import end_to_end_detections, is_end_to_end, non_max_suppression, set_max_det
 from yolotrain.utils.torch_utils import de_parallel
