@@ -4,6 +4,7 @@ against the compute floor of the model (forward + backward + optimizer step on r
     python benchmarks/train_speed.py --epochs 3 --imgsz 320              # COCO128, yolo-n vs yolov8n, CPU
     python benchmarks/train_speed.py --device 0 --amp --batch 64         # on a GPU, mixed precision
     python benchmarks/train_speed.py --skip-reference                    # yolotrain and the floor only
+    python benchmarks/train_speed.py --keep runs/speed                   # keep both runs (last.pt, results.csv)
 
 Each trainer runs in its own subprocess, one after the other, with run folders in a temporary directory. Printed:
 train images/s (epoch time only), validation images/s (every validation, the final one included), wall time,
@@ -192,10 +193,11 @@ def main():
     parser.add_argument("--floor-steps", type=int, default=5, help="timed steps of the compute floor (after 2 warmup)")
     parser.add_argument("--reference-python", default=DEFAULT_REFERENCE_PYTHON)
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--keep", help="write both runs under this folder and keep them (weights for val_speed.py)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
-        ours, reference = trainer_settings(args, Path(tmp))
+        ours, reference = trainer_settings(args, Path(args.keep or tmp))
         results = {"yolotrain": run_child([sys.executable], _YOLOTRAIN_CHILD, ours, "yolotrain")}
         if not args.skip_reference:
             env = dict(os.environ, YOLO_OFFLINE="1")

@@ -61,6 +61,21 @@ def test_args_yaml_holds_the_user_arguments_as_given(train_overrides):
     assert saved["batch"] == 4 and saved["optimizer"] == "auto" and saved["lr0"] == 0.01
 
 
+@pytest.mark.parametrize("deterministic", [None, True])
+def test_deterministic_algorithms_follow_the_argument(train_overrides, deterministic):
+    """Off by default (they cost a few percent of every step), on with deterministic=True."""
+    overrides = {k: v for k, v in train_overrides.items() if k != "deterministic"}
+    if deterministic is not None:
+        overrides["deterministic"] = deterministic
+    seen = []
+    try:
+        train(overrides, epochs=1, val=False,
+              callbacks=[("on_train_batch_start", lambda t: seen.append(torch.are_deterministic_algorithms_enabled()))])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert seen and set(seen) == {bool(deterministic)}
+
+
 def test_parameter_groups(train_overrides):
     trainer = train(train_overrides, epochs=1, val=False)
     groups = trainer.optimizer.param_groups

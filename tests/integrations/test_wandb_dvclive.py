@@ -17,7 +17,7 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
 def wandb_records(path):
-    """Every record of a `.wandb` run file, as wandb's protobuf `Record`s."""
+    """Every complete record of a `.wandb` run file, as wandb's protobuf `Record`s."""
     from wandb.proto import wandb_internal_pb2
 
     data, position, pending, records = path.read_bytes(), LOG_FILE_HEADER, b"", []
@@ -28,6 +28,8 @@ def wandb_records(path):
         if left_in_block < CHUNK_HEADER or (kind == 0 and length == 0):  # block padding
             position += left_in_block
             continue
+        if position + CHUNK_HEADER + length > len(data):  # a tail still being written: read it next time
+            break
         chunk = data[position + CHUNK_HEADER : position + CHUNK_HEADER + length]
         position += CHUNK_HEADER + length
         pending = chunk if kind in (FULL, FIRST) else pending + chunk

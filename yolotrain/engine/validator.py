@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from yolotrain.cfg import Args, get_cfg
+from yolotrain.engine.amp import cpu_has_native_bf16
 from yolotrain.engine.callbacks import Callbacks
 from yolotrain.engine.progress import progress_bar
 from yolotrain.errors import YoloTrainError
@@ -47,12 +48,6 @@ LOGGER = logging.getLogger(__name__)
 SPEED_STAGES = ("preprocess", "inference", "loss", "postprocess")
 # Batches drawn as image mosaics (labels and predictions) when plots are on.
 PLOTTED_BATCHES = 3
-
-
-def cpu_has_native_bf16():
-    """True when this CPU computes bf16 in hardware (AMX or AVX-512 BF16), where bf16 autocast is faster."""
-    capabilities = getattr(torch.cpu, "get_capabilities", lambda: {})()
-    return bool(capabilities.get("amx_bf16") or capabilities.get("avx512_bf16"))
 
 
 class StageTimer:
