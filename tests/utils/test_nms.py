@@ -94,6 +94,27 @@ def test_torchvision_path_with_class_offsets(monkeypatch):
             assert_same_detections(ours[image], reference)
 
 
+def test_torchvision_path_keeps_images_apart_and_stops_at_max_det(monkeypatch):
+    # One call covers the whole batch: the offsets must also keep images apart, and max_det applies per image.
+    monkeypatch.setattr(nms_module, "torchvision_nms", lambda: lambda boxes, scores, thr: greedy_nms(boxes, scores, thr))
+    prediction = random_prediction(torch.Generator().manual_seed(6), 3, 3, 200)
+    prediction[1, :4] = prediction[0, :4]  # image 1 has image 0's boxes: suppression across images would show
+    for max_det in (4, 300):
+        ours = non_max_suppression(prediction, 0.1, 0.5, multi_label=True, max_det=max_det)
+        for image in range(3):
+            reference = reference_nms_one_image(prediction[image].T, 0.1, 0.5, None, False, max_det, True)
+            assert_same_detections(ours[image], reference)
+
+
+def test_equal_scores_keep_anchor_then_class_order():
+    # Five far-apart boxes, both classes scoring 0.5 on each: kept in anchor order, then class order.
+    boxes = torch.tensor([[10.0 + 30 * i, 10.0, 8.0, 8.0] for i in range(5)]).T  # (4, A) xywh
+    prediction = torch.cat([boxes, torch.full((2, 5), 0.5)])[None]  # (1, 4 + 2, 5): two classes tie too
+    multi = non_max_suppression(prediction, 0.25, 0.5, multi_label=True)[0]
+    assert multi[:, 0].tolist() == [6.0, 6.0, 36.0, 36.0, 66.0, 66.0, 96.0, 96.0, 126.0, 126.0]
+    assert multi[:, 5].tolist() == [0.0, 1.0] * 5
+
+
 def test_conf_threshold_and_classes_filter():
     prediction = random_prediction(torch.Generator().manual_seed(3), 2, 5, 100)
     ours = non_max_suppression(prediction, conf_thres=0.6, iou_thres=0.5, classes=[1, 3])

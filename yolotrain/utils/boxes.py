@@ -85,10 +85,15 @@ def box_area(boxes):
 
 def box_iou(boxes1, boxes2, eps=1e-7):
     """Pairwise IoU of xyxy tensors: (N, 4) x (M, 4) -> (N, M)."""
-    top_left = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
-    bottom_right = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
-    inter = (bottom_right - top_left).clamp(0).prod(2)  # (N, M)
-    union = box_area(boxes1)[:, None] + box_area(boxes2)[None, :] - inter
+    return batched_box_iou(boxes1[None], boxes2[None], eps)[0]
+
+
+def batched_box_iou(boxes1, boxes2, eps=1e-7):
+    """Pairwise IoU within each of B sets of xyxy boxes: (B, N, 4) x (B, M, 4) -> (B, N, M)."""
+    top_left = torch.max(boxes1[:, :, None, :2], boxes2[:, None, :, :2])
+    bottom_right = torch.min(boxes1[:, :, None, 2:], boxes2[:, None, :, 2:])
+    inter = (bottom_right - top_left).clamp(0).prod(3)  # (B, N, M)
+    union = box_area(boxes1)[:, :, None] + box_area(boxes2)[:, None, :] - inter
     return inter / (union + eps)
 
 

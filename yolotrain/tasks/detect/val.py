@@ -33,7 +33,7 @@ from yolotrain.engine.validator import BaseValidator
 from yolotrain.errors import DatasetError
 from yolotrain.utils import dist
 from yolotrain.loss.detection import loss_item_names
-from yolotrain.utils.boxes import box_area, xywhn2xyxy
+from yolotrain.utils.boxes import batched_box_iou, xywhn2xyxy
 from yolotrain.utils.metrics import ConfusionMatrix, DetMetrics, coco_iou_thresholds, match_predictions
 from yolotrain.utils.nms import end_to_end_detections, is_end_to_end, non_max_suppression, set_max_det
 from yolotrain.utils.torch_utils import de_parallel
@@ -88,15 +88,6 @@ def padded_match(detections, pred_image, gt_boxes, gt_cls, gt_image, num_images,
         iou = batched_box_iou(true_boxes[part], pred_boxes[part])  # (b, M, N)
         matched.append(match_predictions(pred_cls[part], true_cls[part], iou, iouv))  # (b, N, T)
     return torch.cat(matched)[pred_image, pred_slot]
-
-
-def batched_box_iou(boxes1, boxes2, eps=1e-7):
-    """IoU of (B, M, 4) with (B, N, 4) xyxy boxes -> (B, M, N), with the same arithmetic as `box_iou`."""
-    top_left = torch.max(boxes1[:, :, None, :2], boxes2[:, None, :, :2])
-    bottom_right = torch.min(boxes1[:, :, None, 2:], boxes2[:, None, :, 2:])
-    inter = (bottom_right - top_left).clamp(0).prod(3)
-    union = box_area(boxes1)[:, :, None] + box_area(boxes2)[:, None, :] - inter
-    return inter / (union + eps)
 
 
 def _slots(image_index):
