@@ -60,7 +60,7 @@ def batched_greedy_nms(boxes, valid, iou_thres, groups=None, max_keep=None):
     blocks (any overlap above the threshold suppresses), then resolved internally by `_suppress_within_block`. Both
     steps are exact, so the result equals box-by-box greedy NMS of each image. `max_keep`: only the first `max_keep`
     kept boxes of each image are wanted (max_det): later ones are not marked, and an image that has them takes no
-    part in the blocks after (as the rows of images with fewer candidates are padding, not work).
+    part in the blocks after; the loop ends when every image has them or has run out of candidates.
     """
     batch_size, num_boxes = valid.shape
     max_keep = num_boxes if max_keep is None else min(max_keep, num_boxes)
