@@ -63,7 +63,8 @@ def main():
     for round_index in range(args.rounds):
         order = (True, False) if round_index % 2 == 0 else (False, True)
         for deterministic in order:
-            timings[deterministic].append(seconds_per_step(model, optimizer, batch, args.steps, deterministic, amp_dtype))
+            seconds = seconds_per_step(model, optimizer, batch, args.steps, deterministic, amp_dtype)
+            timings[deterministic].append(seconds)
     on, off = statistics.median(timings[True]), statistics.median(timings[False])
     print(f"yolo-n imgsz {args.imgsz} batch {args.batch}, autocast {amp_dtype}, {torch.get_num_threads()} threads, "
           f"{args.rounds} rounds of {args.steps} steps")

@@ -83,9 +83,14 @@ def test_block_processing_is_still_exact(monkeypatch):
         assert_same_detections(ours[image], reference_nms_one_image(prediction[image].T, 0.05, 0.4, None, False, 300))
 
 
+def greedy_nms_standing_in_for_torchvision(boxes, scores, iou_thres):
+    """torchvision.ops.nms's contract (class-agnostic, kept indices by descending score) from our own kernel."""
+    return greedy_nms(boxes, scores, iou_thres)
+
+
 def test_torchvision_path_with_class_offsets(monkeypatch):
     # Stand in for torchvision with our class-agnostic kernel: the class offsets alone must keep classes apart.
-    monkeypatch.setattr(nms_module, "torchvision_nms", lambda: lambda boxes, scores, thr: greedy_nms(boxes, scores, thr))
+    monkeypatch.setattr(nms_module, "torchvision_nms", lambda: greedy_nms_standing_in_for_torchvision)
     prediction = random_prediction(torch.Generator().manual_seed(5), 2, 4, 160)
     for agnostic in (False, True):
         ours = non_max_suppression(prediction, 0.2, 0.5, agnostic=agnostic)
@@ -96,7 +101,7 @@ def test_torchvision_path_with_class_offsets(monkeypatch):
 
 def test_torchvision_path_keeps_images_apart_and_stops_at_max_det(monkeypatch):
     # One call covers the whole batch: the offsets must also keep images apart, and max_det applies per image.
-    monkeypatch.setattr(nms_module, "torchvision_nms", lambda: lambda boxes, scores, thr: greedy_nms(boxes, scores, thr))
+    monkeypatch.setattr(nms_module, "torchvision_nms", lambda: greedy_nms_standing_in_for_torchvision)
     prediction = random_prediction(torch.Generator().manual_seed(6), 3, 3, 200)
     prediction[1, :4] = prediction[0, :4]  # image 1 has image 0's boxes: suppression across images would show
     for max_det in (4, 300):
@@ -104,6 +109,21 @@ def test_torchvision_path_keeps_images_apart_and_stops_at_max_det(monkeypatch):
         for image in range(3):
             reference = reference_nms_one_image(prediction[image].T, 0.1, 0.5, None, False, max_det, True)
             assert_same_detections(ours[image], reference)
+
+
+def test_torchvision_path_offsets_keep_full_precision_in_a_large_batch(monkeypatch):
+    # 32 images x 80 classes: the last (image, class) range starts millions of pixels out, where float32 steps by
+    # 0.125 px. Two boxes 0.3 px apart have IoU 0.99402; at IoU threshold 0.994 one suppresses the other.
+    monkeypatch.setattr(nms_module, "torchvision_nms", lambda: greedy_nms_standing_in_for_torchvision)
+    prediction = torch.zeros(32, 4 + 80, 3)
+    prediction[:, :4, 0] = torch.tensor([50.0, 50.0, 100.0, 100.0])
+    prediction[:, :4, 1] = torch.tensor([50.3, 50.0, 100.0, 100.0])
+    prediction[:, :4, 2] = torch.tensor([590.0, 590.0, 100.0, 100.0])  # widens the span to 640 px
+    prediction[:, 4 + 79] = torch.tensor([0.9, 0.8, 0.7])
+    for iou_thres in (0.9939, 0.9941):
+        ours = non_max_suppression(prediction, 0.25, iou_thres)
+        reference = reference_nms_one_image(prediction[31].T, 0.25, iou_thres, None, False, 300)
+        assert_same_detections(ours[31], reference)
 
 
 def test_equal_scores_keep_anchor_then_class_order():

@@ -73,11 +73,11 @@ def batched_greedy_nms(boxes, valid, iou_thres, groups=None, max_keep=None):
     kept_groups = torch.full((batch_size, max_keep), -1, dtype=torch.long, device=boxes.device)  # -1: empty slot
     num_kept = torch.zeros(batch_size, dtype=torch.long)  # on the host: it decides which images go on
     for start in range(0, num_boxes, block_size):
-        active = (num_kept < max_keep).nonzero().squeeze(1)  # images still short of max_keep
-        if not len(active):
+        active_host = (num_kept < max_keep).nonzero().squeeze(1)  # images still short of max_keep
+        if not len(active_host):
             break
-        filled = int(num_kept[active].max())  # prune by the filled slots only
-        active, active_kept = active.to(boxes.device), num_kept[active].to(boxes.device)
+        filled = int(num_kept[active_host].max())  # prune by the filled slots only
+        active, active_kept = active_host.to(boxes.device), num_kept[active_host].to(boxes.device)
         block = slice(start, min(start + block_size, num_boxes))
         block_boxes, block_groups, candidates = boxes[active, block], groups[active, block], valid[active, block]
         if filled:
@@ -91,7 +91,7 @@ def batched_greedy_nms(boxes, valid, iou_thres, groups=None, max_keep=None):
         row, position = block_keep.nonzero(as_tuple=True)
         kept_boxes[active[row], slot[row, position]] = block_boxes[row, position]
         kept_groups[active[row], slot[row, position]] = block_groups[row, position]
-        num_kept[active.cpu()] += block_keep.sum(1).cpu()  # the block's host sync
+        num_kept[active_host] += block_keep.sum(1).cpu()  # the block's host sync
     return keep
 
 
@@ -106,7 +106,8 @@ def _resolve_block(boxes, groups, candidates, iou_thres):
     packed = packing[:, :width]  # (B, W) block positions of the packed survivors
     packed_boxes = boxes.gather(1, packed[..., None].expand(-1, -1, 4))
     packed_groups, packed_candidates = groups.gather(1, packed), candidates.gather(1, packed)
-    over = _overlaps(packed_boxes, packed_groups, packed_boxes, packed_groups, iou_thres) & packed_candidates[:, :, None]
+    over = _overlaps(packed_boxes, packed_groups, packed_boxes, packed_groups, iou_thres)
+    over &= packed_candidates[:, :, None]  # (B, W, W): only survivors suppress
     keep = torch.zeros_like(candidates)
     keep.scatter_(1, packed, _suppress_within_block(over) & packed_candidates)
     return keep
@@ -166,10 +167,11 @@ def _kept_torchvision(tv_nms, boxes, scores, cls, valid, num_classes, iou_thres,
     batch_size, width = valid.shape
     image = torch.arange(batch_size, device=boxes.device)[:, None].expand(-1, width)
     group = (image if agnostic else image * num_classes + cls)[valid]
-    flat_boxes = boxes[valid]
+    # float64: a batch's offsets reach millions of pixels, where float32 would round coordinates to 1/8 px or worse.
+    flat_boxes = boxes[valid].double()
     span = (flat_boxes.max() - flat_boxes.min()).clamp(min=0) + 1 if len(flat_boxes) else 1
     kept = torch.zeros(len(flat_boxes), dtype=torch.bool, device=boxes.device)
-    kept[tv_nms(flat_boxes + (group.to(boxes.dtype) * span)[:, None], scores[valid], iou_thres)] = True
+    kept[tv_nms(flat_boxes + (group.double() * span)[:, None], scores[valid].double(), iou_thres)] = True
     keep = torch.zeros_like(valid)
     keep[valid] = kept
     return keep & (keep.cumsum(1) <= max_det)  # each image's candidates are in descending score
