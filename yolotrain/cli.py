@@ -6,6 +6,7 @@ the error's `exit_code` (2 for arguments); no traceback.
 """
 
 import logging
+import signal
 import sys
 from typing import Optional
 
@@ -106,8 +107,6 @@ def _run_mode(mode: str, overrides: dict) -> int:
     given = user_args(overrides)  # the user's arguments only (cfg file merged under key=value), checked
     args = get_cfg({**given, "mode": mode})  # every value checked before the heavy import below
     _configure_logging()
-    from torch.distributed.elastic.multiprocessing.errors import record
-
     from yolotrain.engine.model import YOLO  # imports torch
     from yolotrain.utils import dist
 
@@ -122,9 +121,33 @@ def _run_mode(mode: str, overrides: dict) -> int:
     elif mode == "export":
         print(model.export(**kwargs))
     else:
-        # Under torchrun, `record` hands an uncaught error's traceback to the launcher's failure report.
-        record(getattr(model, mode))(**kwargs)
+        _run_recorded(getattr(model, mode), kwargs)
     return 0
+
+
+def _run_recorded(run, kwargs: dict) -> None:
+    """Call `run(**kwargs)` under torch's `record`, which hands an unexpected error's traceback to torchrun's
+    failure report. A `YoloTrainError` (a user mistake, or a signal that stopped training with its state saved) is
+    an outcome, not a crash: it passes around `record` and ends this worker as it ends a single process, with one
+    line and its exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from yolotrain.utils import dist
+
+    def run_and_return_outcome():
+        try:
+            run(**kwargs)
+        except YoloTrainError as error:
+            return error
+        return None
+
+    outcome = record(run_and_return_outcome)()
+    if outcome is not None:
+        if dist.launched_distributed():
+            # Every rank reached the same outcome; torchrun sends SIGTERM to the others as soon as one exits, which
+            # would turn a peer's clean exit (its work saved, its line printed) into a death by signal.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise outcome
 
 
 def _run_tune(overrides: dict) -> int:

@@ -12,8 +12,10 @@ from yolotrain.nn.model import DetectionModel
 from yolotrain.tasks.detect.train import DetectionTrainer
 
 OVERFIT_STEPS = 6
-# bf16 keeps 8 significant bits: along a short path the loss of the same weights stays within ~2% of fp32's.
-MAX_RELATIVE_LOSS_GAP = 0.05
+# bf16 keeps 8 significant bits: along a short path the loss of the same weights stays close to fp32's. Largest gap
+# over the 6 steps, measured with oneDNN on AMX 0.030, capped to AVX512_CORE_BF16 or AVX512_CORE 0.042, capped to
+# AVX2 (bf16 emulated) 0.028: twice the worst, while a broken bf16 kernel is off by far more.
+MAX_RELATIVE_LOSS_GAP = 0.08
 
 
 def train(overrides, **extra):
@@ -45,6 +47,7 @@ def tiny_model(model_yaml):
 
 
 # ------------------------------------------------------------------------------------------------ bf16 on CPU
+@pytest.mark.numeric
 def test_bf16_training_on_cpu_has_finite_losses_close_to_fp32_along_its_path(tiny_model_yaml):
     """A few optimizer steps in bf16 on a fixed batch: each step's bf16 loss is close to the fp32 loss of the same
     weights, and the weights stay fp32."""
@@ -127,6 +130,7 @@ def test_amp_false_is_fp32_everywhere():
 
 
 # ------------------------------------------------------------------------------------------------ channels_last
+@pytest.mark.numeric
 @pytest.mark.parametrize("training", [True, False])
 def test_channels_last_model_and_batch_give_the_contiguous_output(tiny_model_yaml, training):
     torch.manual_seed(0)

@@ -176,19 +176,25 @@ def test_torchrun_two_cpu_processes_write_like_one_process(tiny_model_yaml, tiny
 
 
 @pytest.mark.slow
+@pytest.mark.numeric
 def test_ddp_epoch_loss_matches_one_process_with_the_same_global_batch(tiny_model_yaml, tiny_data, tmp_path):
     """Same seed and global batch: the per-sample seeds give both runs the same augmented images and the same global
-    batches (rank r takes every 2nd index of the same permutation). Remaining differences: BatchNorm statistics over
-    4 instead of 8 images (SyncBatchNorm needs CUDA) and float summation order; 15% relative covers them over 4 steps
-    of a tiny model, while a wrong gradient scale (x2 or /2) moves the epoch-2 loss far more."""
-    result = torchrun(run_args(tiny_model_yaml, tiny_data, tmp_path / "ddp", batch=8))
+    batches (rank r takes every 2nd index of the same permutation). What remains is BatchNorm statistics over 4
+    instead of 8 images (SyncBatchNorm needs CUDA) and float summation order. Both runs are fp32: bf16 autocast
+    rounds the two paths differently on each CPU's kernels. Measured worst relative difference of an epoch loss
+    (epoch 1's dfl_loss): 0.042 with oneDNN on AMX, AVX512_CORE_BF16, AVX512_CORE and AVX2 alike (the same figures
+    to 5 digits); under bf16 autocast it was 0.11 (AVX512) to 0.153 (AMX). 8% allows twice the measured spread,
+    and catches ranks that train on the wrong images or report an unreduced loss. (A wrong gradient scale is
+    not seen here: gradient clipping and AdamW make these first steps insensitive to it.)"""
+    args = dict(batch=8, amp=False)
+    result = torchrun(run_args(tiny_model_yaml, tiny_data, tmp_path / "ddp", **args))
     assert result.returncode == 0, result.stderr[-3000:]
-    single = DetectionTrainer(overrides=run_args(tiny_model_yaml, tiny_data, tmp_path / "single", batch=8))
+    single = DetectionTrainer(overrides=run_args(tiny_model_yaml, tiny_data, tmp_path / "single", **args))
     single.train()
     ddp = epoch_losses(read_rows(tmp_path / "ddp" / "train" / "results.csv"))
     one = epoch_losses(read_rows(single.save_dir / "results.csv"))
     for ddp_epoch, one_epoch in zip(ddp, one):
-        assert ddp_epoch == pytest.approx(one_epoch, rel=0.15)
+        assert ddp_epoch == pytest.approx(one_epoch, rel=0.08)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ The trainer classes are module-level so the workers (started with `spawn`) impor
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,9 +15,11 @@ import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
+import yolotrain
 from test_ddp import run_args, worker_env
 from yolotrain import DetectionTrainer
 from yolotrain.utils import dist
@@ -24,6 +27,7 @@ from yolotrain.utils.checkpoint import load_checkpoint
 from yolotrain.utils.torch_utils import de_parallel
 
 DIGESTS_ENV = "YOLOTRAIN_TEST_DIGESTS_DIR"
+PACKAGE_DIR = Path(yolotrain.__file__).parent
 
 
 def weights_digest(trainer):
@@ -143,6 +147,51 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_batch_with_a_checkpoint(tin
     assert rank0 == rank1  # same weights, same epoch
     checkpoint = load_checkpoint(tmp_path / "runs" / "train" / "weights" / "last.pt")
     assert (checkpoint["epoch"], checkpoint["batch_index"]) == (1, 3)
+
+
+def torchrun_worker_of_rank(launcher: psutil.Process, rank: int, timeout: float = 60) -> psutil.Process:
+    """The worker process that torchrun (`launcher`) started for `rank`, found by its RANK environment variable."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in launcher.children(recursive=True):
+            try:
+                if child.environ().get("RANK") == str(rank) and "yolotrain" in " ".join(child.cmdline()):
+                    return child
+            except psutil.Error:  # a process that ended or changed between the listing and the look
+                continue
+        time.sleep(0.2)
+    raise AssertionError(f"no torchrun worker of rank {rank} within {timeout} s")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_torchrun_worker_ends_every_worker_with_one_line_and_exit_130(tiny_model_yaml, tiny_data,
+                                                                                     tmp_path):
+    """What a preempted node sees: the signal stops both ranks with a checkpoint, and each worker ends as a single
+    process does (one line, exit 130), so torchrun's report holds no Python traceback of yolotrain's code."""
+    args = run_args(tiny_model_yaml, tiny_data, tmp_path / "runs", epochs=100)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "yolotrain", "train", *(f"{k}={v}" for k, v in args.items())]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=worker_env())
+    try:
+        worker = torchrun_worker_of_rank(psutil.Process(launcher.pid), rank=1)
+        last = tmp_path / "runs" / "train" / "weights" / "last.pt"
+        deadline = time.monotonic() + 120
+        while not last.exists() and launcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # signal once an epoch has been saved: well inside the 100 planned
+        worker.send_signal(signal.SIGTERM)
+        output, _ = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert launcher.returncode != 0, output[-3000:]
+    # torchrun's own report (its ChildFailedError traceback) may stay; no traceback goes through yolotrain's code.
+    assert "TrainingInterrupted" not in output and f'File "{PACKAGE_DIR}' not in output, output
+    lines = [line for line in output.splitlines() if "yolotrain: error: training interrupted at epoch" in line]
+    assert len(lines) == 2, output[-3000:]  # one line from each worker
+    exit_codes = re.findall(r"exitcode\s*:\s*(-?\d+)", output)
+    assert exit_codes and set(exit_codes) == {"130"}, output[-3000:]  # no worker died by torchrun's SIGTERM
+    checkpoint = load_checkpoint(last)
+    assert 0 < checkpoint["epoch"] < 99
 
 
 @pytest.mark.slow

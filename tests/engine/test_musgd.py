@@ -82,6 +82,7 @@ def _ids(params):
     return {id(p) for p in params}
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("rows, cols", [(8, 16), (16, 8)])
 def test_newton_schulz_pushes_singular_values_near_one(rows, cols):
     matrix = _matrix_with_singular_values(rows, cols, torch.logspace(-1, 1, min(rows, cols)), seed=rows)
@@ -114,6 +115,7 @@ def test_muon_update_alone_decreases_quadratic_loss():
     assert losses[-1] < losses[0] / 10
 
 
+@pytest.mark.numeric
 def test_muon_group_first_step_is_muon_then_sgd():
     torch.manual_seed(0)
     weight = nn.Parameter(torch.randn(6, 2, 3, 3))  # as a matrix 6 x 18: wide, scale 1
@@ -133,6 +135,7 @@ def test_muon_group_first_step_is_muon_then_sgd():
         assert torch.allclose(param, expected, atol=1e-6)
 
 
+@pytest.mark.numeric
 def test_muon_update_uses_nesterov_momentum_over_two_steps():
     torch.manual_seed(0)
     weight = nn.Parameter(torch.randn(4, 2, 3, 3))
@@ -151,6 +154,7 @@ def test_muon_update_uses_nesterov_momentum_over_two_steps():
     assert torch.allclose(weight, expected, atol=1e-6)
 
 
+@pytest.mark.numeric
 def test_non_muon_group_matches_torch_sgd_nesterov():
     torch.manual_seed(0)
     model = SmallNet()

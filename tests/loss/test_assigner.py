@@ -147,6 +147,7 @@ def test_no_ground_truth_gives_all_background():
     assert gt_idx.shape == (2, 16)
 
 
+@pytest.mark.numeric
 def test_bfloat16_inputs_give_float32_targets_matching_float32():
     anchors = grid_anchors()
     pred_boxes = boxes_around(anchors, 12.0)

@@ -213,6 +213,7 @@ def test_label_smoothing_keeps_background_at_zero_and_spreads_foreground_mass():
     assert smoothed[0, 0].sum().item() == pytest.approx(0.8)
 
 
+@pytest.mark.numeric
 def test_bf16_autocast_matches_float32():
     batch, feats = make_batch([2, 3], NC, seed=12), make_feats(2, NC, seed=13)
     loss = DetectionLoss(FakeModel(nc=NC))

@@ -151,6 +151,7 @@ def _randomise_batchnorm(model):
             module.bias.data.copy_(torch.randn(size, generator=generator) * 0.1)
 
 
+@pytest.mark.numeric
 def test_fuse_keeps_eval_outputs():
     model = DetectionModel("yolo-n.yaml", nc=2, verbose=False).eval()
     _randomise_batchnorm(model)

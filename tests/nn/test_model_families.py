@@ -4,6 +4,7 @@ end-to-end head of YOLO26 (at most max_det boxes, no NMS)."""
 import pytest
 import torch
 
+from detection_match import assert_same_detections
 from yolotrain.nn.model import DetectionModel, load_model_yaml
 from yolotrain.nn.modules import C3k, SPPF, C2PSA, C3k2, Detect, PSABlock
 
@@ -41,6 +42,7 @@ def test_yolo11_head_has_a_depthwise_class_branch_and_yolov8_a_dense_one():
     assert v8.head.cv3[0][0].conv.groups == 1 and v8.head.cv3[0][0].conv.kernel_size == (3, 3)
 
 
+@pytest.mark.numeric
 def test_sppf_of_yolo26_has_a_linear_cv1_and_a_residual():
     original, newer = SPPF(16, 16, 5), SPPF(16, 16, 5, 3, True)
     assert isinstance(original.cv1.act, torch.nn.SiLU) and not original.add
@@ -71,6 +73,7 @@ def test_position_sensitive_attention_mixes_all_positions():
     assert isinstance(block.m[0], PSABlock) and block.m[0].attn.num_heads == 1
 
 
+@pytest.mark.numeric
 def test_the_attention_block_runs_channels_last():
     block = C2PSA(64, 64).eval()
     x = torch.randn(2, 64, 6, 6)
@@ -118,6 +121,7 @@ def test_top_detections_pick_the_best_anchor_class_pairs_by_hand():
     assert torch.equal(top[:, :4], boxes[[2, 2, 1]])
 
 
+@pytest.mark.numeric
 def test_fusing_an_end_to_end_model_keeps_its_detections_and_drops_the_training_branch(tiny_family_yaml):
     torch.manual_seed(0)
     model = DetectionModel(tiny_family_yaml("yolo26"), verbose=False).eval()
@@ -127,7 +131,8 @@ def test_fusing_an_end_to_end_model_keeps_its_detections_and_drops_the_training_
         model.fuse()
         after, preds = model(x)
     assert set(preds) == {"one2one"} and model.head.cv2 is None
-    assert torch.allclose(before, after, atol=1e-4)
+    # Fusing changes the kernels' rounding: near-equal scores of an untrained model may leave the top-k swapped.
+    assert_same_detections(after[0], before[0], atol=1e-4, rtol=1e-4, cut_off=True)
 
 
 def test_one_to_one_branch_trains_on_detached_features(tiny_family_yaml):

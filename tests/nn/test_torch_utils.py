@@ -97,6 +97,7 @@ def test_copy_attr_respects_include_exclude_and_privacy():
     assert vars(only) == {"nc": 3}
 
 
+@pytest.mark.numeric
 def test_fuse_conv_and_bn_matches_eval_batchnorm():
     torch.manual_seed(0)
     layer = Conv(4, 6, k=3, s=2, g=2).eval()
@@ -114,6 +115,7 @@ def test_fuse_conv_and_bn_matches_eval_batchnorm():
     assert isinstance(layer.bn, nn.Identity) and layer.conv.bias is not None
 
 
+@pytest.mark.numeric
 def test_dfl_is_the_softmax_expectation():
     dfl = DFL(16)
     logits = torch.randn(2, 4 * 16, 5)

@@ -82,6 +82,7 @@ def test_unsharded_loader_reads_the_whole_set(tiny_model_yaml, tiny_data):
     assert sum(len(batch["im_file"]) for batch in full) == 8
 
 
+@pytest.mark.numeric
 @pytest.mark.slow
 def test_two_ranks_validate_their_shards_to_the_single_process_metrics(tiny_model_yaml, tiny_data, tmp_path):
     model, loader = build_model(tiny_model_yaml, 6), val_loader(tiny_data, -1, 1)

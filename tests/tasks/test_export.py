@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from detection_match import assert_same_detections
 from yolotrain import YOLO
 from yolotrain.cli import main as cli_main
 from yolotrain.errors import CheckpointError
@@ -16,13 +17,29 @@ from yolotrain.nn.backends import OnnxModel, TorchScriptModel, load_checkpoint_m
 from yolotrain.nn.model import DetectionModel
 from yolotrain.utils.checkpoint import save_checkpoint
 
+# ONNX Runtime (MLAS) and PyTorch (oneDNN) sum each convolution in their own order. Worst relative difference of a
+# decoded output (boxes in pixels, up to 800) measured on these tests: 1.7e-4 with oneDNN on AMX, AVX512_CORE_BF16
+# or AVX512_CORE, 4.8e-4 capped to AVX2. Twice that margin; a wrong decode, stride or anchor is off by pixels.
+RUNTIME_ATOL = 1e-3
+RUNTIME_RTOL = 1e-3
 NAMES = {i: name for i, name in enumerate(["circle", "square", "triangle", "star", "cross", "ellipse"])}
+
+
+def calibrate_batchnorm(model):
+    """BatchNorm statistics of real activations: with its initial statistics an untrained eval model outputs nearly
+    the same box and scores at every anchor, and detections that tie everywhere compare nothing."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.momentum = None  # cumulative average: one pass gives this batch's statistics
+        model.train()(torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
 
 
 @pytest.fixture
 def detector(tiny_model_yaml, tmp_path):
     torch.manual_seed(0)
     model = DetectionModel(tiny_model_yaml, nc=6, verbose=False)
+    calibrate_batchnorm(model)
     for branch in model.model[-1].cv3:
         torch.nn.init.constant_(branch[-1].bias, -1.0)  # scores well above conf: many boxes to compare
     path = tmp_path / "weights" / "best.pt"
@@ -38,6 +55,7 @@ def reference_output(checkpoint, images):
         return model(images)[0]
 
 
+@pytest.mark.numeric
 def test_dynamic_onnx_equals_pytorch_at_two_batches_and_two_sizes(detector):
     pytest.importorskip("onnxruntime")
     exported = YOLO(str(detector)).export(format="onnx", imgsz=64, dynamic=True, verbose=False)
@@ -47,7 +65,7 @@ def test_dynamic_onnx_equals_pytorch_at_two_batches_and_two_sizes(detector):
     generator = torch.Generator().manual_seed(1)
     for batch, size in ((1, 64), (4, 96)):
         images = torch.rand(batch, 3, size, size, generator=generator)
-        torch.testing.assert_close(runtime(images), reference_output(detector, images), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(runtime(images), reference_output(detector, images), atol=RUNTIME_ATOL, rtol=RUNTIME_RTOL)
 
 
 def test_onnx_file_carries_its_metadata(detector):
@@ -59,14 +77,16 @@ def test_onnx_file_carries_its_metadata(detector):
     assert not list(exported.parent.glob(".*.tmp"))  # written atomically: no temporary file left
 
 
+@pytest.mark.numeric
 def test_torchscript_equals_pytorch_and_carries_its_metadata(detector):
     exported = YOLO(str(detector)).export(format="torchscript", imgsz=64, verbose=False)
     runtime = TorchScriptModel(exported)
     assert runtime.names == NAMES and runtime.imgsz == (64, 64)
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(runtime(images), reference_output(detector, images), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(runtime(images), reference_output(detector, images), atol=RUNTIME_ATOL, rtol=RUNTIME_RTOL)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("file_format", ["onnx", "torchscript"])
 def test_exported_model_validates_and_predicts_like_the_checkpoint(detector, tiny_data, tmp_path, file_format):
     if file_format == "onnx":
@@ -77,8 +97,12 @@ def test_exported_model_validates_and_predicts_like_the_checkpoint(detector, tin
     from_pt, from_exported = YOLO(str(detector)).val(**common), YOLO(str(exported)).val(**common)
     assert from_exported["metrics/mAP50-95(B)"] == pytest.approx(from_pt["metrics/mAP50-95(B)"], abs=1e-3)
     source = tiny_data.replace("data.yaml", "images/val")
-    results = YOLO(str(exported)).predict(source, imgsz=64, conf=0.05, save=False, verbose=False)
+    predict = dict(imgsz=64, conf=0.05, save=False, verbose=False)
+    results = YOLO(str(exported)).predict(source, **predict)
     assert len(results) == len(list(Path(source).glob("*.jpg"))) and all(len(r) and r.names == NAMES for r in results)
+    # This untrained detector's mAP is near 0 on both: its detections are what show the two runtimes agree.
+    for got, expected in zip(results, YOLO(str(detector)).predict(source, **predict)):
+        assert_same_detections(got.boxes.data, expected.boxes.data, atol=RUNTIME_ATOL, rtol=RUNTIME_RTOL, cut_off=True)
 
 
 def real_images(tiny_data, batch, size):
@@ -88,6 +112,7 @@ def real_images(tiny_data, batch, size):
     return torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy()).float() / 255
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("file_format", ["onnx", "torchscript"])
 def test_exported_outputs_equal_pytorch_on_real_images(detector, tiny_data, file_format):
     if file_format == "onnx":
@@ -96,7 +121,7 @@ def test_exported_outputs_equal_pytorch_on_real_images(detector, tiny_data, file
     runtime = OnnxModel(exported) if file_format == "onnx" else TorchScriptModel(exported)
     for batch, size in ((1, 64), (4, 64), (4, 96)):
         images = real_images(tiny_data, batch, size)
-        torch.testing.assert_close(runtime(images), reference_output(detector, images), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(runtime(images), reference_output(detector, images), atol=RUNTIME_ATOL, rtol=RUNTIME_RTOL)
 
 
 def test_export_refuses_what_it_cannot_do(detector, capsys):
@@ -117,16 +142,14 @@ def test_a_fixed_shape_onnx_predicts_at_its_size_and_names_the_shape_it_needs(de
         OnnxModel(exported)(torch.zeros(2, 3, 64, 64))
 
 
+@pytest.mark.numeric
 def test_an_end_to_end_onnx_returns_final_detections_equal_to_pytorch(tiny_family_yaml, tmp_path):
     """YOLO26: the exported graph ends in the head's top-k (no NMS): (B, max_det, 6) boxes, scores, classes."""
     pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
     model = DetectionModel(tiny_family_yaml("yolo26"), nc=6, verbose=False)
-    with torch.no_grad():  # BatchNorm statistics of real activations: an untrained eval model outputs ~constants
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.momentum = None
-        model.train()(torch.rand(4, 3, 64, 64))
+    calibrate_batchnorm(model)
+    with torch.no_grad():
         for branch in (*model.head.one2one_cv2, *model.head.one2one_cv3):
             torch.nn.init.normal_(branch[-1].weight, std=5e-4)  # scores spread below 1: no ties in the top-k
     path = tmp_path / "best.pt"
@@ -142,4 +165,5 @@ def test_an_end_to_end_onnx_returns_final_detections_equal_to_pytorch(tiny_famil
         reference = expected(images)[0]
     output = runtime(images)
     assert output.shape == (3, 20, 6)
-    torch.testing.assert_close(output, reference, atol=1e-4, rtol=1e-4)
+    for got, expected_rows in zip(output, reference):  # near-equal scores may leave the top-k in either order
+        assert_same_detections(got, expected_rows, atol=RUNTIME_ATOL, rtol=RUNTIME_RTOL, cut_off=True)

@@ -1,13 +1,17 @@
 """End-to-end sanity: a tiny DetectionModel overfits two 64-px images with plain AdamW, and the validator then
 finds the boxes. Exercises dataset -> loader -> model -> loss -> backward, then validator -> NMS -> metrics.
 
-Measured on one CPU core (seed 0, 100 steps, AdamW lr 1e-2, ~6 s): the loss falls 10.1 -> 2.5 (4.0x) and the
-validator reports mAP50 1.0 / mAP50-95 0.8. Over seeds 0-2 the drop is 2.7x-4.0x and mAP50 0.75-1.0, so the
-thresholds below (2.5x, 0.5) leave a margin for harmless changes in initialisation.
+The result must hold on every CPU's kernels, so the run is one that converges rather than one that happens to
+land well: 200 steps at lr 5e-3, then BatchNorm's running statistics recalibrated on the training batch (fast
+overfitting leaves them behind the features, and validation then measures that lag). Measured over seeds 0-3 with
+oneDNN on AMX and capped to AVX2: loss drop 3.5x-5.6x and mAP50 1.0 / 0.5 / 0.75 / 1.0 on both; seed 0, the one
+used here, gives mAP50 1.0 on both. At 100 steps of lr 1e-2 without the recalibration, mAP50 ranged 0.0-1.0 by
+seed and by ISA. The thresholds below (2.5x, 0.5) leave that margin.
 """
 
 import time
 
+import pytest
 import torch
 
 from yolotrain.cfg import get_cfg
@@ -18,8 +22,8 @@ from yolotrain.nn.model import DetectionModel
 from yolotrain.tasks.detect.val import DetectionValidator
 
 IMGSZ = 64
-STEPS = 100
-LR = 1e-2
+STEPS = 200
+LR = 5e-3
 MIN_LOSS_DROP = 2.5  # first-batch loss / last-batch loss
 MIN_MAP50 = 0.5
 TWO_IMAGES = [
@@ -43,6 +47,7 @@ def _train(model, loader, steps):
     return losses
 
 
+@pytest.mark.numeric
 def test_tiny_model_overfits_two_images_and_the_validator_finds_the_boxes(tmp_path, make_dataset, tiny_model_yaml):
     data_yaml = make_dataset(tmp_path / "data", TWO_IMAGES)
     data = check_det_dataset(data_yaml)
@@ -54,6 +59,7 @@ def test_tiny_model_overfits_two_images_and_the_validator_finds_the_boxes(tmp_pa
 
     start = time.perf_counter()
     losses = _train(model, loader, STEPS)
+    _recalibrate_batchnorm(model, loader)
     validator = DetectionValidator(
         save_dir=tmp_path / "val", args={"data": str(data_yaml), "imgsz": IMGSZ, "batch": 2, "device": "cpu",
                                          "workers": 0, "plots": False},
@@ -66,6 +72,7 @@ def test_tiny_model_overfits_two_images_and_the_validator_finds_the_boxes(tmp_pa
     assert validator.model.is_fused() and not model.is_fused()  # a fused copy was validated, not the caller's model
 
 
+@pytest.mark.numeric
 def test_tiny_end_to_end_model_overfits_and_validates_without_nms(tmp_path, make_dataset, tiny_family_yaml,
                                                                     monkeypatch):
     """YOLO26's layout: both branches learn the two images and validation finds the boxes with NMS switched off."""
@@ -98,7 +105,7 @@ def test_tiny_end_to_end_model_overfits_and_validates_without_nms(tmp_path, make
 
 
 def _recalibrate_batchnorm(model, loader):
-    """Running statistics of exactly the training batch. 100 steps of fast overfitting leave BatchNorm's running
+    """Running statistics of exactly the training batch. Fast overfitting leaves BatchNorm's running
     averages behind the features (measured: top score 0.98 in train mode, 0.002 in eval), which would test the
     lag rather than the head."""
     batch = next(iter(loader))

@@ -61,6 +61,7 @@ def test_predict_on_a_folder_writes_one_annotated_image_and_label_file_per_image
         assert set(result.speed) == {"preprocess", "inference", "postprocess"}
 
 
+@pytest.mark.numeric
 def test_predicted_boxes_equal_the_validators_predictions(detector, val_images, tiny_data, tmp_path):
     """Same letterbox (batch 1, the same margin), same NMS (single-label): validation and predict find the same
     boxes."""

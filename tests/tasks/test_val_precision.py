@@ -30,6 +30,7 @@ def run(model_yaml, data, tmp_path, **overrides):
     return validator(model=tiny_model(model_yaml)), dtypes[0], validator
 
 
+@pytest.mark.numeric
 def test_half_on_a_cpu_with_native_bf16_runs_bf16_close_to_fp32(monkeypatch, tiny_model_yaml, tiny_data, tmp_path):
     fp32, fp32_dtype, _ = run(tiny_model_yaml, tiny_data, tmp_path / "fp32")
     monkeypatch.setattr(validator_module, "cpu_has_native_bf16", lambda: True)
