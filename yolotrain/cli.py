@@ -13,6 +13,8 @@ from typing import Optional
 from yolotrain import __version__
 from yolotrain.cfg import (
     CLI_MODES,
+    DEFAULT_MODEL,
+    TASKS,
     format_value,
     get_cfg,
     load_arg_specs,
@@ -24,8 +26,8 @@ from yolotrain.errors import CfgError, YoloTrainError, one_line
 
 LOGGER = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "yolo-n.yaml"
-USAGE = "usage: yolotrain MODE [key=value ...]  (MODE: train, val, predict, export, tune, help, convert, sync, version)"
+USAGE = (f"usage: yolotrain [TASK] MODE [key=value ...]  (TASK: {', '.join(TASKS)}; MODE: train, val, predict, "
+         f"export, tune, help, convert, sync, version)")
 CONVERT_USAGE = "yolotrain convert coco SRC.json IMAGES_DIR OUT_DIR"
 CONVERT_ULTRALYTICS_USAGE = "yolotrain convert ultralytics yolov8n.pt yolov8n.safetensors"
 SYNC_USAGE = "yolotrain sync RUN_DIR"
@@ -112,9 +114,9 @@ def _run_mode(mode: str, overrides: dict) -> int:
 
     if not dist.is_main():  # a torchrun worker other than rank 0: warnings and errors only
         logging.getLogger("yolotrain").setLevel(logging.WARNING)
-    model = YOLO(args.model or DEFAULT_MODEL)
-    # The model and mode are already given by the call itself; the rest goes through exactly as the user set it.
-    kwargs = {key: value for key, value in given.items() if key not in ("model", "mode")}
+    model = YOLO(args.model or DEFAULT_MODEL, task=given.get("task"))
+    # The model, task and mode are already given by the call itself; the rest goes through exactly as the user set it.
+    kwargs = {key: value for key, value in given.items() if key not in ("model", "mode", "task")}
     if mode == "predict":
         for _ in model.predict(stream=True, **kwargs):  # streamed: a long video never sits in memory
             pass

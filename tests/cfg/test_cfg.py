@@ -277,6 +277,13 @@ def test_parse_cli_args_mode_anywhere_and_values_parsed():
     assert overrides == {"data": "x.yaml", "epochs": 3, "device": "0,1", "freeze": [0, 1]}
 
 
+def test_parse_cli_args_takes_a_task_before_the_mode_as_task_equals():
+    assert parse_cli_args(["detect", "train", "epochs=3"]) == ("train", {"epochs": 3, "task": "detect"})
+    assert parse_cli_args(["detect", "val", "task=detect"]) == ("val", {"task": "detect"})
+    with pytest.raises(CfgError, match="task 'detect' and task=segment disagree"):
+        parse_cli_args(["detect", "train", "task=segment"])
+
+
 def test_parse_cli_args_mode_from_key_and_none_without_mode():
     assert parse_cli_args(["mode=val"])[0] == "val"
     assert parse_cli_args(["epochs=3"]) == (None, {"epochs": 3})

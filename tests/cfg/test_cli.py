@@ -22,9 +22,12 @@ class RecordingYOLO:
     """Stands in for yolotrain.engine.model.YOLO: records what the CLI asked for."""
 
     calls = []
+    tasks = []
 
-    def __init__(self, model):
+    def __init__(self, model, task=None):
         self.model = model
+        self.task = task
+        self.tasks.append(task)
 
     def train(self, **kwargs):
         self.calls.append((self.model, "train", kwargs))
@@ -45,7 +48,7 @@ def restore_package_logger():
 
 @pytest.fixture
 def fake_yolo(monkeypatch):
-    RecordingYOLO.calls = []
+    RecordingYOLO.calls, RecordingYOLO.tasks = [], []
     module = types.ModuleType("yolotrain.engine.model")
     module.YOLO = RecordingYOLO
     monkeypatch.setitem(sys.modules, "yolotrain.engine.model", module)
@@ -85,7 +88,7 @@ def test_no_mode_is_an_argument_error(capsys):
 
 def test_no_arguments_prints_usage(capsys):
     assert main([]) == 0
-    assert "usage: yolotrain MODE" in capsys.readouterr().out
+    assert "usage: yolotrain [TASK] MODE" in capsys.readouterr().out
 
 
 def test_error_raised_by_the_engine_is_one_line_with_its_exit_code(monkeypatch, capsys):
@@ -121,6 +124,11 @@ def test_train_passes_the_users_arguments_as_given(fake_yolo, tmp_path):
 def test_val_uses_the_default_model_when_none_given(fake_yolo):
     assert main(["val", "data=x.yaml"]) == 0
     assert fake_yolo.calls == [("yolo-n.yaml", "val", {"data": "x.yaml"})]
+
+
+def test_a_task_before_the_mode_reaches_the_model_and_not_its_arguments(fake_yolo):
+    assert main(["detect", "val", "data=x.yaml"]) == 0
+    assert fake_yolo.calls == [("yolo-n.yaml", "val", {"data": "x.yaml"})] and fake_yolo.tasks == ["detect"]
 
 
 def test_bad_arguments_never_reach_the_model(fake_yolo):

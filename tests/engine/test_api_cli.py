@@ -78,9 +78,9 @@ def facade_run(tiny_model_yaml, tiny_data, tmp_path_factory):
 
 def test_train_returns_the_final_metrics_of_best_pt(facade_run):
     model, metrics, _, _ = facade_run
-    assert isinstance(metrics, dict) and list(metrics) == METRIC_KEYS
-    assert all(isinstance(v, float) and 0 <= v <= 1 for v in metrics.values())
-    assert metrics is model.trainer.metrics
+    assert list(metrics) == [*METRIC_KEYS, "fitness"] and metrics is model.trainer.validator.metrics
+    assert all(isinstance(metrics[k], float) and 0 <= metrics[k] <= 1 for k in METRIC_KEYS)
+    assert {k: metrics[k] for k in METRIC_KEYS} == model.trainer.metrics  # best.pt's final validation
     assert model.model_path == str(model.trainer.best)  # the facade now points at the trained weights
 
 
@@ -99,7 +99,7 @@ def test_val_of_best_pt_returns_the_validator_metrics_and_writes_its_folder(faca
     metrics = best.val(**val_args, save_json=True)
     assert list(metrics) == [*METRIC_KEYS, "fitness"]
     # best.pt on the same val set with the training run's settings: the numbers of the run's final evaluation.
-    assert {k: metrics[k] for k in METRIC_KEYS} == pytest.approx(train_metrics)
+    assert {k: metrics[k] for k in METRIC_KEYS} == pytest.approx({k: train_metrics[k] for k in METRIC_KEYS})
     assert metrics["fitness"] == pytest.approx(0.1 * metrics["metrics/mAP50(B)"] + 0.9 * metrics["metrics/mAP50-95(B)"])
     assert (tmp_path / "val" / "predictions.json").is_file()
     best.val(**val_args, save_json=True)

@@ -336,7 +336,7 @@ def test_sigkill_at_random_moments_never_breaks_checkpoints(server, tiny_model_y
     assert all(math.isfinite(float(r["train/box_loss"])) for r in rows)
     assert_intact(weights)
     # Proof that kills landed inside saves: temp files written but never renamed over last.pt/best.pt.
-    assert any(".pt.tmp-" in p.name for p in weights.iterdir())
+    assert any(p.name.startswith(".") and p.name.endswith(".tmp") for p in weights.iterdir())
 
 
 def assert_consecutive_epochs(csv_path):

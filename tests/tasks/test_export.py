@@ -12,7 +12,7 @@ import torch
 from detection_match import assert_same_detections
 from yolotrain import YOLO
 from yolotrain.cli import main as cli_main
-from yolotrain.errors import CheckpointError
+from yolotrain.errors import CfgError, CheckpointError
 from yolotrain.nn.backends import OnnxModel, TorchScriptModel, load_checkpoint_model
 from yolotrain.nn.model import DetectionModel
 from yolotrain.utils.checkpoint import save_checkpoint
@@ -132,14 +132,28 @@ def test_export_refuses_what_it_cannot_do(detector, capsys):
         assert "CUDA" in capsys.readouterr().err
 
 
-def test_a_fixed_shape_onnx_predicts_at_its_size_and_names_the_shape_it_needs(detector, tiny_data, tmp_path):
+def test_a_fixed_shape_onnx_predicts_and_validates_at_its_own_size_and_refuses_another(detector, tiny_data, tmp_path,
+                                                                                      capsys):
     pytest.importorskip("onnxruntime")
     exported = YOLO(str(detector)).export(format="onnx", imgsz=64, verbose=False)  # static: (1, 3, 64, 64)
     source = tiny_data.replace("data.yaml", "images/val")
-    results = YOLO(str(exported)).predict(source, imgsz=320, conf=0.05, save=False, verbose=False)
-    assert len(results) == len(list(Path(source).glob("*.jpg")))
-    with pytest.raises(CheckpointError, match=r"exported for input \(1, 3, 64, 64\).*dynamic=True"):
-        OnnxModel(exported)(torch.zeros(2, 3, 64, 64))
+    model = YOLO(str(exported))
+    results = model.predict(source, conf=0.05, save=False, verbose=False)  # imgsz: the export's own 64
+    assert len(results) == len(list(Path(source).glob("*.jpg"))) and model.predictor.args.imgsz == 64
+    seen = []
+    model.add_callback("on_val_end", lambda validator: seen.append((validator.seen, validator.batch["img"].shape)))
+    metrics = model.val(data=tiny_data, batch=3, plots=False, project=str(tmp_path))  # 8 images: 3 + 3 + 2
+    assert seen == [(8, (2, 3, 64, 64))] and 0 <= metrics.box.map <= 1
+    # Any number of images through the batch-1 graph: one call each, the same outputs as one at a time.
+    runtime, images = OnnxModel(exported), torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(runtime(images), torch.cat([runtime(image[None]) for image in images]))
+    with pytest.raises(CheckpointError, match=r"exported for 64x64 images, got 32x32.*dynamic=True"):
+        runtime(torch.zeros(1, 3, 32, 32))
+    # An image size it cannot honour is a one-line error, from Python and from the command line.
+    with pytest.raises(CfgError, match=r"imgsz=320 cannot be used with .*best.onnx: it was exported for fixed 64x64"):
+        model.predict(source, imgsz=320, save=False, verbose=False)
+    assert cli_main(["val", f"model={exported}", f"data={tiny_data}", "imgsz=320", "plots=False"]) == 2
+    assert "yolotrain: error: imgsz=320 cannot be used" in capsys.readouterr().err
 
 
 @pytest.mark.numeric

@@ -1,5 +1,7 @@
 """match_predictions, ap_per_class, Metric, DetMetrics and ConfusionMatrix."""
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -148,12 +150,23 @@ def test_metric_summaries():
     assert metric.class_result(0)[2:] == pytest.approx((1.0, 0.2))
 
 
+def test_det_metrics_is_its_results_dict_as_a_mapping_and_pickles_without_its_plot_hook():
+    metrics = DetMetrics({0: "a", 1: "b"}, on_plot=lambda path: None)  # a lambda does not pickle
+    tp = torch.tensor([[True] * 10, [False] * 10])
+    metrics.process(tp, torch.tensor([0.9, 0.6]), torch.tensor([0.0, 1.0]), torch.tensor([0.0, 1.0]))
+    assert dict(metrics) == metrics.results_dict and metrics == metrics.results_dict
+    assert metrics["metrics/mAP50(B)"] == metrics.box.map50 and len(metrics) == 5
+    copy = pickle.loads(pickle.dumps(metrics))
+    assert copy == metrics and copy.box.map == metrics.box.map and copy.on_plot is None
+    assert metrics.on_plot is not None  # the original keeps its hook
+
+
 def test_det_metrics_results_dict():
     metrics = DetMetrics({0: "a", 1: "b"})
-    assert metrics.keys == ["metrics/precision(B)", "metrics/recall(B)", "metrics/mAP50(B)", "metrics/mAP50-95(B)"]
+    assert metrics.mean_result_keys == ["metrics/precision(B)", "metrics/recall(B)", "metrics/mAP50(B)", "metrics/mAP50-95(B)"]
     tp = torch.tensor([[True] * 10, [False] * 10])
     results = metrics.process(tp, torch.tensor([0.9, 0.6]), torch.tensor([0.0, 1.0]), torch.tensor([0.0, 1.0]))
-    assert list(results) == metrics.keys + ["fitness"]
+    assert list(results) == metrics.mean_result_keys + ["fitness"]
     assert results["metrics/mAP50(B)"] == pytest.approx(0.5)
     assert results["metrics/mAP50-95(B)"] == pytest.approx(0.5)
     assert results["fitness"] == pytest.approx(metrics.fitness) == pytest.approx(0.5)

@@ -28,6 +28,8 @@ LOGGER = logging.getLogger(__name__)
 DEFAULT_CFG_PATH = Path(__file__).resolve().parent / "default.yaml"
 
 TASKS = ("detect",)
+# The model a run uses when none is named (`model=` empty, `YOLO()`, `yolotrain train`).
+DEFAULT_MODEL = "yolo-n.yaml"
 MODES = ("train", "val", "predict", "export")
 # Modes of the command line; `convert` and `sync` take positional arguments instead of key=value pairs, `tune` runs
 # many `train` runs (its trials) and is no `mode=` of a run.
@@ -571,18 +573,27 @@ def parse_cli_args(argv: list) -> tuple:
     """Split `["train", "data=x.yaml", "epochs=3"]` into `("train", {"data": "x.yaml", "epochs": 3})`.
 
     The mode may appear anywhere; `mode=val` works too. Returns `(None, overrides)` when no mode is given.
-    A bare word that is neither a mode nor `key=value` raises `CfgError` with a suggestion.
+    A task name may come as a bare word too (`yolotrain detect train ...`), the same as `task=detect`.
+    A bare word that is neither a mode, a task nor `key=value` raises `CfgError` with a suggestion.
     """
-    mode, overrides = None, {}
+    mode, overrides, task = None, {}, None
     for token in argv:
         if "=" in token and not token.startswith("-"):
             key, value = _split_key_value(token)
             overrides[key] = parse_cli_value(value, key)
+        elif token in TASKS:
+            if task is not None and token != task:
+                raise CfgError(f"two tasks given, '{task}' and '{token}': give one of {', '.join(TASKS)}")
+            task = token
         else:
             word = _cli_word(token)
             if mode is not None and word != mode:
                 raise CfgError(f"two modes given, '{mode}' and '{word}': give one of {', '.join(CLI_MODES)}")
             mode = word
+    if task is not None:
+        if overrides.get("task", task) != task:
+            raise CfgError(f"task '{task}' and task={overrides['task']} disagree: give the task once")
+        overrides["task"] = task
     return _resolve_mode(mode, overrides), overrides
 
 
@@ -612,7 +623,7 @@ def _bare_word_message(word: str) -> str:
     specs = load_arg_specs()
     if word in specs:
         return f"'{word}' has no value: write {word}=VALUE{_example(specs[word])}"
-    message = f"'{word}' is not a valid mode or key=value argument"
+    message = f"'{word}' is not a valid mode, task or key=value argument"
     suggestion = did_you_mean(word, CLI_MODES) or did_you_mean(word, specs)
     if suggestion:
         message += f", did you mean '{suggestion}'?"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import tempfile
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
 from typing import Sequence
@@ -20,11 +19,12 @@ import numpy as np
 import psutil
 from torch.utils.data import Dataset
 
-from yolotrain.cfg import format_value
+from yolotrain.cfg import format_value, get_cfg
 from yolotrain.data.data_yaml import list_image_files, single_class_names
 from yolotrain.data.scan import ScanReport, img2label_paths, label_cache_path, scan_labels
 from yolotrain.errors import CfgError, DatasetError
 from yolotrain.utils.boxes import xywhn2xyxy
+from yolotrain.utils.files import write_atomic_stream
 
 LOGGER = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class YOLODataset(Dataset):
         """The transform pipeline (yolotrain.data.augment): augmenting for training, letterbox + Format else."""
         from yolotrain.data.augment import build_transforms  # the dataset is usable for scanning without it
 
-        hyp = hyp if hyp is not None else (self.hyp if self.hyp is not None else _default_hyp())
+        hyp = hyp if hyp is not None else (self.hyp if self.hyp is not None else get_cfg())
         return build_transforms(self, self.imgsz, hyp, self.augment)
 
     def _try_augment_hook(self) -> None:
@@ -385,12 +385,6 @@ def _cache_mode(cache) -> str | None:
     raise CfgError(f"cache={cache!r} is invalid: expected true/ram, disk or false")
 
 
-def _default_hyp():
-    from yolotrain.cfg import get_cfg
-
-    return get_cfg()
-
-
 def _npy_path(im_file: str) -> Path:
     return Path(im_file).with_suffix(".npy")
 
@@ -406,14 +400,8 @@ def _npy_is_fresh(im_file: str) -> bool:
 def _write_npy(im_file: str, img: np.ndarray) -> str | None:
     """Save the decoded original beside the image atomically; returns an error message or None."""
     npy = _npy_path(im_file)
-    tmp_name = None
-    try:
-        fd, tmp_name = tempfile.mkstemp(dir=npy.parent, prefix=npy.name, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, img, allow_pickle=False)
-        os.replace(tmp_name, npy)
+    try:  # not durable: a lost cache file is only decoded again
+        write_atomic_stream(npy, lambda f: np.save(f, img, allow_pickle=False), durable=False)
         return None
     except OSError as e:
-        if tmp_name and os.path.exists(tmp_name):
-            os.remove(tmp_name)
         return f"{npy}: {e.strerror or e}"

@@ -46,6 +46,7 @@ from yolotrain.data.augment import (
     _probability,
     _scale_gain,
 )
+from yolotrain.cfg import get_cfg
 from yolotrain.data.dataset import YOLODataset
 from yolotrain.errors import CfgError
 
@@ -122,7 +123,7 @@ class DeviceAugmentDataset(YOLODataset):
 
     def __init__(self, *args, decode_on_device: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.device_augment = DeviceAugment(self.imgsz, self.hyp if self.hyp is not None else _default_hyp())
+        self.device_augment = DeviceAugment(self.imgsz, self.hyp if self.hyp is not None else get_cfg())
         self.decode_on_device = decode_on_device and self._files_decodable_on_device()
 
     def _files_decodable_on_device(self) -> bool:
@@ -241,12 +242,6 @@ def padded_batch(images: list[torch.Tensor], content_hw, size: int, orientations
             image = image[0].round().clamp(0, 255).to(torch.uint8)
         padded[i, :, :h, :w] = image
     return padded
-
-
-def _default_hyp():
-    from yolotrain.cfg import get_cfg
-
-    return get_cfg()
 
 
 # ---------------------------------------------------------------------------------------------------------------

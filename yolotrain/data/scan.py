@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing.pool import ThreadPool
@@ -39,6 +38,7 @@ import numpy as np
 from yolotrain.data.data_yaml import IMG_FORMATS, has_image_suffix
 from yolotrain.errors import DatasetError, one_line
 from yolotrain.utils.boxes import xywh2xyxy, xyxy2xywh
+from yolotrain.utils.files import write_atomic_stream
 
 LOGGER = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def write_bad_entries(report: ScanReport, path: str | Path) -> None:
             path.unlink(missing_ok=True)
             return
         text = "".join(f"{file}\t{reason}\n" for file, reason in entries.items())
-        _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+        write_atomic_stream(path, lambda f: f.write(text.encode("utf-8")))
         report.bad_entries_file = str(path)
     except OSError as e:
         LOGGER.warning("%s: cannot write the list of bad entries %s (%s)", report.prefix or "dataset", path,
@@ -448,25 +448,8 @@ def _save_cache(cache_path: Path, key: str, records: list[dict], report: ScanRep
         "report": np.array(report.to_json()),
     }
     try:
-        _write_atomic(cache_path, lambda f: np.savez(f, **arrays))
+        write_atomic_stream(cache_path, lambda f: np.savez(f, **arrays))
         LOGGER.debug("%s: label cache saved to %s", report.prefix, cache_path)
     except OSError as e:
         LOGGER.warning("%s: cannot write label cache %s (%s); labels will be verified again next run",
                        report.prefix, cache_path, e.strerror or e)
-
-
-def _write_atomic(path: Path, write) -> None:
-    """`write(binary file)` into a temp file in `path`'s folder, then replace `path`: readers never see half a file.
-    Raises OSError (the temp file removed)."""
-    tmp_name = None
-    try:
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except OSError:
-        if tmp_name and os.path.exists(tmp_name):
-            os.remove(tmp_name)
-        raise

@@ -119,11 +119,15 @@ class Callbacks:
 
     def set(self, event: str, fn: Callback) -> None:
         """Replace the user callbacks of ``event`` by ``fn``; integration callbacks stay registered."""
-        check_event(event)
         if not callable(fn):
             raise CfgError(f"callback for '{event}' must be callable, got {type(fn).__name__}")
-        kept = [entry for entry in self._by_event[event] if entry.integration is not None]
-        self._by_event[event] = kept + [_Registered(fn, None)]
+        self.clear(event)
+        self._by_event[event].append(_Registered(fn, None))
+
+    def clear(self, event: str) -> None:
+        """Remove the user callbacks of ``event``; integration callbacks stay registered."""
+        check_event(event)
+        self._by_event[event] = [entry for entry in self._by_event[event] if entry.integration is not None]
 
     def get(self, event: str) -> List[Callback]:
         """The callbacks registered on ``event``, in the order they run."""

@@ -10,8 +10,6 @@ and carries its metadata (names, stride, imgsz, batch, dynamic, half, task, yolo
 import contextlib
 import json
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from yolotrain import __version__
 from yolotrain.errors import CfgError, YoloTrainError
 from yolotrain.nn.backends import EXPORT_METADATA_FILE, load_checkpoint_model
 from yolotrain.utils.checkpoint import is_weights_file
+from yolotrain.utils.files import write_atomic
 from yolotrain.utils.nms import set_max_det
 
 LOGGER = logging.getLogger(__name__)
@@ -57,7 +56,7 @@ def export_model(weights, args):
     metadata = _metadata(model, example, args)
     out = weights.with_suffix(f".{args.format}")
     writer = _write_onnx if args.format == "onnx" else _write_torchscript
-    _write_atomic(out, lambda path: writer(_HeadOutput(model), example, metadata, path, args))
+    write_atomic(out, lambda path: writer(_HeadOutput(model), example, metadata, path, args))
     LOGGER.info(f"export: {out} ({args.format}, input {tuple(example.shape)}{', dynamic' if args.dynamic else ''})")
     return out
 
@@ -88,7 +87,7 @@ def _metadata(model, example, args):
         "dynamic": bool(args.dynamic),
         "half": bool(args.half),
         "end2end": bool(getattr(model, "end2end", False)),
-        "task": "detect",
+        "task": args.task,
         "version": __version__,
     }
 
@@ -142,15 +141,3 @@ def _simplified(graph):
     except Exception as error:  # a simplifier failure must not lose the export
         LOGGER.warning(f"export: onnxslim failed ({type(error).__name__}: {error}); keeping the graph as exported")
         return graph
-
-
-def _write_atomic(path, write):
-    """`write(tmp)` into a temporary file beside `path`, then rename it into place."""
-    descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(descriptor)
-    try:
-        write(Path(temp))
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise

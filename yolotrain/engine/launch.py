@@ -204,4 +204,6 @@ def _train_in_worker(trainer_class: type, overrides: Dict[str, Any], callbacks: 
         raise
     if not dist.is_main():
         return None
-    return {"metrics": metrics, "save_dir": str(trainer.save_dir), "best": str(trainer.best)}
+    from yolotrain.engine.model import final_metrics
+
+    return {"metrics": final_metrics(trainer, metrics), "save_dir": str(trainer.save_dir), "best": str(trainer.best)}

@@ -14,6 +14,7 @@ from yolotrain.cfg import get_cfg
 from yolotrain.engine.checkpointer import check_format_version
 from yolotrain.errors import CheckpointError, YoloTrainError
 from yolotrain.utils.checkpoint import find_latest_checkpoint, load_checkpoint, set_rng_state
+from yolotrain.utils.files import project_dir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def find_resume_checkpoint(args):
         if not path.exists():
             raise CheckpointError(f"resume checkpoint '{resume}' does not exist")
         return path
-    search_dir = Path(args.project or Path("runs") / args.task)
+    search_dir = project_dir(args)
     path = find_latest_checkpoint(search_dir)
     if path is None:
         raise CheckpointError(f"resume=True but no last.pt was found under '{search_dir}'")

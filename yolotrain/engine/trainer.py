@@ -91,6 +91,7 @@ class BaseTrainer:
         self.start_batch = 0
         self.batches_in_epoch = 0
         self.model = self.ema = self.optimizer = self.validator = None
+        self.channels_last = False  # decided at set-up, with the device
         self.metrics = self.fitness = self.best_fitness = None
         self.loss = self.loss_items = self.tloss = None
         self.loss_names = ("loss",)
@@ -412,8 +413,14 @@ class BaseTrainer:
         return wrap_for_training(self.model, self.device, use_compile=self.args.compile, sync_bn=self.args.sync_bn)
 
     def compute_loss(self, batch):
-        """Return (loss summed over the batch, detached loss items). Runs under autocast."""
-        return self.train_model(batch)
+        """Return (loss summed over the batch, detached loss items); runs under autocast. Forwards the images
+        through `train_model` (the network, compiled and/or DDP-wrapped), then computes the model's own loss
+        eagerly: `compile=True` compiles the network only, never the loss or its target assignment."""
+        images = batch["img"]
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        preds = self.train_model(images)
+        return de_parallel(self.model).loss(batch, preds)
 
     # ------------------------------------------------------------------ freezing
     def _freeze_layers(self):
@@ -584,6 +591,7 @@ class BaseTrainer:
         state.update(
             version=__version__,
             date=datetime.now(timezone.utc).isoformat(),
+            task=self.args.task,
             epoch=self.epoch,
             best_fitness=None if self.best_fitness is None else float(self.best_fitness),
             train_args=dict(vars(self.args)),

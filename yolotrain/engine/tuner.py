@@ -36,7 +36,7 @@ from yolotrain.engine.interrupt import TrainingInterrupted
 from yolotrain.engine.tune_space import Dimension, load_space, split_tune_args
 from yolotrain.errors import CfgError, YoloTrainError, one_line
 from yolotrain.utils.checkpoint import save_atomic_text
-from yolotrain.utils.files import ensure_writable_dir, run_dir
+from yolotrain.utils.files import ensure_writable_dir, project_dir, run_dir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def _tune_folder(args: dict, resume) -> Path:
             raise CfgError(f"resume='{resume}' is not a tuning folder: expected a folder holding {SETTINGS_FILE}")
         return folder
     if resume:
-        project = Path(resolved.project or Path("runs") / resolved.task)
+        project = project_dir(resolved)
         found = sorted(project.glob(f"*/{SETTINGS_FILE}"), key=lambda p: p.stat().st_mtime)
         if not found:
             raise CfgError(f"resume=True but no tuning folder (with {SETTINGS_FILE}) was found under '{project}'")

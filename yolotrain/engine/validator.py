@@ -249,7 +249,7 @@ class BaseValidator:
                 preds = model(batch["img"])
             if self.training:
                 with timer("loss"), torch.no_grad(), self._autocast():
-                    items = model.loss(batch, preds[1])[1].detach().float()
+                    items = self.eval_batch_loss(model, batch, preds).detach().float()
                 self.loss_items.append((self.batch_position, items))
             with timer("postprocess"):
                 preds = self.postprocess(preds)
@@ -302,6 +302,12 @@ class BaseValidator:
         return [*self.metric_names(), *(f"val/{name}" for name in self.loss_names)]
 
     # ------------------------------------------------------------------ override points
+    def eval_batch_loss(self, model, batch, preds):
+        """The loss items of one eval batch, logged as the val losses during training (called under no_grad and
+        the training's autocast). Default: the model's loss of its raw head outputs, which an eval forward
+        returns second, after the decoded predictions."""
+        return model.loss(batch, preds[1])[1]
+
     def metric_names(self):
         """Names of the metric values in the results dict, in order (without losses and fitness)."""
         return []

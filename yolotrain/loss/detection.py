@@ -224,8 +224,9 @@ class DetectionLoss:
         return loss_box, (dfl * weight).sum() / target_scores_sum
 
 
-def loss_item_names(reg_max):
-    """Names of the three loss items: box, cls, and DFL or (reg_max=1) the L1 side distance."""
+def loss_item_names(reg_max=16):
+    """Names of the three loss items: box, cls, and DFL or (reg_max=1) the L1 side distance. The default is the
+    head's default (DFL), for the names needed before a model is built."""
     return ("box_loss", "cls_loss", "dfl_loss" if reg_max > 1 else "l1_loss")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from yolotrain.errors import CheckpointError
+from yolotrain.errors import CfgError, CheckpointError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -77,6 +77,44 @@ class _ExportedModel(nn.Module):
     def is_fused(self):
         return True
 
+    def forward(self, images):
+        """Any number of images: a fixed-shape export runs them `batch` at a time (the last call padded with
+        blank images whose outputs are dropped), at exactly its own image size."""
+        if self.dynamic:
+            return self.run(images)
+        if tuple(images.shape[2:]) != self.imgsz:
+            raise CheckpointError(f"{self.path} was exported for {self.imgsz[0]}x{self.imgsz[1]} images, got "
+                                  f"{images.shape[2]}x{images.shape[3]}; export it with dynamic=True to run others")
+        outputs = []
+        for chunk in images.split(self.batch):
+            padding = images.new_zeros(self.batch - len(chunk), *chunk.shape[1:])
+            outputs.append(self.run(torch.cat([chunk, padding]))[: len(chunk)])
+        return torch.cat(outputs)
+
+    def run(self, images):
+        """The exported graph on one input it accepts: (B, 3, H, W) float in [0, 1]."""
+        raise NotImplementedError
+
+
+def fixed_input_size(model, imgsz):
+    """(height, width) of a fixed-shape export, checked against `imgsz`; None for a model that takes any size.
+
+    An export without dynamic=True runs only at its own size: a different `imgsz` would silently not be honoured,
+    so it is a one-line error.
+    """
+    if getattr(model, "dynamic", True) is not False:
+        return None
+    height, width = model.imgsz
+    # An int imgsz is the long side images are resized to; a fixed export letterboxes them to its own shape.
+    if isinstance(imgsz, (list, tuple)):
+        honoured = [int(size) for size in imgsz] == [height, width]
+    else:
+        honoured = int(imgsz) == max(height, width)
+    if not honoured:
+        raise CfgError(f"imgsz={imgsz} cannot be used with {model.path}: it was exported for fixed {height}x{width} "
+                       f"images; leave imgsz out (it defaults to the export's size) or export with dynamic=True")
+    return height, width
+
 
 class OnnxModel(_ExportedModel):
     """An exported .onnx detector run by onnxruntime (CUDA provider when present, else CPU)."""
@@ -94,11 +132,7 @@ class OnnxModel(_ExportedModel):
         self.session = session
         self.input_name = session.get_inputs()[0].name
 
-    def forward(self, images):
-        expected = (self.batch, 3, *self.imgsz)
-        if not self.dynamic and tuple(images.shape) != expected:
-            raise CheckpointError(f"{self.path} was exported for input {expected}, got {tuple(images.shape)}; "
-                                  f"export it with dynamic=True to run other batch or image sizes")
+    def run(self, images):
         array = images.detach().cpu().numpy().astype("float16" if self.half else "float32")
         (output,) = self.session.run(None, {self.input_name: array})
         return torch.from_numpy(output).float().to(images.device)
@@ -114,7 +148,7 @@ class TorchScriptModel(_ExportedModel):
         super().__init__(metadata, path)
         self.module = module
 
-    def forward(self, images):
+    def run(self, images):
         parameter = next(self.module.parameters(), None)
         dtype = parameter.dtype if parameter is not None else images.dtype
         return self.module(images.to(dtype)).float()

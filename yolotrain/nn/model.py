@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import yaml
 
+from yolotrain.cfg import DEFAULT_MODEL
 from yolotrain.errors import CfgError, CheckpointError, one_line
 from yolotrain.nn.modules import C2PSA, C2f, C3, C3k, C3k2, SPPF, Bottleneck, Concat, Conv, Detect, DWConv
 from yolotrain.utils.torch_utils import intersect_dicts, model_info
@@ -273,7 +274,7 @@ class DetectionModel(nn.Module):
     the loss reads its gains there), `class_weights` (None or (nc,) tensor, read by the loss when built).
     """
 
-    def __init__(self, cfg="yolo-n.yaml", ch=3, nc=None, verbose=True):
+    def __init__(self, cfg=DEFAULT_MODEL, ch=3, nc=None, verbose=True):
         super().__init__()
         self.yaml = load_model_yaml(cfg)
         source = self.yaml["yaml_file"]

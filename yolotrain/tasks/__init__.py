@@ -1,0 +1,31 @@
+"""The tasks and the classes that serve each: `task_classes("detect")` names its model, trainer, validator and
+predictor by explicit imports, so every entry point (the `YOLO` object, the command line) dispatches on a task
+name through this one table and a reader can follow each class to its definition.
+"""
+
+from dataclasses import dataclass
+
+from yolotrain.cfg import TASKS
+from yolotrain.errors import CfgError
+
+
+@dataclass(frozen=True)
+class TaskClasses:
+    """What serves one task: its model, trainer, validator and predictor classes."""
+
+    model: type
+    trainer: type
+    validator: type
+    predictor: type
+
+
+def task_classes(task: str) -> TaskClasses:
+    """The classes of `task` (one of `cfg.TASKS`), imported when first asked for (they import torch)."""
+    if task == "detect":
+        from yolotrain.nn.model import DetectionModel
+        from yolotrain.tasks.detect.predict import DetectionPredictor
+        from yolotrain.tasks.detect.train import DetectionTrainer
+        from yolotrain.tasks.detect.val import DetectionValidator
+
+        return TaskClasses(DetectionModel, DetectionTrainer, DetectionValidator, DetectionPredictor)
+    raise CfgError(f"task={task!r} is not one of {', '.join(TASKS)}")

@@ -14,12 +14,13 @@ import pickle
 import random
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
 from yolotrain.errors import CheckpointError
+from yolotrain.utils.files import write_atomic_stream
 
 LOGGER = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 WEIGHT_KEYS = ("model", "ema")
 SAFETENSORS_SUFFIX = ".safetensors"
 # Checkpoint entries stored as JSON in a .safetensors file's metadata, so the file rebuilds its model on its own.
-SAFETENSORS_METADATA_KEYS = ("model_yaml", "names", "nc")
+SAFETENSORS_METADATA_KEYS = ("model_yaml", "names", "nc", "task", "train_args")
 # Keys only needed to resume training; a stripped (inference/fine-tune) checkpoint drops them.
 RESUME_ONLY_KEYS = ("optimizer", "scaler", "ema", "ema_updates", "rng", "schedule", "stopper", "callbacks")
 
@@ -47,39 +48,10 @@ def is_weights_file(path):
     """True for a path that names stored weights (a checkpoint or a safetensors export) rather than a yaml."""
     return str(path).lower().endswith(WEIGHT_SUFFIXES)
 
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable; directories cannot be opened this way on Windows, where it is skipped."""
-    if os.name == "nt":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write(file)`` on a temp file next to ``path``, fsync it and rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Includes KeyboardInterrupt: the half-written temp file must not be left behind.
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-    return path
-
-
 def save_atomic_bytes(data: bytes, path: PathLike) -> Path:
     """Write ``data`` to ``path`` atomically (readers see the old file or the new one, never a mix)."""
-    return _write_atomic(path, lambda file: file.write(data))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic_stream(path, lambda file: file.write(data))
 
 
 def save_atomic_text(text: str, path: PathLike, encoding: str = "utf-8") -> Path:
@@ -120,7 +92,8 @@ def save_checkpoint(obj: dict, path: PathLike) -> Path:
     On any failure the temporary file is removed and the exception re-raised; the previous ``path`` is untouched.
     """
     check_finite_weights(obj, path)
-    return _write_atomic(path, lambda file: torch.save(obj, file))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic_stream(path, lambda file: torch.save(obj, file))
 
 
 # ---------------------------------------------------------------------------------------------------------- loading

@@ -1,9 +1,51 @@
-"""Run folders: numbering, writability checks."""
+"""Files and folders: atomic writes, run folders (numbering), writability checks."""
 
 import os
+import tempfile
 from pathlib import Path
 
 from yolotrain.errors import YoloTrainError
+
+
+def write_atomic(path, write, durable=True):
+    """Replace `path` so that a reader sees the old file or the whole new one, never half of it (a crash or a full
+    disk mid-write leaves the old file): `write(temp_path)` fills a temporary file in the same folder, which is then
+    renamed over `path` in one step. `durable` also flushes the file and the rename to disk first (checkpoints,
+    results); a cache that can be rebuilt skips that cost. Returns `path`; an error (a missing folder too) removes
+    the temporary file.
+    """
+    path = Path(path)
+    descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(descriptor)
+    try:
+        write(Path(temp))
+        if durable:
+            _fsync(temp, os.O_RDWR)
+        os.replace(temp, path)
+    except BaseException:  # KeyboardInterrupt too: the half-written temporary file must not be left behind
+        Path(temp).unlink(missing_ok=True)
+        raise
+    if durable and os.name != "nt":  # a folder cannot be opened for fsync on Windows
+        _fsync(path.parent, os.O_RDONLY)
+    return path
+
+
+def write_atomic_stream(path, write, durable=True):
+    """`write_atomic` for a writer of an open binary file: `write(file)`."""
+
+    def fill(temp):
+        with open(temp, "wb") as file:
+            write(file)
+
+    return write_atomic(path, fill, durable)
+
+
+def _fsync(path, flags):
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def increment_path(path, exist_ok=False):
@@ -17,11 +59,15 @@ def increment_path(path, exist_ok=False):
     return candidate
 
 
+def project_dir(args):
+    """The folder that holds a task's runs: `project`, by default `runs/<task>`."""
+    return Path(args.project or Path("runs") / args.task)
+
+
 def run_dir(args, default_name):
     """The next free run folder: `project/name` (default `runs/<task>/<default_name>`), numbered 2, 3, ... unless
     `exist_ok`."""
-    project = Path(args.project or Path("runs") / args.task)
-    return increment_path(project / (args.name or default_name), exist_ok=args.exist_ok)
+    return increment_path(project_dir(args) / (args.name or default_name), exist_ok=args.exist_ok)
 
 
 def ensure_writable_dir(path):

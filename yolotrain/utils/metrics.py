@@ -19,6 +19,7 @@ sampled at 101 recall thresholds linspace(0, 1, 101), AP = the mean of those sam
 """
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -273,18 +274,39 @@ class Metric:
         return 0.1 * self.map50 + 0.9 * self.map
 
 
-@dataclass
-class DetMetrics:
-    """Detection metrics as reported by the validator: `process(...)` then read `results_dict` / `fitness`."""
+@dataclass(eq=False)  # compared as the mapping it is, not field by field
+class DetMetrics(Mapping):
+    """Detection metrics as reported by the validator: `process(...)`, then read them as attributes or as the flat
+    mapping of results.csv names.
+
+    The attributes scripts read: `box` (a `Metric`: `map`, `map50`, `map75`, `maps`, `mp`, `mr`, `p`, `r`, `f1`,
+    `ap50`, `ap`), `results_dict`, `fitness`, `speed` (ms per image by stage), `save_dir`, `confusion_matrix`
+    (its `matrix`, once the validator has counted it). As a mapping it is `results_dict`:
+    `metrics["metrics/mAP50-95(B)"]`, `dict(metrics)`.
+    """
 
     names: dict = field(default_factory=dict)
     plot: bool = False
     save_dir: Path = None
     on_plot: object = None  # optional fn(path) called for every saved plot
+    confusion_matrix: object = None
 
     def __post_init__(self):
         self.box = Metric(nc=len(self.names))
         self.speed = {"preprocess": 0.0, "inference": 0.0, "loss": 0.0, "postprocess": 0.0}
+
+    def __getitem__(self, key):
+        return self.results_dict[key]
+
+    def __iter__(self):
+        return iter(self.results_dict)
+
+    def __len__(self):
+        return len(self.results_dict)
+
+    def __getstate__(self):
+        """Pickled (from a DDP worker to its launcher) without the plot hook, which may hold a whole validator."""
+        return {**self.__dict__, "on_plot": None}
 
     def process(self, tp, conf, pred_cls, target_cls):
         """Compute the metrics from all predictions (tp (N, 10), conf, pred_cls) and all gt classes."""
@@ -309,7 +331,7 @@ class DetMetrics:
                 self.on_plot(path)
 
     @property
-    def keys(self):
+    def mean_result_keys(self):
         """Names of the values in `mean_results()`, in order."""
         return ["metrics/precision(B)", "metrics/recall(B)", "metrics/mAP50(B)", "metrics/mAP50-95(B)"]
 
@@ -334,7 +356,7 @@ class DetMetrics:
     @property
     def results_dict(self):
         """{key: value} for the four metrics plus "fitness"."""
-        return {**dict(zip(self.keys, self.mean_results())), "fitness": self.fitness}
+        return {**dict(zip(self.mean_result_keys, self.mean_results())), "fitness": self.fitness}
 
     @property
     def curves(self):

@@ -23,7 +23,7 @@ from yolotrain.data.augment import LetterBox
 from yolotrain.data.dataset import rect_shapes, resize_long_side
 from yolotrain.data.sources import iter_frames
 from yolotrain.errors import CfgError
-from yolotrain.nn.backends import load_inference_model
+from yolotrain.nn.backends import fixed_input_size, load_inference_model
 from yolotrain.nn.model import DetectionModel
 from yolotrain.tasks.detect.results import Results
 from yolotrain.utils.boxes import scale_boxes_to_original
@@ -75,7 +75,7 @@ class DetectionPredictor:
         self.names = dict(model.names)
         check_class_ids(self.args.classes, getattr(model, "nc", len(self.names)), "the model")
         # An export of fixed shape (ONNX without dynamic=True) takes exactly its input: square, its own batch.
-        self.fixed_shape = tuple(model.imgsz) if getattr(model, "dynamic", True) is False else None
+        self.fixed_shape = fixed_input_size(model, self.args.imgsz)
         # batch=-1 / a share of memory sizes training batches; prediction then runs one image per call.
         self.batch_size = model.batch if self.fixed_shape else max(int(self.args.batch), 1)
 

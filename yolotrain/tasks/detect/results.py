@@ -1,5 +1,6 @@
 """What `predict` returns: one `Results` per image or video frame, with its `Boxes` in original-image pixels."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -7,19 +8,17 @@ import cv2
 import numpy as np
 import torch
 
+from yolotrain.engine.containers import TensorContainer
 from yolotrain.utils.boxes import xyxy2xywh
 from yolotrain.utils.plotting import class_colour
 
 
-class Boxes:
-    """Detections of one image: `data` (n, 6) x1, y1, x2, y2, conf, cls in original-image pixels."""
+class Boxes(TensorContainer):
+    """Detections of one image: `data` (n, 6) x1, y1, x2, y2, conf, cls in original-image pixels, or (n, 7) with a
+    track id before conf (x1, y1, x2, y2, id, conf, cls) when a tracker numbered them. A tensor or a NumPy array."""
 
     def __init__(self, data, orig_shape):
-        self.data = data
-        self.orig_shape = tuple(orig_shape)  # (h, w)
-
-    def __len__(self):
-        return len(self.data)
+        super().__init__(data[None] if data.ndim == 1 else data, orig_shape)  # one row, as iteration gives
 
     @property
     def xyxy(self):
@@ -27,11 +26,21 @@ class Boxes:
 
     @property
     def conf(self):
-        return self.data[:, 4]
+        return self.data[:, -2]
 
     @property
     def cls(self):
-        return self.data[:, 5]
+        return self.data[:, -1]
+
+    @property
+    def is_track(self):
+        """Whether the rows carry track ids."""
+        return self.data.shape[-1] == 7
+
+    @property
+    def id(self):
+        """(n,) track ids, or None when the detections were not tracked."""
+        return self.data[:, 4] if self.is_track else None
 
     @property
     def xywh(self):
@@ -40,15 +49,11 @@ class Boxes:
 
     @property
     def xyxyn(self):
-        return self.xyxy / self._size_xyxy()
+        return self.xyxy / self._image_scale(4)
 
     @property
     def xywhn(self):
-        return self.xywh / self._size_xyxy()
-
-    def _size_xyxy(self):
-        height, width = self.orig_shape
-        return torch.tensor([width, height, width, height], dtype=self.data.dtype, device=self.data.device)
+        return self.xywh / self._image_scale(4)
 
 
 class Results:
@@ -71,12 +76,38 @@ class Results:
     def __len__(self):
         return len(self.boxes)
 
+    # ------------------------------------------------------------------ devices and formats
+    def cpu(self):
+        """A copy whose boxes are CPU tensors (the image and names are shared)."""
+        return self._with_boxes(self.boxes.cpu())
+
+    def numpy(self):
+        """A copy whose boxes are NumPy arrays."""
+        return self._with_boxes(self.boxes.numpy())
+
+    def cuda(self):
+        return self._with_boxes(self.boxes.cuda())
+
+    def to(self, *args, **kwargs):
+        """A copy whose boxes are moved or cast as `torch.Tensor.to(*args, **kwargs)` would."""
+        return self._with_boxes(self.boxes.to(*args, **kwargs))
+
+    def _with_boxes(self, boxes):
+        result = copy.copy(self)
+        result.boxes = boxes
+        return result
+
+    def _cpu_boxes(self):
+        """The boxes as a CPU tensor, whatever their device or format: what the text and drawing methods read."""
+        return Boxes(torch.as_tensor(self.boxes.data).cpu(), self.orig_shape)
+
     # ------------------------------------------------------------------ text
     def summary(self, normalize=False, decimals=5):
         """One dict per detection: name, class, confidence and box (x1, y1, x2, y2; normalised if asked)."""
-        boxes = (self.boxes.xyxyn if normalize else self.boxes.xyxy).cpu().tolist()
+        detections = self._cpu_boxes()
+        boxes = (detections.xyxyn if normalize else detections.xyxy).tolist()
         rows = []
-        for (x1, y1, x2, y2), conf, cls in zip(boxes, self.boxes.conf.cpu().tolist(), self.boxes.cls.cpu().tolist()):
+        for (x1, y1, x2, y2), conf, cls in zip(boxes, detections.conf.tolist(), detections.cls.tolist()):
             rows.append({
                 "name": self.names.get(int(cls), str(int(cls))),
                 "class": int(cls),
@@ -92,16 +123,16 @@ class Results:
         """"2 circles, 1 star" (or "no detections"), for the log line."""
         if not len(self):
             return "no detections"
-        counts = torch.bincount(self.boxes.cls.long().cpu())
+        counts = torch.bincount(self._cpu_boxes().cls.long())
         parts = [f"{int(n)} {self.names.get(c, str(c))}{'s' if n > 1 else ''}"
                  for c, n in enumerate(counts.tolist()) if n]
         return ", ".join(parts)
 
     def save_txt(self, path, save_conf=False):
         """YOLO label lines `cls cx cy w h [conf]` (normalised) to `path`; nothing is written for no detections."""
-        lines = []
-        for (cx, cy, w, h), conf, cls in zip(self.boxes.xywhn.cpu().tolist(), self.boxes.conf.cpu().tolist(),
-                                             self.boxes.cls.cpu().tolist()):
+        lines, detections = [], self._cpu_boxes()
+        for (cx, cy, w, h), conf, cls in zip(detections.xywhn.tolist(), detections.conf.tolist(),
+                                             detections.cls.tolist()):
             values = [int(cls), cx, cy, w, h] + ([conf] if save_conf else [])
             lines.append(" ".join(str(v) if isinstance(v, int) else f"{v:.6g}" for v in values))
         if lines:
@@ -112,10 +143,10 @@ class Results:
     # ------------------------------------------------------------------ images
     def plot(self, line_width=None, labels=True, conf=True):
         """The original image with the boxes drawn (a new BGR array)."""
-        image = self.orig_img.copy()
+        image, detections = self.orig_img.copy(), self._cpu_boxes()
         line = line_width or max(round(sum(image.shape[:2]) / 2 * 0.003), 2)
-        for (x1, y1, x2, y2), score, cls in zip(self.boxes.xyxy.cpu().round().int().tolist(),
-                                                 self.boxes.conf.cpu().tolist(), self.boxes.cls.cpu().tolist()):
+        for (x1, y1, x2, y2), score, cls in zip(detections.xyxy.round().int().tolist(), detections.conf.tolist(),
+                                                 detections.cls.tolist()):
             colour = class_colour(int(cls), bgr=True)
             cv2.rectangle(image, (x1, y1), (x2, y2), colour, line, cv2.LINE_AA)
             text = " ".join(filter(None, [self.names.get(int(cls), str(int(cls))) if labels else "",
@@ -135,19 +166,25 @@ class Results:
         cv2.putText(image, text, (x, top + height + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
                     thickness, cv2.LINE_AA)
 
-    def save(self, path, **plot_args):
-        """Write the annotated image to `path`."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    def save(self, filename=None, **plot_args):
+        """Write the annotated image to `filename` (default `results_<image file name>` in the working folder);
+        returns the path."""
+        if filename is None:
+            name = Path(self.path).name
+            filename = f"results_{name}" if Path(name).suffix else f"results_{name}.jpg"  # in-memory: "image0"
+        path = Path(filename)
+        path.parent.mkdir(parents=True, exist_ok=True)
         if not cv2.imwrite(str(path), self.plot(**plot_args)):
             raise OSError(f"could not write {path}")
-        return path
+        return str(path)
 
     def save_crop(self, save_dir, file_stem):
         """Each detection cut from the original image to `save_dir/<class name>/<file_stem>[_k].jpg`."""
-        boxes = self.boxes.xyxy.cpu().round().int().numpy()
+        detections = self._cpu_boxes()
+        boxes = detections.xyxy.round().int().numpy()
         height, width = self.orig_shape
         seen = {}
-        for (x1, y1, x2, y2), cls in zip(boxes, self.boxes.cls.cpu().long().tolist()):
+        for (x1, y1, x2, y2), cls in zip(boxes, detections.cls.long().tolist()):
             x1, x2 = np.clip([x1, x2], 0, width)
             y1, y2 = np.clip([y1, y2], 0, height)
             if x2 <= x1 or y2 <= y1:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from yolotrain.cfg import check_imgsz
+from yolotrain.cfg import DEFAULT_MODEL, check_imgsz
 from yolotrain.engine.trainer import BaseTrainer
 from yolotrain.loss.detection import loss_item_names
 from yolotrain.utils import dist
@@ -39,7 +39,7 @@ class DetectionTrainer(BaseTrainer):
 
         overrides, self.augment_hook = split_augment_hook(overrides)
         super().__init__(cfg, overrides, _callbacks)
-        self.loss_names = ("box_loss", "cls_loss", "dfl_loss")
+        self.loss_names = loss_item_names()
         self._plotted_batches = 0
         self.last_batch_shape = None
 
@@ -165,7 +165,7 @@ class DetectionTrainer(BaseTrainer):
         from yolotrain.nn.model import DetectionModel
         from yolotrain.utils.checkpoint import is_weights_file, load_checkpoint
 
-        cfg = cfg or "yolo-n.yaml"
+        cfg = cfg or DEFAULT_MODEL
         if is_weights_file(cfg):
             cfg = load_checkpoint(cfg)["model_yaml"]
         model = DetectionModel(cfg, nc=len(self.class_names()), verbose=verbose and dist.is_main())
@@ -203,16 +203,6 @@ class DetectionTrainer(BaseTrainer):
         feed = ClassMapsFeed(self.train_loader.sampler)
         self.add_callback("on_val_end", feed.on_val_end)
         self.add_callback("on_fit_epoch_end", feed.on_fit_epoch_end)
-
-    def compute_loss(self, batch):
-        """Forward the images through `train_model` (the network, compiled and/or DDP-wrapped), then compute the
-        loss eagerly: `compile=True` compiles the network only, never the loss or the assigner. Returns (summed
-        loss, loss items)."""
-        images = batch["img"]
-        if getattr(self, "channels_last", False):
-            images = images.contiguous(memory_format=torch.channels_last)
-        preds = self.train_model(images)
-        return de_parallel(self.model).loss(batch, preds)
 
     def get_validator(self):
         """A `DetectionValidator` over the val loader, sharing this trainer's callbacks."""

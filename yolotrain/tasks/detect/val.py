@@ -30,9 +30,10 @@ import torch
 
 from yolotrain.cfg import check_class_ids
 from yolotrain.engine.validator import BaseValidator
-from yolotrain.errors import DatasetError
+from yolotrain.errors import CfgError, DatasetError
 from yolotrain.utils import dist
 from yolotrain.loss.detection import loss_item_names
+from yolotrain.nn.backends import fixed_input_size
 from yolotrain.utils.boxes import batched_box_iou, xywhn2xyxy
 from yolotrain.utils.metrics import ConfusionMatrix, DetMetrics, coco_iou_thresholds, match_predictions
 from yolotrain.utils.nms import end_to_end_detections, is_end_to_end, non_max_suppression, set_max_det
@@ -122,7 +123,7 @@ class DetectionValidator(BaseValidator):
     images containing each class).
     """
 
-    loss_names = ("box_loss", "cls_loss", "dfl_loss")
+    loss_names = loss_item_names()
     rect_pad = 0.5  # margin of the rectangular batch shapes, in strides (as the reference validator pads)
 
     def __init__(self, dataloader=None, save_dir=None, args=None, _callbacks=None):
@@ -163,12 +164,16 @@ class DetectionValidator(BaseValidator):
             raise DatasetError(f"{where}: split={split!r} has no images; expected a data yaml key val, test or train")
         stride = max(int(model.stride.max()), 32) if hasattr(model, "stride") else 32
         batch = max(int(self.args.batch), 1)
+        fixed = fixed_input_size(model, self.args.imgsz)  # an export without dynamic=True: square letterboxes
+        if fixed is not None and fixed[0] != fixed[1]:
+            raise CfgError(f"{model.path} was exported for fixed {fixed[0]}x{fixed[1]} images and validation "
+                           f"letterboxes to a square: export it with one imgsz or with dynamic=True")
         dataset = YOLODataset(
             self.data[split],
-            imgsz=self.args.imgsz,
+            imgsz=fixed[0] if fixed else self.args.imgsz,
             augment=False,
             hyp=self.args,
-            rect=True,
+            rect=fixed is None,
             batch_size=batch,
             stride=stride,
             pad=self.rect_pad,
@@ -192,7 +197,7 @@ class DetectionValidator(BaseValidator):
 
     # ------------------------------------------------------------------ evaluator
     def metric_names(self):
-        return list(self.metrics.keys)
+        return list(self.metrics.mean_result_keys)
 
     def init_metrics(self, model, dataloader):
         """Class names from the dataset (else the model), fresh metric containers."""
@@ -210,8 +215,9 @@ class DetectionValidator(BaseValidator):
         if hasattr(de_parallel(model), "head"):
             self.loss_names = loss_item_names(de_parallel(model).head.reg_max)
         set_max_det(model, self.args.max_det)
-        self.metrics = DetMetrics(names=self.names, plot=self.plots, save_dir=self.save_dir)
         self.confusion_matrix = ConfusionMatrix(self.nc, conf=CONFUSION_CONF, iou_thres=CONFUSION_IOU)
+        self.metrics = DetMetrics(names=self.names, plot=self.plots, save_dir=self.save_dir,
+                                  confusion_matrix=self.confusion_matrix)
 
     def reset(self):
         super().reset()
