@@ -20,8 +20,9 @@ from test_augment import (
 )
 
 from yolotrain import DetectionTrainer
-from yolotrain.data.augment import Compose, Format, LetterBox, RandomHSV, RandomPerspective, _transform_boxes
+from yolotrain.data.augment import Compose, Format, LetterBox, RandomHSV, RandomPerspective
 from yolotrain.data.dataset import YOLODataset
+from yolotrain.data.instances import Instances
 from yolotrain.data.device_augment import (
     DeviceAugment,
     DeviceAugmentDataset,
@@ -211,7 +212,7 @@ def test_warp_matches_opencv_for_the_same_matrix(gains):
         matrix, torch.ones(len(boxes), dtype=torch.float64), IMGSZ,
     )["boxes"]
     for sample, m, got in zip(letterboxed, matrices, warped_boxes):
-        expected = np.clip(_transform_boxes(sample["bboxes"], m), 0, IMGSZ)
+        expected = np.clip(Instances(sample["bboxes"]).transform(m).bboxes, 0, IMGSZ)
         np.testing.assert_allclose(got.numpy(), expected, atol=1e-3)
 
 

@@ -126,7 +126,7 @@ def test_val_predict_and_export_default_to_the_image_size_and_data_the_weights_w
     model.predict(image_of(tiny_data), save=False, verbose=False)
     assert model.predictor.args.imgsz == 96
     exported = model.export(format="torchscript")
-    assert YOLO(str(exported)).model.imgsz == (96, 96)
+    assert YOLO(str(exported)).model.imgsz == (96, 96) and YOLO(str(exported)).task == "detect"  # its metadata
 
 
 def test_weights_without_a_task_entry_read_as_detection_and_a_task_given_wins(detector):

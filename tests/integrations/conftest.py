@@ -224,7 +224,7 @@ def make_fake_trainer(save_dir, **overrides):
         args=args, epoch=0, epochs=args.epochs, model=TinyModel(), ema=None, save_dir=save_dir,
         last=save_dir / "weights" / "last.pt", best=save_dir / "weights" / "best.pt", metrics=None,
         fitness=None, best_fitness=None, tloss=None, lr={}, csv=save_dir / "results.csv", callbacks=Callbacks(),
-        label_loss_items=label_loss_items,
+        label_loss_items=label_loss_items, validator=SimpleNamespace(primary_metric="metrics/mAP50-95(B)"),
     )
     trainer.run_callbacks = lambda event: trainer.callbacks.run(event, trainer)
     return trainer

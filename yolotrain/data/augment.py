@@ -1,8 +1,11 @@
-"""Image + box transforms for detection samples.
+"""Image and object transforms for training samples.
 
 Every transform takes a *sample* dict (see docs/architecture.md: `img` HxWx3 uint8 BGR, `cls` (n, 1) float32,
-`bboxes` (n, 4) float32 pixel xyxy in the current `img`, `im_file`, `ori_shape`, `resized_shape`, `ratio_pad`)
-and returns it with pixels and boxes moved together. `Format` is the last step and produces tensors.
+`bboxes` (n, 4) float32 pixel xyxy in the current `img`, optionally `segments` (n, S, 2) and `keypoints`
+(n, K, 2 | 3) in the same pixels, `im_file`, `ori_shape`, `resized_shape`, `ratio_pad`) and returns it with pixels
+and objects moved together: every per-object array through `data.instances` (one geometric operation, one mask
+that keeps or drops objects), so none falls out of step with the boxes. `Format` is the last step and produces
+tensors.
 
 Coordinates are continuous: pixel column i covers [i, i + 1), so a box (0, 0, w, h) covers the whole image.
 Randomness comes from the global `random` module only, so the loader's per-worker seeding makes every
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 
 from yolotrain.data.augment_hook import CustomAugment
+from yolotrain.data.instances import PER_OBJECT_KEYS, POINT_KEYS, Instances, concatenated_objects, keep_objects
 from yolotrain.errors import CfgError
 from yolotrain.utils.boxes import clip_boxes, xyxy2xywhn
 
@@ -39,13 +43,6 @@ def _identity_ratio_pad():
     return (1.0, 1.0), (0.0, 0.0)
 
 
-def _keep_labels(sample, keep):
-    """Keep the labels selected by the boolean mask `keep` (n,)."""
-    sample["cls"] = sample["cls"][keep]
-    sample["bboxes"] = sample["bboxes"][keep]
-    return sample
-
-
 def _box_sizes(bboxes):
     return bboxes[:, 2] - bboxes[:, 0], bboxes[:, 3] - bboxes[:, 1]
 
@@ -59,7 +56,12 @@ def _box_ioa(boxes1, boxes2, eps=1e-7):
     return inter / (widths * heights + eps)[None]
 
 
-def box_candidates(before, after, wh_thr=2.0, ar_thr=100.0, area_thr=0.1, eps=1e-16):
+# What a transformed box must keep to stay a label: width and height in pixels, aspect ratio, share of its area.
+CANDIDATE_WH_THR, CANDIDATE_AR_THR, CANDIDATE_AREA_THR = 2.0, 100.0, 0.1
+
+
+def box_candidates(before, after, wh_thr=CANDIDATE_WH_THR, ar_thr=CANDIDATE_AR_THR, area_thr=CANDIDATE_AREA_THR,
+                   eps=1e-16):
     """Boolean mask (n,) of transformed boxes worth keeping.
 
     `before` are the boxes before the transform already multiplied by its scale, `after` the transformed, clipped
@@ -170,10 +172,8 @@ class LetterBox:
             img, top, pad_h - top, left, pad_w - left, cv2.BORDER_CONSTANT, value=_PAD_BGR
         )  # always a new array, so later in-place transforms never touch the dataset's cache
         gain_w, gain_h = unpad_w / w, unpad_h / h
-        bboxes = sample["bboxes"].astype(np.float32, copy=True)
-        bboxes[:, [0, 2]] = bboxes[:, [0, 2]] * gain_w + left
-        bboxes[:, [1, 3]] = bboxes[:, [1, 3]] * gain_h + top
-        sample.update(img=img, bboxes=bboxes, resized_shape=img.shape[:2])
+        Instances.from_sample(sample).scale_and_offset(gain_w, gain_h, left, top).into(sample)
+        sample.update(img=img, resized_shape=img.shape[:2])
         sample["ratio_pad"] = _compose_ratio_pad(sample.get("ratio_pad"), (gain_h, gain_w), (left, top))
         return sample
 
@@ -234,24 +234,24 @@ class Mosaic:
         canvas = np.full((2 * size, 2 * size, 3), PAD_VALUE, dtype=np.uint8)
         centre_x = int(random.uniform(0.5 * size, 1.5 * size))
         centre_y = int(random.uniform(0.5 * size, 1.5 * size))
-        shifted = []
+        tiles = []
         for position, piece in enumerate(samples):  # 4 fixed quadrants, not a per-box loop
             canvas_box, image_box = _mosaic_slices(position, centre_x, centre_y, piece["img"].shape[:2], 2 * size)
             (cx1, cy1, cx2, cy2), (ix1, iy1, ix2, iy2) = canvas_box, image_box
             canvas[cy1:cy2, cx1:cx2] = piece["img"][iy1:iy2, ix1:ix2]
-            shifted.append(piece["bboxes"] + np.array([cx1 - ix1, cy1 - iy1] * 2, dtype=np.float32))
-        bboxes = clip_boxes(np.concatenate(shifted, 0), canvas.shape)
-        widths, heights = _box_sizes(bboxes)
+            shifted = Instances.from_sample(piece).scale_and_offset(1.0, 1.0, cx1 - ix1, cy1 - iy1)
+            tiles.append(shifted.into({key: piece[key] for key in PER_OBJECT_KEYS if key in piece}))
         first = samples[0]
         sample = {
-            **{k: v for k, v in first.items() if k not in ("img", "cls", "bboxes", "rect_shape")},  # now square
+            **{k: v for k, v in first.items() if k not in ("img", "rect_shape", *PER_OBJECT_KEYS)},  # now square
+            **concatenated_objects(tiles),
             "img": canvas,
-            "cls": np.concatenate([s["cls"] for s in samples], 0),
-            "bboxes": bboxes,
             "resized_shape": canvas.shape[:2],
             "mosaic_border": self.border,
         }
-        return _keep_labels(sample, (widths >= self.min_box_size) & (heights >= self.min_box_size))
+        bboxes = Instances.from_sample(sample).clip(*canvas.shape[:2]).into(sample)["bboxes"]
+        widths, heights = _box_sizes(bboxes)
+        return keep_objects(sample, (widths >= self.min_box_size) & (heights >= self.min_box_size))
 
 
 def _mosaic_slices(position, centre_x, centre_y, shape, canvas_size):
@@ -306,11 +306,11 @@ class RandomPerspective:
         out_h, out_w = img.shape[0] + 2 * border[0], img.shape[1] + 2 * border[1]
         matrix, scale = self._random_matrix(img.shape[:2], (out_h, out_w))
         sample["img"] = self._warp(img, matrix, (out_h, out_w))
-        before = sample["bboxes"]
-        after = clip_boxes(_transform_boxes(before, matrix), (out_h, out_w))
-        sample["bboxes"] = after.astype(np.float32)
+        before = Instances.from_sample(sample)
+        after = before.transform(matrix).clip(out_h, out_w)
+        after.into(sample)
         sample["resized_shape"] = (out_h, out_w)
-        return _keep_labels(sample, box_candidates(before * scale, after))
+        return keep_objects(sample, box_candidates(before.bboxes * scale, after.bboxes))
 
     def _random_matrix(self, in_shape, out_shape):
         """The combined matrix (continuous pixel coordinates) and the scale it applies."""
@@ -347,19 +347,6 @@ class RandomPerspective:
         return cv2.warpAffine(img, index_matrix[:2], dsize=(out_w, out_h), borderValue=_PAD_BGR)
 
 
-def _transform_boxes(bboxes, matrix):
-    """Apply a 3x3 matrix to the 4 corners of every xyxy box (n, 4) and return the enclosing boxes (n, 4)."""
-    n = len(bboxes)
-    if n == 0:
-        return np.zeros((0, 4), np.float32)
-    corners = np.ones((n * 4, 3))
-    corners[:, :2] = bboxes[:, [0, 1, 2, 1, 2, 3, 0, 3]].reshape(n * 4, 2)  # x1y1, x2y1, x2y2, x1y2
-    projected = corners @ matrix.T  # (4n, 3)
-    xy = projected[:, :2] / projected[:, 2:3] if np.any(matrix[2, :2] != 0) else projected[:, :2]
-    xy = xy.reshape(n, 4, 2)
-    return np.concatenate([xy.min(1), xy.max(1)], 1)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # mixing
 # ---------------------------------------------------------------------------------------------------------------
@@ -390,38 +377,38 @@ class MixUp:
             )
         ratio = random.betavariate(32.0, 32.0)
         sample["img"] = cv2.addWeighted(sample["img"], ratio, other["img"], 1.0 - ratio, 0.0)
-        sample["cls"] = np.concatenate([sample["cls"], other["cls"]], 0)
-        sample["bboxes"] = np.concatenate([sample["bboxes"], other["bboxes"]], 0)
+        sample.update(concatenated_objects([sample, other]))
         return sample
 
 
 class CopyPaste:
     """Box-level copy-paste: paste regions of the horizontally flipped image onto free places.
 
-    With probability `p`, every mirrored box that covers no existing box by more than 30% of that box's area
-    (intersection over area) is pasted as a rectangle from the flipped image and added to the labels.
+    With probability `p`, every mirrored object whose box covers no existing box by more than 30% of that box's
+    area (intersection over area) is pasted as a rectangle from the flipped image and added to the labels, its
+    polygon and keypoints mirrored with it (left and right keypoints swapped by `flip_idx`).
     """
 
-    def __init__(self, p=0.0, max_ioa=0.3):
+    def __init__(self, p=0.0, max_ioa=0.3, flip_idx=None):
         self.p = p
         self.max_ioa = max_ioa
+        self.flip_idx = flip_idx
 
     def __call__(self, sample):
         if self.p <= 0 or len(sample["bboxes"]) == 0 or random.random() >= self.p:
             return sample
         img, bboxes = sample["img"], sample["bboxes"]
         h, w = img.shape[:2]
-        mirrored = bboxes.copy()
-        mirrored[:, [0, 2]] = w - bboxes[:, [2, 0]]
-        free = (_box_ioa(mirrored, bboxes) <= self.max_ioa).all(1)
+        mirrored = Instances.from_sample(sample).flip("horizontal", w, _flip_idx_for(sample, self.flip_idx))
+        free = (_box_ioa(mirrored.bboxes, bboxes) <= self.max_ioa).all(1)
         if not free.any():
             return sample
-        mask = _rectangles_mask(mirrored[free], h, w)
+        mask = _rectangles_mask(mirrored.bboxes[free], h, w)
         img = img.copy()
         img[mask] = img[:, ::-1][mask]
         sample["img"] = img
-        sample["cls"] = np.concatenate([sample["cls"], sample["cls"][free]], 0)
-        sample["bboxes"] = np.concatenate([bboxes, mirrored[free]], 0)
+        copies = keep_objects(mirrored.into({key: sample[key] for key in PER_OBJECT_KEYS if key in sample}), free)
+        sample.update(concatenated_objects([sample, copies]))
         return sample
 
 
@@ -463,28 +450,35 @@ class RandomHSV:
 
 
 class RandomFlip:
-    """Flip the image and its boxes with probability `p`, `direction` "horizontal" or "vertical"."""
+    """Flip the image and its objects with probability `p`, `direction` "horizontal" or "vertical". A horizontal
+    flip swaps left and right keypoints by `flip_idx` (keypoint k moves to the place of `flip_idx[k]`)."""
 
-    def __init__(self, p=0.5, direction="horizontal"):
+    def __init__(self, p=0.5, direction="horizontal", flip_idx=None):
         if direction not in ("horizontal", "vertical"):
             raise ValueError(f"RandomFlip direction={direction!r}: expected 'horizontal' or 'vertical'")
         self.p = p
         self.direction = direction
+        self.flip_idx = flip_idx
 
     def __call__(self, sample):
         if self.p <= 0 or random.random() >= self.p:
             return sample
         img = sample["img"]
         h, w = img.shape[:2]
-        bboxes = sample["bboxes"].copy()
-        if self.direction == "horizontal":
-            sample["img"] = np.ascontiguousarray(img[:, ::-1])
-            bboxes[:, [0, 2]] = w - sample["bboxes"][:, [2, 0]]
-        else:
-            sample["img"] = np.ascontiguousarray(img[::-1])
-            bboxes[:, [1, 3]] = h - sample["bboxes"][:, [3, 1]]
-        sample["bboxes"] = bboxes
+        horizontal = self.direction == "horizontal"
+        sample["img"] = np.ascontiguousarray(img[:, ::-1] if horizontal else img[::-1])
+        flip_idx = _flip_idx_for(sample, self.flip_idx) if horizontal else None
+        Instances.from_sample(sample).flip(self.direction, w if horizontal else h, flip_idx).into(sample)
         return sample
+
+
+def _flip_idx_for(sample, flip_idx):
+    """`flip_idx` for a horizontal flip of `sample`: a sample with keypoints needs one, or a mirrored left wrist
+    would still be labelled left."""
+    if "keypoints" in sample and flip_idx is None:
+        raise CfgError("a horizontal flip of keypoints needs flip_idx (the index of each keypoint's mirror image) in "
+                       "the data yaml, or fliplr=0")
+    return flip_idx
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -493,7 +487,8 @@ class RandomFlip:
 
 
 class Format:
-    """Final step: RGB CHW contiguous uint8 tensor, normalised xywh float32 boxes (n, 4), float32 cls (n, 1)."""
+    """Final step: RGB CHW contiguous uint8 tensor, normalised xywh float32 boxes (n, 4), float32 cls (n, 1), and
+    segments / keypoints as float32 tensors with x, y normalised by the image's width and height."""
 
     def __call__(self, sample):
         img = sample["img"]
@@ -503,6 +498,10 @@ class Format:
         sample["img"] = torch.from_numpy(chw_rgb)
         sample["bboxes"] = torch.from_numpy(xyxy2xywhn(bboxes, w, h).astype(np.float32))
         sample["cls"] = torch.from_numpy(np.asarray(sample["cls"], np.float32).reshape(-1, 1).copy())
+        for key in POINT_KEYS:
+            if key in sample:
+                points = Instances(bboxes, **{key: np.asarray(sample[key], np.float32)})
+                sample[key] = torch.from_numpy(getattr(points.scale_and_offset(1 / w, 1 / h), key))
         sample.pop("mosaic_border", None)  # transient keys a pipeline without their consumer may leave behind
         sample.pop("rect_shape", None)
         return sample
@@ -549,7 +548,8 @@ def build_transforms(dataset, imgsz, hyp, augment):
                        "mosaic tiles would not fit it)")
         mosaic_p = mixup_p = 0.0
     mosaic = Mosaic(dataset, imgsz, p=mosaic_p)
-    copy_paste = CopyPaste(p=_probability(hyp, "copy_paste"))
+    flip_idx = (getattr(dataset, "data", None) or {}).get("flip_idx")  # a pose dataset's mirror map
+    copy_paste = CopyPaste(p=_probability(hyp, "copy_paste"), flip_idx=flip_idx)
     perspective = RandomPerspective(
         degrees=_non_negative(hyp, "degrees"),
         translate=_probability(hyp, "translate"),
@@ -569,7 +569,7 @@ def build_transforms(dataset, imgsz, hyp, augment):
             *([CustomAugment(hook)] if hook is not None else []),
             RandomHSV(_non_negative(hyp, "hsv_h"), _non_negative(hyp, "hsv_s"), _non_negative(hyp, "hsv_v")),
             RandomFlip(p=_probability(hyp, "flipud"), direction="vertical"),
-            RandomFlip(p=_probability(hyp, "fliplr"), direction="horizontal"),
+            RandomFlip(p=_probability(hyp, "fliplr"), direction="horizontal", flip_idx=flip_idx),
             Format(),
         ]
     )

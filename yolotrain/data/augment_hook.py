@@ -145,6 +145,10 @@ class CustomAugment:
         self.albumentations = is_albumentations(hook)
 
     def __call__(self, sample):
+        points = [key for key in ("segments", "keypoints") if key in sample]
+        if points:  # the hook returns boxes and classes only: the objects' points would fall out of step
+            raise CfgError(f"augment={self.name} sees boxes and classes only, but these labels also have "
+                           f"{' and '.join(points)}; train without augment=")
         img = sample["img"]
         h, w = img.shape[:2]
         bboxes = clip_boxes(np.asarray(sample["bboxes"], np.float32).reshape(-1, 4).copy(), (h, w))

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from yolotrain.cfg import format_value, get_cfg
 from yolotrain.data.data_yaml import list_image_files, single_class_names
+from yolotrain.data.instances import keep_objects
 from yolotrain.data.scan import ScanReport, img2label_paths, label_cache_path, scan_labels
 from yolotrain.errors import CfgError, DatasetError
 from yolotrain.utils.boxes import xywhn2xyxy
@@ -159,7 +160,7 @@ class YOLODataset(Dataset):
         for r in self.labels:
             keep = np.isin(r["cls"][:, 0], wanted)
             dropped += len(keep) - int(keep.sum())
-            r["cls"], r["bboxes"] = r["cls"][keep], r["bboxes"][keep]
+            keep_objects(r, keep)  # every per-object array of the label, not only boxes
         return dropped
 
     def _merge_classes(self) -> None:

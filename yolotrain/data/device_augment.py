@@ -37,7 +37,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from yolotrain.cfg import get_cfg
 from yolotrain.data.augment import (
+    CANDIDATE_AR_THR,
+    CANDIDATE_AREA_THR,
+    CANDIDATE_WH_THR,
     PAD_VALUE,
     Compose,
     Format,
@@ -46,7 +50,6 @@ from yolotrain.data.augment import (
     _probability,
     _scale_gain,
 )
-from yolotrain.cfg import get_cfg
 from yolotrain.data.dataset import YOLODataset
 from yolotrain.errors import CfgError
 
@@ -56,7 +59,6 @@ AUGMENT_DEVICE_CHOICES = ("cpu", "device", "auto")
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 EXIF_ORIENTATION_TAG = 0x0112
 MOSAIC_MIN_BOX_SIZE = 1.0  # pixels, as the CPU Mosaic
-CANDIDATE_WH_THR, CANDIDATE_AR_THR, CANDIDATE_AREA_THR = 2.0, 100.0, 0.1  # box_candidates' defaults
 MIXUP_BETA = 32  # ratio ~ Beta(32, 32), drawn as a ratio of two Gamma(32) sums of exponentials
 NOT_A_MOSAIC = 1e9  # centre of a single-image canvas: every pixel is in "tile" 0
 SEED_MIX = 1_000_003  # combines the samples' seeds into the batch's

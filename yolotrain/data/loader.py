@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from yolotrain.data.instances import PER_OBJECT_KEYS
 from yolotrain.data.samplers import (
     EpochSampler,
     ExactShardBatchSampler,
@@ -32,16 +33,15 @@ from yolotrain.errors import CfgError
 
 LOGGER = logging.getLogger(__name__)
 
-CONCATENATED_KEYS = ("cls", "bboxes")
-
-
 def collate_fn(samples: list[dict]) -> dict:
-    """Batch formatted samples: `img` stacked (B, 3, H, W) uint8, `cls`/`bboxes` concatenated (N, 1)/(N, 4),
-    `batch_idx` (N,) float giving each box's image index, `max_boxes` (int) the most boxes in one image (the loss
-    pads to it without reading the device); every other key becomes a list."""
+    """Batch formatted samples: `img` stacked (B, 3, H, W) uint8, every per-object array concatenated in object
+    order (`cls` (N, 1), `bboxes` (N, 4), and `segments` (N, S, 2) / `keypoints` (N, K, 2 | 3) where the samples
+    have them), `batch_idx` (N,) float giving each object's image index, `max_boxes` (int) the most boxes in one
+    image (the loss pads to it without reading the device); every other key becomes a list."""
     batch = {"img": torch.stack([torch.as_tensor(s["img"]) for s in samples])}
-    for key in CONCATENATED_KEYS:
-        batch[key] = torch.cat([torch.as_tensor(s[key]).float() for s in samples])
+    for key in PER_OBJECT_KEYS:
+        if key in samples[0]:
+            batch[key] = torch.cat([torch.as_tensor(s[key]).float() for s in samples])
     boxes_per_image = torch.tensor([len(s["cls"]) for s in samples])
     batch["batch_idx"] = torch.repeat_interleave(torch.arange(len(samples)), boxes_per_image).float()
     batch["max_boxes"] = int(boxes_per_image.max()) if len(samples) else 0

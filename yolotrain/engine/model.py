@@ -83,14 +83,18 @@ class YOLO:
 
     # ------------------------------------------------------------------ what the weights remember
     def _saved_entries(self):
-        """The plain entries of a weights file (task, train_args, ...): none for a yaml or an exported file."""
+        """What a weights file says of itself (task, train_args) or an exported file's metadata (task); none for a
+        yaml."""
         if self._saved is None:
             self._saved = {}
-            if is_weights_file(self.model_path) and Path(self.model_path).exists():
+            exists = Path(self.model_path).exists()
+            if exists and is_weights_file(self.model_path):
                 from yolotrain.utils.checkpoint import load_checkpoint
 
                 checkpoint = load_checkpoint(self.model_path)
                 self._saved = {k: v for k, v in checkpoint.items() if k in ("task", "train_args")}
+            elif exists and Path(self.model_path).suffix in EXPORTED_SUFFIXES:
+                self._saved = {"task": self.model.task}
         return self._saved
 
     def _trained_args(self):

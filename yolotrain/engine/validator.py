@@ -91,6 +91,8 @@ class BaseValidator:
 
     # Names of the loss items `model.loss` returns; the trainer's `label_loss_items` gives the final keys.
     loss_names = ()
+    # The task's headline metric (a key of the results), which integrations report for best.pt.
+    primary_metric = None
 
     def __init__(self, dataloader=None, save_dir=None, args=None, _callbacks=None):
         self.args = args if isinstance(args, Args) else get_cfg(dict(args or {}))

@@ -591,14 +591,18 @@ class RemoteSync:
         self.session.queue_artifact(trainer.last, "weights/last.pt", tags)
 
     def on_train_end(self, trainer):
-        """Send best.pt with its mAP50-95, flush everything within remote_final_timeout and end FINISHED."""
+        """Send best.pt with the task's headline metric (detection: mAP50-95), flush everything within
+        remote_final_timeout and end FINISHED."""
         if self.session is None:
             return
         if Path(trainer.best).exists():
-            score = (trainer.metrics or {}).get("metrics/mAP50-95(B)")
-            tags = {} if score is None else {"best.mAP50-95": f"{float(score):.6g}"}
+            key = getattr(getattr(trainer, "validator", None), "primary_metric", None)  # "metrics/mAP50-95(B)"
+            score = (trainer.metrics or {}).get(key) if key else None
+            tags = {}
             if score is not None:
-                self.session.queue_metrics(metric_entries({"best/mAP50-95(B)": score}, trainer.epoch + 1))
+                name = key.split("/", 1)[-1]
+                tags = {f"best.{name.split('(')[0]}": f"{float(score):.6g}"}  # best.mAP50-95
+                self.session.queue_metrics(metric_entries({f"best/{name}": score}, trainer.epoch + 1))
             self.session.queue_artifact(trainer.best, "weights/best.pt", tags)
         self._close(trainer, "FINISHED")
 

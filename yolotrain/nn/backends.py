@@ -53,7 +53,7 @@ def load_inference_model(model):
     return load_checkpoint_model(path)
 
 
-class _ExportedModel(nn.Module):
+class ExportedModel(nn.Module):
     """Shared by the exported formats: the metadata written at export time."""
 
     def __init__(self, metadata, path):
@@ -69,6 +69,7 @@ class _ExportedModel(nn.Module):
         self.batch = int(metadata.get("batch", 1))
         self.half = bool(metadata.get("half", False))
         self.end2end = bool(metadata.get("end2end", False))  # output (B, max_det, 6): final detections, no NMS
+        self.task = str(metadata.get("task", "detect"))
         self.path = str(path)
 
     def fuse(self):
@@ -116,7 +117,7 @@ def fixed_input_size(model, imgsz):
     return height, width
 
 
-class OnnxModel(_ExportedModel):
+class OnnxModel(ExportedModel):
     """An exported .onnx detector run by onnxruntime (CUDA provider when present, else CPU)."""
 
     def __init__(self, path):
@@ -138,7 +139,7 @@ class OnnxModel(_ExportedModel):
         return torch.from_numpy(output).float().to(images.device)
 
 
-class TorchScriptModel(_ExportedModel):
+class TorchScriptModel(ExportedModel):
     """An exported .torchscript detector."""
 
     def __init__(self, path):

@@ -310,19 +310,22 @@ class DetectionModel(nn.Module):
         return bool(self.head.end2end)
 
     def _measure_strides(self, ch, source):
+        """The stride of each feature level the head reads, measured from the head's inputs (whatever a head
+        returns: boxes, masks, keypoints or class scores)."""
+        levels = []
+        hook = self.head.register_forward_pre_hook(lambda _, inputs: levels.extend(inputs[0]))
         was_training = self.training
         self.eval()  # eval: the probe must not move BatchNorm running statistics
         try:
             with torch.no_grad():
-                _, feats = self.forward(torch.zeros(1, ch, STRIDE_PROBE_SIZE, STRIDE_PROBE_SIZE))
+                self.forward(torch.zeros(1, ch, STRIDE_PROBE_SIZE, STRIDE_PROBE_SIZE))
         except RuntimeError as error:
             message = one_line(error)[:300]
             raise CfgError(f"model yaml '{source}': layers do not fit together (probe forward failed: {message})") from None
         finally:
+            hook.remove()
             self.train(was_training)
-        if isinstance(feats, dict):  # end2end: both branches share the levels
-            feats = feats["one2one"]
-        return torch.tensor([STRIDE_PROBE_SIZE / f.shape[-2] for f in feats])
+        return torch.tensor([STRIDE_PROBE_SIZE / level.shape[-2] for level in levels])
 
     def initialize_weights(self):
         """YOLO-family defaults: BatchNorm eps 1e-3 / momentum 0.03, in-place activations (convs keep torch init)."""

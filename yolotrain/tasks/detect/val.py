@@ -124,6 +124,7 @@ class DetectionValidator(BaseValidator):
     """
 
     loss_names = loss_item_names()
+    primary_metric = "metrics/mAP50-95(B)"
     rect_pad = 0.5  # margin of the rectangular batch shapes, in strides (as the reference validator pads)
 
     def __init__(self, dataloader=None, save_dir=None, args=None, _callbacks=None):
