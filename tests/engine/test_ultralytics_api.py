@@ -56,7 +56,8 @@ def test_val_returns_a_metrics_object_that_is_also_the_flat_mapping(detector, ti
     metrics = YOLO(str(detector)).val(data=tiny_data, batch=4, project=str(tmp_path))
     assert_detection_metrics(metrics, nc=6)
     # With plots (the default) the confusion matrix counts every val box, as the reference's does.
-    assert metrics.confusion_matrix.matrix.sum() >= 44 and (tmp_path / "val" / "confusion_matrix_normalized.png").is_file()
+    assert metrics.confusion_matrix.matrix.sum() >= 44
+    assert (tmp_path / "val" / "confusion_matrix_normalized.png").is_file()
     assert Path(metrics.save_dir) == tmp_path / "val"
 
 
@@ -98,7 +99,8 @@ def test_results_and_boxes_move_convert_and_iterate_like_the_reference(detector,
     as_numpy = result.numpy()
     assert isinstance(as_numpy.boxes.xyxy, np.ndarray) and isinstance(boxes.numpy().conf, np.ndarray)
     np.testing.assert_array_equal(as_numpy.boxes.data, boxes.data.numpy())
-    assert result.cpu().boxes.data.device.type == "cpu" and result.to("cpu", torch.float64).boxes.data.dtype == torch.float64
+    assert result.cpu().boxes.data.device.type == "cpu"
+    assert result.to("cpu", torch.float64).boxes.data.dtype == torch.float64
     assert torch.equal(boxes.to(torch.float64).data, boxes.data.double())
     assert as_numpy.orig_img is result.orig_img and as_numpy.names == result.names
     saved = result.save(filename=str(tmp_path / "annotated.jpg"))

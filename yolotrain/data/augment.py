@@ -498,10 +498,10 @@ class Format:
         sample["img"] = torch.from_numpy(chw_rgb)
         sample["bboxes"] = torch.from_numpy(xyxy2xywhn(bboxes, w, h).astype(np.float32))
         sample["cls"] = torch.from_numpy(np.asarray(sample["cls"], np.float32).reshape(-1, 1).copy())
+        normalised = Instances(bboxes, sample.get("segments"), sample.get("keypoints")).scale_and_offset(1 / w, 1 / h)
         for key in POINT_KEYS:
             if key in sample:
-                points = Instances(bboxes, **{key: np.asarray(sample[key], np.float32)})
-                sample[key] = torch.from_numpy(getattr(points.scale_and_offset(1 / w, 1 / h), key))
+                sample[key] = torch.from_numpy(getattr(normalised, key))
         sample.pop("mosaic_border", None)  # transient keys a pipeline without their consumer may leave behind
         sample.pop("rect_shape", None)
         return sample

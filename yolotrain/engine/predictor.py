@@ -69,7 +69,8 @@ class BasePredictor:
         self.stride = max(int(model.stride.max()), 32)
         self.names = dict(model.names)
         check_class_ids(self.args.classes, getattr(model, "nc", len(self.names)), "the model")
-        # An export of fixed shape (ONNX without dynamic=True) takes exactly its input: square, its own batch.
+        # An export of fixed shape (ONNX without dynamic=True) runs only at its own image size; batches of its own
+        # batch size need no padding images.
         self.fixed_shape = fixed_input_size(model, self.args.imgsz)
         # batch=-1 / a share of memory sizes training batches; prediction then runs one image per call.
         self.batch_size = model.batch if self.fixed_shape else max(int(self.args.batch), 1)
