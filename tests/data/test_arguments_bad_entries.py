@@ -29,7 +29,7 @@ BAD_ENTRIES = {
     "empty": (32, GOOD, make_empty, "image", "empty image file"),
     "tiny": (8, GOOD, None, "image", "image too small (8x8 px"),
     "words": (32, "0 0.5 0.5 abc 0.2\n1 x 0.5 0.2 0.2\n", None, "label", "non-numeric value in '0 0.5 0.5 abc 0.2'"),
-    "columns": (32, GOOD + "0 0.5 0.5 0.2\n", None, "label", "line 2: expected 5 values (class x y w h), got 4"),
+    "columns": (32, GOOD + "0 0.5 0.5 0.2\n", None, "label", "line 2: expected 5 values (class x y w h) or a polygon"),
     "class": (32, GOOD + "9 0.5 0.5 0.2 0.2\n", None, "label", "line 2: class 9 is not an integer in [0, 3)"),
     "outside": (32, "0 1.5 0.5 0.2 0.2\n" + GOOD, None, "label", "line 1: coordinates 1.5 0.5 0.2 0.2 outside [0, 1]"),
 }

@@ -23,7 +23,7 @@ from yolotrain.data.augment import (
     RandomPerspective,
     build_transforms,
 )
-from yolotrain.data.instances import Instances, concatenated_objects, keep_objects
+from yolotrain.data.instances import PER_OBJECT_KEYS, Instances, concatenated_objects, keep_objects
 from yolotrain.data.loader import collate_fn
 from yolotrain.errors import CfgError
 
@@ -33,7 +33,8 @@ IMGSZ = 96
 
 
 def make_sample(layout, height=80, width=128, seed=0):
-    """`layout`: [(cls, x1, y1, x2, y2)] rectangles. Returns the sample with cls, bboxes, segments, keypoints."""
+    """`layout`: [(cls, x1, y1, x2, y2)] rectangles. Returns the sample with cls, bboxes, segments, keypoints and
+    corners (each rectangle's 4 corners, as a rotated box's would be)."""
     rng = np.random.default_rng(seed)
     img = rng.integers(0, 40, (height, width, 3), dtype=np.uint8)
     rows = np.array(layout, np.float32).reshape(-1, 5)
@@ -53,8 +54,9 @@ def make_sample(layout, height=80, width=128, seed=0):
         np.stack([x1 + (x2 - x1) / 3, cy, np.full_like(cy, 2)], -1),
         np.stack([x1 + 2 * (x2 - x1) / 3, cy, np.full_like(cy, 2)], -1),
     ], 1).astype(np.float32)  # (n, 3, 3): centre, left, right
+    corners = boxes[:, [0, 1, 2, 1, 2, 3, 0, 3]].reshape(-1, 4, 2).copy()
     return {"img": img, "cls": cls, "bboxes": boxes.copy(), "segments": segments, "keypoints": keypoints,
-            "im_file": f"scene{seed}.jpg", "ori_shape": (height, width), "resized_shape": (height, width),
+            "corners": corners, "im_file": f"scene{seed}.jpg", "ori_shape": (height, width), "resized_shape": (height, width),
             "ratio_pad": ((1.0, 1.0), (0.0, 0.0))}
 
 
@@ -84,11 +86,14 @@ def assert_objects_aligned(sample, check_pixels=True):
     assert len(cls) == len(boxes) == len(segments) == len(keypoints) > 0
     inside_box = (segments[..., :2] >= boxes[:, None, :2] - 0.5) & (segments[..., :2] <= boxes[:, None, 2:] + 0.5)
     assert inside_box.all(), "a polygon point left its object's box"
+    h, w = img.shape[:2]
+    corners = sample["corners"]
+    extent = np.concatenate([corners.min(1), corners.max(1)], 1).clip(0, [w, h, w, h])  # boxes are clipped
+    np.testing.assert_allclose(extent, boxes, atol=1.0, err_msg="rotated corners left their object's box")
     visible = keypoints[..., 2] > 0
     assert (keypoints[:, 1, 0] < keypoints[:, 2, 0])[visible[:, 1] & visible[:, 2]].all(), "left is right of right"
     if not check_pixels:
         return
-    h, w = img.shape[:2]
     for c, points, seen in zip(cls, keypoints, visible):  # a test helper: a few objects
         for x, y, _ in points[seen]:
             if 0 <= x < w and 0 <= y < h:
@@ -166,7 +171,7 @@ def test_the_training_pipeline_and_collate_keep_objects_with_their_images():
 def test_keep_and_join_act_on_every_per_object_array():
     a, b = make_sample(LAYOUTS[0]), make_sample(LAYOUTS[2], seed=2)
     joined = concatenated_objects([a, b])
-    assert {k: len(v) for k, v in joined.items()} == dict.fromkeys(("cls", "bboxes", "segments", "keypoints"), 5)
+    assert {k: len(v) for k, v in joined.items()} == dict.fromkeys(PER_OBJECT_KEYS, 5)
     kept = keep_objects(dict(joined), np.array([False, True, True, False, True]))
     np.testing.assert_array_equal(kept["keypoints"], joined["keypoints"][[1, 2, 4]])
     del b["keypoints"]

@@ -74,7 +74,7 @@ def test_memory_of_other_processes_comes_off_the_target(monkeypatch, yolotrain_l
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Test GPU")
     measured = []
 
-    def fake_measure(model, imgsz, device, amp_dtype=None):
+    def fake_measure(model, imgsz, device, amp_dtype=None, make_batch=None):
         measured.append((imgsz, device.type, amp_dtype))
         return batches, line(1.0, 0.5, batches), None
 
@@ -123,7 +123,7 @@ def test_auto_batch_on_the_cpu_trains_with_16_and_says_so(train_overrides, yolot
 def test_rank_zero_measures_and_every_rank_takes_its_figure(monkeypatch, train_overrides):
     trainer = DetectionTrainer(overrides={**train_overrides, "batch": -1})
     calls, sent = [], []
-    monkeypatch.setattr(autobatch, "auto_batch_size", lambda *a, **k: calls.append(a) or 24)
+    monkeypatch.setattr(autobatch, "auto_batch_size", lambda *a, **k: calls.append(k) or 24)
 
     def broadcast(obj, src=0, group=None):
         sent.append(obj)
@@ -137,6 +137,7 @@ def test_rank_zero_measures_and_every_rank_takes_its_figure(monkeypatch, train_o
     monkeypatch.setattr(dist, "is_main", lambda: True)
     trainer._resolve_batch()  # rank 0: measures once, sends its figure
     assert (len(calls), sent[-1], trainer.batch_size) == (1, 24, 24)
+    assert calls[0]["make_batch"] == trainer.autobatch_batch  # the task's batch is what is measured
 
 
 # ---------------------------------------------------------------------------------------- the measurement
@@ -173,7 +174,8 @@ def test_a_batch_that_runs_out_of_memory_ends_the_measurement(monkeypatch, cpu_s
                                                               tiny_model_yaml):
     from yolotrain.nn.model import DetectionModel
 
-    def step(model, batch_size, imgsz, device, amp_dtype):
+    def step(model, batch, device, amp_dtype):
+        batch_size = len(batch["img"])
         if batch_size >= 4:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return batch_size * GIB

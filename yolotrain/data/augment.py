@@ -488,7 +488,7 @@ def _flip_idx_for(sample, flip_idx):
 
 class Format:
     """Final step: RGB CHW contiguous uint8 tensor, normalised xywh float32 boxes (n, 4), float32 cls (n, 1), and
-    segments / keypoints as float32 tensors with x, y normalised by the image's width and height."""
+    segments / keypoints / corners as float32 tensors with x, y normalised by the image's width and height."""
 
     def __call__(self, sample):
         img = sample["img"]
@@ -498,7 +498,7 @@ class Format:
         sample["img"] = torch.from_numpy(chw_rgb)
         sample["bboxes"] = torch.from_numpy(xyxy2xywhn(bboxes, w, h).astype(np.float32))
         sample["cls"] = torch.from_numpy(np.asarray(sample["cls"], np.float32).reshape(-1, 1).copy())
-        normalised = Instances(bboxes, sample.get("segments"), sample.get("keypoints")).scale_and_offset(1 / w, 1 / h)
+        normalised = Instances.from_sample({**sample, "bboxes": bboxes}).scale_and_offset(1 / w, 1 / h)
         for key in POINT_KEYS:
             if key in sample:
                 sample[key] = torch.from_numpy(getattr(normalised, key))

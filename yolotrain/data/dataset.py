@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from yolotrain.cfg import format_value, get_cfg
 from yolotrain.data.data_yaml import list_image_files, single_class_names
 from yolotrain.data.instances import keep_objects
+from yolotrain.data.label_rows import LabelLayout
 from yolotrain.data.scan import ScanReport, img2label_paths, label_cache_path, scan_labels
 from yolotrain.errors import CfgError, DatasetError
 from yolotrain.utils.boxes import xywhn2xyxy
@@ -126,12 +127,15 @@ class YOLODataset(Dataset):
             raise DatasetError(f"{self.prefix or 'dataset'}: no images found in {img_path}")
         return files[: images_kept(len(files), fraction, self.prefix)]
 
+    def label_layout(self) -> LabelLayout:
+        """What this task's label rows hold (a task's dataset overrides it: polygons, keypoints, corners)."""
+        return LabelLayout.for_task("detect")
+
     def _scan(self, im_files: list[str]) -> tuple[list[dict], ScanReport]:
         nc = int(self.data["nc"]) if "nc" in self.data else NO_CLASS_LIMIT
         cache_path = label_cache_path(img2label_paths(im_files))
-        return scan_labels(
-            im_files, nc, cache_path, workers=self.workers, prefix=self.prefix, source=str(self.img_path)
-        )
+        return scan_labels(im_files, nc, cache_path, workers=self.workers, prefix=self.prefix,
+                           source=str(self.img_path), layout=self.label_layout())
 
     def _log_scan(self, report: ScanReport) -> None:
         LOGGER.info(report.summary_with_bad_entries_file())

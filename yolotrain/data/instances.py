@@ -1,7 +1,8 @@
 """Instances: the objects of one sample, every per-object array kept aligned with its box.
 
 A sample holds its objects as `cls` (n, 1) and `bboxes` (n, 4) pixel xyxy and, when the task has them, `segments`
-(n, S, 2) polygon points and `keypoints` (n, K, 2 | 3: x, y[, visibility]), all in pixels of the current image.
+(n, S, 2) polygon points, `keypoints` (n, K, 2 | 3: x, y[, visibility]) or `corners` (n, 4, 2) of rotated boxes,
+all in pixels of the current image.
 Transforms never move these arrays by hand: they read an `Instances` from the sample, apply one of its geometric
 operations (scale and offset, a 3x3 matrix, a flip, a clip), keep or drop objects with one mask, and write it
 back, so an array added for a new task can never fall out of step with the boxes.
@@ -19,22 +20,24 @@ import numpy as np
 from yolotrain.utils.boxes import clip_boxes
 
 # Every per-object key a sample may hold, in the order collate concatenates them; each has one row per object.
-PER_OBJECT_KEYS = ("cls", "bboxes", "segments", "keypoints")
-POINT_KEYS = ("segments", "keypoints")  # per-object arrays of (x, y[, ...]) points that move with the image
+PER_OBJECT_KEYS = ("cls", "bboxes", "segments", "keypoints", "corners")
+POINT_KEYS = ("segments", "keypoints", "corners")  # per-object arrays of (x, y[, ...]) points that move with the image
 
 
 @dataclass
 class Instances:
-    """`bboxes` (n, 4) float32 pixel xyxy; `segments` (n, S, 2) and `keypoints` (n, K, 2 | 3) or None."""
+    """`bboxes` (n, 4) float32 pixel xyxy; `segments` (n, S, 2), `keypoints` (n, K, 2 | 3) and `corners` (n, 4, 2)
+    or None."""
 
     bboxes: np.ndarray
     segments: Optional[np.ndarray] = None
     keypoints: Optional[np.ndarray] = None
+    corners: Optional[np.ndarray] = None
 
     @classmethod
     def from_sample(cls, sample: dict) -> "Instances":
         return cls(np.asarray(sample["bboxes"], np.float32).reshape(-1, 4),
-                   sample.get("segments"), sample.get("keypoints"))
+                   sample.get("segments"), sample.get("keypoints"), sample.get("corners"))
 
     def into(self, sample: dict) -> dict:
         """Write the arrays into `sample` (the point arrays only where the sample has them); returns it."""
@@ -60,9 +63,12 @@ class Instances:
 
     def transform(self, matrix: np.ndarray):
         """Apply a 3x3 matrix (affine or perspective) in continuous pixel coordinates. Each box becomes the box
-        around its transformed polygon where there is one (tight under rotation), else around its 4 corners."""
+        around its transformed polygon or rotated corners where there are some (tight under rotation), else around
+        its own 4 corners."""
         moved = {key: _transformed_points(points, matrix) for key, points in self._points().items()}
-        outline = moved["segments"] if "segments" in moved else _transformed_points(_corners(self.bboxes), matrix)
+        outline = moved.get("segments", moved.get("corners"))
+        if outline is None:
+            outline = _transformed_points(_corners(self.bboxes), matrix)
         if len(outline):
             bboxes = np.concatenate([outline[..., :2].min(1), outline[..., :2].max(1)], 1)
         else:
@@ -85,7 +91,8 @@ class Instances:
         return Instances(bboxes, **moved)
 
     def clip(self, height: int, width: int):
-        """Boxes and polygons inside the image; keypoints that left it become invisible (visibility 0)."""
+        """Boxes and polygons inside the image; keypoints that left it become invisible (visibility 0); rotated
+        corners stay where they are (a rotated box may reach past the border)."""
         bboxes = clip_boxes(self.bboxes.copy(), (height, width))
         moved = {}
         if self.segments is not None:
@@ -100,6 +107,8 @@ class Instances:
                 outside = (x < 0) | (x > width) | (y < 0) | (y > height)
                 keypoints[..., 2] = np.where(outside, 0.0, keypoints[..., 2])
             moved["keypoints"] = keypoints
+        if self.corners is not None:
+            moved["corners"] = self.corners
         return Instances(bboxes, **moved)
 
 
@@ -109,10 +118,16 @@ class Instances:
 
 
 def keep_objects(sample: dict, keep: np.ndarray) -> dict:
-    """Keep the objects selected by `keep` (a boolean mask or indices) in every per-object array of `sample`."""
+    """Keep the objects selected by `keep` (a boolean mask or indices) in every per-object array of `sample` (or of
+    a scan record, whose polygons are a list of arrays of varying length)."""
+    keep = np.asarray(keep)
     for key in PER_OBJECT_KEYS:
         if key in sample:
-            sample[key] = sample[key][keep]
+            if isinstance(sample[key], list):
+                indices = np.flatnonzero(keep) if keep.dtype == bool else keep
+                sample[key] = [sample[key][i] for i in indices]
+            else:
+                sample[key] = sample[key][keep]
     return sample
 
 

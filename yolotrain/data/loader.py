@@ -35,9 +35,10 @@ LOGGER = logging.getLogger(__name__)
 
 def collate_fn(samples: list[dict]) -> dict:
     """Batch formatted samples: `img` stacked (B, 3, H, W) uint8, every per-object array concatenated in object
-    order (`cls` (N, 1), `bboxes` (N, 4), and `segments` (N, S, 2) / `keypoints` (N, K, 2 | 3) where the samples
-    have them), `batch_idx` (N,) float giving each object's image index, `max_boxes` (int) the most boxes in one
-    image (the loss pads to it without reading the device); every other key becomes a list."""
+    order (`cls` (N, 1), `bboxes` (N, 4), and `segments` (N, S, 2) / `keypoints` (N, K, 2 | 3) / `corners`
+    (N, 4, 2) where the samples have them), `batch_idx` (N,) float giving each object's image index, `max_boxes`
+    (int) the most boxes in one image (the loss pads to it without reading the device); every other key becomes
+    a list."""
     batch = {"img": torch.stack([torch.as_tensor(s["img"]) for s in samples])}
     for key in PER_OBJECT_KEYS:
         if key in samples[0]:

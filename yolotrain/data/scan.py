@@ -1,7 +1,8 @@
 """Verify a split's images and YOLO label files once, in parallel, and cache the result beside the labels.
 
 Label files follow the YOLO convention: for `.../images/.../name.jpg` the labels are `.../labels/.../name.txt`,
-one object per line as `class x_center y_center width height`, coordinates normalised to [0, 1].
+one object per line as `class x_center y_center width height`, coordinates normalised to [0, 1]; what a row holds
+for each task (polygons, keypoints, rotated corners) and how rows are cleaned is in `data.label_rows`.
 
 What happens to bad input (each kind is counted in the ScanReport, and every offender is kept with a reason):
 - image unreadable, missing, of an unsupported format, truncated (a JPEG without its end-of-image marker),
@@ -9,8 +10,9 @@ What happens to bad input (each kind is counted in the ScanReport, and every off
 - no label file, or an empty one: the image is kept as a background (no objects).
 - a label row with a wrong column count, a non-numeric or non-finite value, or a class id that is not an
   integer in [0, nc): the row is dropped.
-- a coordinate outside [0, 1] by at most COORD_TOLERANCE is clipped into range; further out, the row is dropped.
-  Boxes reaching past the image border are clipped to it; boxes left with no width or height are dropped.
+- a coordinate outside [0, 1] by at most COORD_TOLERANCE (label_rows) is clipped into range; further out, the row
+  is dropped. Boxes reaching past the image border are clipped to it; boxes left with no width or height are
+  dropped.
 - duplicate rows: all but the first are removed.
 - a label file with rows but none usable: the image is skipped rather than kept as a background, because
   its objects exist but cannot be located, and a background would teach the model that they are not there.
@@ -36,14 +38,13 @@ import cv2
 import numpy as np
 
 from yolotrain.data.data_yaml import IMG_FORMATS, has_image_suffix
+from yolotrain.data.label_rows import LabelLayout, clean_label_rows
 from yolotrain.errors import DatasetError, one_line
-from yolotrain.utils.boxes import xywh2xyxy, xyxy2xywh
 from yolotrain.utils.files import write_atomic_stream
 
 LOGGER = logging.getLogger(__name__)
 
-CACHE_VERSION = "yolotrain-labels-2"  # 2: the report keeps every offender, not the first 20
-COORD_TOLERANCE = 0.01
+CACHE_VERSION = "yolotrain-labels-3"  # 2: the report keeps every offender; 3: rows per task, with their points
 MIN_IMAGE_SIZE = 10
 BAD_ENTRIES_SUFFIX = ".bad.txt"
 JPEG_START = b"\xff\xd8\xff"
@@ -177,25 +178,27 @@ def scan_labels(
     workers: int | None = None,
     prefix: str = "",
     source: str | None = None,
+    layout: LabelLayout = LabelLayout(),
 ) -> tuple[list[dict], ScanReport]:
     """Verify every image and label once (or reuse a valid cache) and return (records, report).
 
     records follow the data contract: `im_file`, `shape` (h, w) after EXIF orientation, `cls` float32 (n, 1),
-    `bboxes` float32 (n, 4) normalised xywh. `single_cls` maps every class to 0 (the cache keeps real classes).
-    `source` names the split's folder in errors. Raises DatasetError when no image is usable.
+    `bboxes` float32 (n, 4) normalised xywh, and the points `layout` (the task's label rows) gives each object.
+    `single_cls` maps every class to 0 (the cache keeps real classes). `source` names the split's folder in
+    errors. Raises DatasetError when no image is usable.
     """
     img_files = [str(f) for f in img_files]
     label_files = img2label_paths(img_files)
     cache_path = Path(cache_path) if cache_path is not None else None
-    key = files_hash(img_files + label_files, extra=f"nc={nc}")
+    key = files_hash(img_files + label_files, extra=f"nc={nc}|rows={layout.tag}")
 
-    cached = _load_cache(cache_path, key, prefix) if cache_path is not None else None
+    cached = _load_cache(cache_path, key, prefix, layout) if cache_path is not None else None
     if cached is not None:
         records, report = cached
     else:
-        records, report = _verify_all(img_files, label_files, nc, workers, prefix)
+        records, report = _verify_all(img_files, label_files, nc, workers, prefix, layout)
         if cache_path is not None and records:
-            _save_cache(cache_path, key, records, report)
+            _save_cache(cache_path, key, records, report, layout)
     if cache_path is not None:
         write_bad_entries(report, bad_entries_path(cache_path))
 
@@ -224,9 +227,9 @@ def files_hash(files: Sequence[str], extra: str = "") -> str:
     return h.hexdigest()
 
 
-def _verify_all(img_files, label_files, nc, workers, prefix) -> tuple[list[dict], ScanReport]:
+def _verify_all(img_files, label_files, nc, workers, prefix, layout) -> tuple[list[dict], ScanReport]:
     workers = max(1, min(workers if workers is not None else 8, os.cpu_count() or 1, len(img_files) or 1))
-    jobs = [(im, lb, nc) for im, lb in zip(img_files, label_files)]
+    jobs = [(im, lb, nc, layout) for im, lb in zip(img_files, label_files)]
     # cv2 decoding releases the GIL, so threads parallelise the expensive part without pickling costs.
     with ThreadPool(workers) as pool:
         results = pool.map(_verify_pair, jobs, chunksize=max(1, len(jobs) // (workers * 8)))
@@ -242,22 +245,16 @@ def _verify_all(img_files, label_files, nc, workers, prefix) -> tuple[list[dict]
 
 
 def _verify_pair(job) -> tuple[dict | None, ScanReport]:
-    im_file, label_file, nc = job
+    im_file, label_file, nc, layout = job
     report = ScanReport()
     shape, problem = verify_image(im_file)
     if problem:
         report.add("corrupt", file=im_file, reason=problem)
         return None, report
-    labels = read_label_file(label_file, nc, report)
-    if labels is None:
+    objects = read_label_file(label_file, nc, report, layout)
+    if objects is None:
         return None, report
-    record = {
-        "im_file": im_file,
-        "shape": shape,
-        "cls": labels[:, :1].copy(),
-        "bboxes": labels[:, 1:].copy(),
-    }
-    return record, report
+    return {"im_file": im_file, "shape": shape, **objects}, report
 
 
 def verify_image(path: str) -> tuple[tuple[int, int] | None, str | None]:
@@ -285,117 +282,29 @@ def verify_image(path: str) -> tuple[tuple[int, int] | None, str | None]:
     return (int(h), int(w)), None
 
 
-def read_label_file(label_file: str, nc: int, report: ScanReport) -> np.ndarray | None:
-    """Read and clean one label file into (n, 5) float32 rows of class, x, y, w, h.
+def read_label_file(label_file: str, nc: int, report: ScanReport, layout: LabelLayout = LabelLayout()) -> dict | None:
+    """Read and clean one label file into its objects' arrays (`cls`, `bboxes` and the layout's points).
 
-    Problems are counted in `report`. Returns an empty (0, 5) array for a background and None when the image
-    must be skipped (unreadable label file, or rows present but none usable).
+    Problems are counted in `report`. Returns no objects for a background and None when the image must be skipped
+    (unreadable label file, or rows present but none usable).
     """
     try:
         text = Path(label_file).read_text(encoding="utf-8")
     except FileNotFoundError:
         report.add("backgrounds")
-        return np.zeros((0, 5), np.float32)
+        return layout.empty()
     except (OSError, UnicodeDecodeError) as e:
         report.add("bad_label_files", file=label_file, reason=f"unreadable label file ({e})")
         return None
     numbered = [(i + 1, line.split()) for i, line in enumerate(text.splitlines()) if line.strip()]
     if not numbered:
         report.add("backgrounds")
-        return np.zeros((0, 5), np.float32)
-    labels = clean_label_rows(numbered, nc, label_file, report)
-    if len(labels) == 0:
+        return layout.empty()
+    objects = clean_label_rows(numbered, layout, nc, label_file, report)
+    if len(objects["cls"]) == 0:
         report.add("bad_label_files", file=label_file, reason=f"no usable rows among {len(numbered)}")
         return None
-    return labels
-
-
-def clean_label_rows(numbered: list, nc: int, label_file: str, report: ScanReport) -> np.ndarray:
-    """Turn [(line_number, tokens)] into cleaned (n, 5) float32 rows; every dropped row is counted."""
-    line_numbers, values = _parse_numeric(numbered, label_file, report)
-    if len(values) == 0:
-        return np.zeros((0, 5), np.float32)
-
-    cls = values[:, 0]
-    bad_class = (cls != np.round(cls)) | (cls < 0) | (cls >= nc)
-    _count_rows(report, "bad_class", bad_class, line_numbers, label_file,
-                lambda i: f"class {_fmt(cls[i])} is not an integer in [0, {nc})")
-    values, line_numbers = values[~bad_class], line_numbers[~bad_class]
-
-    xywh = values[:, 1:]
-    outside = ((xywh < -COORD_TOLERANCE) | (xywh > 1 + COORD_TOLERANCE)).any(1)
-    _count_rows(report, "out_of_range", outside, line_numbers, label_file,
-                lambda i: f"coordinates {' '.join(_fmt(v) for v in xywh[i])} outside [0, 1]")
-    values, line_numbers = values[~outside], line_numbers[~outside]
-
-    values, clipped = _clip_to_image(values)
-    report.add("clipped", int(clipped.sum()))
-
-    zero_area = (values[:, 3] <= 0) | (values[:, 4] <= 0)
-    _count_rows(report, "zero_area", zero_area, line_numbers, label_file, lambda i: "box has zero width or height")
-    values, line_numbers = values[~zero_area], line_numbers[~zero_area]
-
-    _, first_index = np.unique(values, axis=0, return_index=True)
-    keep = np.sort(first_index)  # first occurrence of each row, in file order
-    duplicates = len(values) - len(keep)
-    if duplicates:
-        report.add("duplicates", duplicates, label_file, f"{duplicates} duplicate rows removed")
-    return values[keep].astype(np.float32)
-
-
-def _parse_numeric(numbered: list, label_file: str, report: ScanReport) -> tuple[np.ndarray, np.ndarray]:
-    """Keep rows of exactly 5 finite numbers; returns (line numbers (m,), values (m, 5) float64)."""
-    column_counts = np.array([len(t) for _, t in numbered], np.int64)
-    _count_rows(report, "wrong_columns", column_counts != 5, np.array([n for n, _ in numbered], np.int64),
-                label_file, lambda i: f"expected 5 values (class x y w h), got {column_counts[i]}")
-    well_sized = [(n, t) for n, t in numbered if len(t) == 5]
-    if not well_sized:
-        return np.zeros(0, np.int64), np.zeros((0, 5))
-    line_numbers = np.array([n for n, _ in well_sized], np.int64)
-    tokens = np.array([t for _, t in well_sized])
-    try:
-        values = tokens.astype(np.float64)  # fast path: the whole file at once
-        numeric = np.isfinite(values).all(1)
-    except ValueError:
-        values, numeric = _parse_rows_one_by_one(tokens)
-    _count_rows(report, "non_numeric", ~numeric, line_numbers, label_file,
-                lambda i: f"non-numeric value in '{' '.join(tokens[i])}'")
-    return line_numbers[numeric], values[numeric]
-
-
-def _parse_rows_one_by_one(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    values = np.zeros(tokens.shape, np.float64)
-    numeric = np.zeros(len(tokens), bool)
-    for i, row in enumerate(tokens):
-        try:
-            values[i] = row.astype(np.float64)
-            numeric[i] = np.isfinite(values[i]).all()
-        except ValueError:
-            pass
-    return values, numeric
-
-
-def _clip_to_image(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Clip boxes (class, x, y, w, h) to the unit square as corners; returns (values, clipped row mask)."""
-    xywh = values[:, 1:].clip(0, 1)  # within tolerance by now
-    xyxy = xywh2xyxy(xywh)
-    xyxy_clipped = xyxy.clip(0, 1)
-    out = values.copy()
-    out[:, 1:] = xyxy2xywh(xyxy_clipped)
-    clipped = (np.abs(xyxy_clipped - xyxy) > 1e-6).any(1) | (np.abs(xywh - values[:, 1:]) > 0).any(1)
-    return out, clipped & (out[:, 3] > 0) & (out[:, 4] > 0)
-
-
-def _count_rows(report, kind, mask, line_numbers, label_file, describe) -> None:
-    if mask.any():
-        first = int(np.flatnonzero(mask)[0])
-        n = int(mask.sum())
-        more = f" (+{n - 1} more rows)" if n > 1 else ""
-        report.add(kind, n, label_file, f"line {line_numbers[first]}: {describe(first)}{more}")
-
-
-def _fmt(v: float) -> str:
-    return f"{v:g}"
+    return objects
 
 
 def _common_folder(files: Sequence[str]) -> str:
@@ -407,7 +316,7 @@ def _common_folder(files: Sequence[str]) -> str:
         return os.path.dirname(files[0])
 
 
-def _load_cache(cache_path: Path, key: str, prefix: str) -> tuple[list[dict], ScanReport] | None:
+def _load_cache(cache_path: Path, key: str, prefix: str, layout: LabelLayout) -> tuple[list[dict], ScanReport] | None:
     if not cache_path.is_file():
         return None
     try:
@@ -415,7 +324,7 @@ def _load_cache(cache_path: Path, key: str, prefix: str) -> tuple[list[dict], Sc
             if str(z["version"]) != CACHE_VERSION or str(z["hash"]) != key:
                 LOGGER.debug("%s: label cache %s is stale, re-scanning", prefix, cache_path)
                 return None
-            records = _records_from_arrays(z["im_files"], z["shapes"], z["counts"], z["labels"])
+            records = _records_from_arrays(z, layout)
             report = ScanReport.from_json(str(z["report"]), prefix)
     except Exception as e:  # a damaged cache is only a lost speed-up
         LOGGER.debug("%s: label cache %s unreadable (%s), re-scanning", prefix, cache_path, e)
@@ -423,21 +332,38 @@ def _load_cache(cache_path: Path, key: str, prefix: str) -> tuple[list[dict], Sc
     return records, report
 
 
-def _records_from_arrays(im_files, shapes, counts, labels) -> list[dict]:
+def _records_from_arrays(z, layout: LabelLayout) -> list[dict]:
+    """Records back from the cache's flat arrays: every object's label row, and its points where it has any."""
+    counts = z["counts"]
     ends = np.cumsum(counts)
-    starts = ends - counts
+    labels = z["labels"]
+    points = np.split(z["points"], np.cumsum(z["point_counts"])[:-1]) if layout.points else None
     records = []
-    for f, shape, s, e in zip(im_files.tolist(), shapes.tolist(), starts.tolist(), ends.tolist()):
-        rows = labels[s:e]
-        records.append(
-            {"im_file": f, "shape": tuple(shape), "cls": rows[:, :1].copy(), "bboxes": rows[:, 1:].copy()}
-        )
+    for f, shape, start, end in zip(z["im_files"].tolist(), z["shapes"].tolist(), (ends - counts).tolist(),
+                                    ends.tolist()):
+        rows = labels[start:end]
+        record = {"im_file": f, "shape": tuple(shape), "cls": rows[:, :1].copy(), "bboxes": rows[:, 1:].copy()}
+        if layout.points == "segments":
+            record["segments"] = points[start:end]
+        elif layout.points is not None:
+            record[layout.points] = np.stack(points[start:end]) if end > start else layout.empty()[layout.points]
+        records.append(record)
     return records
 
 
-def _save_cache(cache_path: Path, key: str, records: list[dict], report: ScanReport) -> None:
+def _object_points(records: list[dict], layout: LabelLayout) -> list[np.ndarray]:
+    """Every object's points, in record order, each as (P, D)."""
+    if layout.points is None:
+        return []
+    return [points for r in records for points in r[layout.points]]
+
+
+def _save_cache(cache_path: Path, key: str, records: list[dict], report: ScanReport, layout: LabelLayout) -> None:
     """Write the cache atomically (temp file in the same folder, then replace); no pickle, so loading a cache
-    shipped with someone else's dataset cannot run code."""
+    shipped with someone else's dataset cannot run code. Points (polygons of any length) are stored flat with
+    each object's point count."""
+    points = _object_points(records, layout)
+    width = points[0].shape[-1] if points else 2
     arrays = {
         "version": np.array(CACHE_VERSION),
         "hash": np.array(key),
@@ -445,6 +371,8 @@ def _save_cache(cache_path: Path, key: str, records: list[dict], report: ScanRep
         "shapes": np.array([r["shape"] for r in records], np.int64).reshape(-1, 2),
         "counts": np.array([len(r["cls"]) for r in records], np.int64),
         "labels": np.concatenate([np.hstack([r["cls"], r["bboxes"]]) for r in records]).astype(np.float32),
+        "points": np.concatenate(points).astype(np.float32) if points else np.zeros((0, width), np.float32),
+        "point_counts": np.array([len(p) for p in points], np.int64),
         "report": np.array(report.to_json()),
     }
     try:

@@ -67,12 +67,13 @@ def fit_batch_size(batches, peak_bytes, budget_bytes, failed_at=None, max_batch=
     return int(min(max(batch, 1), max_batch))
 
 
-def auto_batch_size(model, imgsz, device, batch_arg, amp=False):
+def auto_batch_size(model, imgsz, device, batch_arg, amp=False, make_batch=None):
     """The per-device batch for `batch_arg` (-1 or a share in (0, 1)), measured with `model` at `imgsz` on `device`.
 
     `amp` is the `amp` argument: the steps run under the autocast training asks for (fp16 for true, bf16), so the
-    figures are those of training. `model` is left as it was (a copy is measured). Logs the chosen batch and the
-    figures behind it in one line.
+    figures are those of training. `model` is left as it was (a copy is measured). `make_batch(batch_size, imgsz,
+    device)` gives the task's training batch (the trainer's `autobatch_batch`; a detection batch when None). Logs
+    the chosen batch and the figures behind it in one line.
     """
     fraction = target_fraction(batch_arg)
     device = torch.device(device)
@@ -84,7 +85,7 @@ def auto_batch_size(model, imgsz, device, batch_arg, amp=False):
     held_by_others = max(total - free - torch.cuda.memory_reserved(device), 0)  # other processes, the CUDA context
     budget = fraction * total - held_by_others
     amp_dtype = (torch.bfloat16 if amp == "bf16" else torch.float16) if amp else None
-    batches, peaks, failed_at = measure_peak_memory(model, imgsz, device, amp_dtype=amp_dtype)
+    batches, peaks, failed_at = measure_peak_memory(model, imgsz, device, amp_dtype=amp_dtype, make_batch=make_batch)
     batch = fit_batch_size(batches, peaks, budget, failed_at)
     if batch is None:
         LOGGER.warning(f"autobatch: memory figures {list(zip(batches, peaks))} allow no fit; training with batch "
@@ -98,8 +99,9 @@ def auto_batch_size(model, imgsz, device, batch_arg, amp=False):
     return batch
 
 
-def measure_peak_memory(model, imgsz, device, batches=PROBE_BATCHES, amp_dtype=None):
-    """Peak reserved CUDA memory of one training step of a copy of `model` at each batch size, smallest first.
+def measure_peak_memory(model, imgsz, device, batches=PROBE_BATCHES, amp_dtype=None, make_batch=None):
+    """Peak reserved CUDA memory of one training step of a copy of `model` at each batch size, smallest first; the
+    step is the model's loss on `make_batch(batch_size, imgsz, device)` (a detection batch when None).
 
     Returns (batches that ran, their peaks in bytes, the first batch that ran out of memory or None).
     """
@@ -111,7 +113,8 @@ def measure_peak_memory(model, imgsz, device, batches=PROBE_BATCHES, amp_dtype=N
     try:
         for batch_size in batches:
             try:
-                peaks.append(_step_peak_memory(probe, batch_size, imgsz, device, amp_dtype))
+                batch = (make_batch or synthetic_batch)(batch_size, imgsz, device)
+                peaks.append(_step_peak_memory(probe, batch, device, amp_dtype))
                 ran.append(batch_size)
             except torch.cuda.OutOfMemoryError:
                 failed_at = batch_size
@@ -122,11 +125,11 @@ def measure_peak_memory(model, imgsz, device, batches=PROBE_BATCHES, amp_dtype=N
     return ran, peaks, failed_at
 
 
-def _step_peak_memory(model, batch_size, imgsz, device, amp_dtype):
+def _step_peak_memory(model, batch, device, amp_dtype):
+    """Peak memory of the loss (a model called with a batch returns (loss, items)) and its backward pass."""
     model.zero_grad(set_to_none=True)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    batch = synthetic_batch(batch_size, imgsz, device)
     with torch.autocast("cuda", dtype=amp_dtype or torch.float16, enabled=amp_dtype is not None):
         loss, _ = model(batch)
     loss.sum().backward()

@@ -328,7 +328,8 @@ class BaseTrainer:
         if is_auto_batch(self.args.batch):
             measured = None
             if dist.is_main():
-                measured = auto_batch_size(self.model, self.args.imgsz, self.device, self.args.batch, self.args.amp)
+                measured = auto_batch_size(self.model, self.args.imgsz, self.device, self.args.batch, self.args.amp,
+                                           make_batch=self.autobatch_batch)
             self.batch_size = int(dist.broadcast_object(measured, group=self._wait_group))
             return
         if self.args.batch % world:
@@ -798,6 +799,11 @@ class BaseTrainer:
     def get_validator(self):
         """Return the validator used after each epoch; it is called as `validator(trainer=self)`."""
         raise NotImplementedError
+
+    def autobatch_batch(self, batch_size, imgsz, device):
+        """Return a collated training batch of `batch_size` random images at `imgsz` on `device`, with the labels
+        the task's loss needs: batch=-1 measures the memory of a training step on it (GPU only)."""
+        raise NotImplementedError(f"{type(self).__name__} has no autobatch_batch: batch=-1 needs one")
 
     def set_model_attributes(self):
         """Attach task information (class count, names, hyperparameters) to the model; called once the

@@ -212,6 +212,12 @@ class DetectionTrainer(BaseTrainer):
             self.test_loader, save_dir=self.save_dir, args=copy.copy(self.args), _callbacks=self.callbacks
         )
 
+    def autobatch_batch(self, batch_size, imgsz, device):
+        """Random images, each with a few random boxes (the detection loss's cost grows with them)."""
+        from yolotrain.engine import autobatch
+
+        return autobatch.synthetic_batch(batch_size, imgsz, device)
+
     def always_frozen(self):
         """The DFL projection is a fixed integral, never trained."""
         return (".dfl",)
