@@ -14,6 +14,7 @@ from yolotrain import __version__
 from yolotrain.cfg import (
     CLI_MODES,
     DEFAULT_MODEL,
+    DEFAULT_MODELS,
     TASKS,
     format_value,
     get_cfg,
@@ -114,7 +115,7 @@ def _run_mode(mode: str, overrides: dict) -> int:
 
     if not dist.is_main():  # a torchrun worker other than rank 0: warnings and errors only
         logging.getLogger("yolotrain").setLevel(logging.WARNING)
-    model = YOLO(args.model or DEFAULT_MODEL, task=given.get("task"))
+    model = YOLO(args.model or DEFAULT_MODELS[given.get("task") or "detect"], task=given.get("task"))
     # The model, task and mode are already given by the call itself; the rest goes through exactly as the user set it.
     kwargs = {key: value for key, value in given.items() if key not in ("model", "mode", "task")}
     if mode == "predict":

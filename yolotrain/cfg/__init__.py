@@ -27,9 +27,10 @@ LOGGER = logging.getLogger(__name__)
 
 DEFAULT_CFG_PATH = Path(__file__).resolve().parent / "default.yaml"
 
-TASKS = ("detect",)
-# The model a run uses when none is named (`model=` empty, `YOLO()`, `yolotrain train`).
+TASKS = ("detect", "classify")
+# The model a run uses when none is named (`model=` empty, `YOLO()`, `yolotrain train`), and per task.
 DEFAULT_MODEL = "yolo-n.yaml"
+DEFAULT_MODELS = types.MappingProxyType({"detect": DEFAULT_MODEL, "classify": "yolo11n-cls.yaml"})
 MODES = ("train", "val", "predict", "export")
 # Modes of the command line; `convert` and `sync` take positional arguments instead of key=value pairs, `tune` runs
 # many `train` runs (its trials) and is no `mode=` of a run.
@@ -56,6 +57,7 @@ _STR_CHOICES = types.MappingProxyType(
         "amp": ("bf16",),
         "augment_device": ("cpu", "device", "auto"),
         "format": EXPORT_FORMATS,
+        "auto_augment": ("randaugment", "autoaugment", "augmix"),
     }
 )
 # Keys a Python caller may set to an object instead of a str: `augment=fn` (a callable or an albumentations Compose).

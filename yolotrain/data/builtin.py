@@ -1,4 +1,5 @@
-"""The built-in "shapes" detection dataset, generated deterministically on first use.
+"""The built-in "shapes" datasets (detection, and crops of the same shapes for classification), generated
+deterministically on first use.
 
 With no `data=` the trainer trains on this dataset: coloured shapes of six kinds on textured backgrounds. The class
 of a shape is decided by its geometry only (colour, size, rotation and background are random), so a detector has to
@@ -32,6 +33,9 @@ BUILTIN_NAMES = ("circle", "square", "triangle", "star", "cross", "ellipse")
 """Class names of the built-in dataset, in class-index order."""
 
 DATASET_VERSION = "shapes-v1"  # bump when the rendered content changes, so old caches are not reused
+CLASSIFY_VERSION = "shapes-cls-v1"  # the classification crops of the same scenes
+CROP_MARGIN = 0.15  # of a shape's larger side, added around it on each side of its crop
+CROP_MIN_SIZE = 16  # pixels: smaller shapes are too few pixels to classify
 DEFAULT_SEED = 0
 DEFAULT_TRAIN_IMAGES = 400
 DEFAULT_VAL_IMAGES = 100
@@ -80,24 +84,35 @@ def builtin_data_yaml(root: str | Path | None = None) -> Path:
     sibling folder and renamed into place with a completion marker inside, so a crash or several processes starting
     at once never leave a half-written dataset; later calls reuse the finished one.
     """
+    return _generated_once(root, DATASET_VERSION, generate_shapes_dataset) / "data.yaml"
+
+
+def builtin_classify_root(root: str | Path | None = None) -> Path:
+    """Return the folder of the built-in classification set, generating it on first use (as `builtin_data_yaml`):
+    `<root>/shapes-cls-v1/{train,val}/<shape name>/*.jpg`, each image one shape cut from a shapes scene."""
+    return _generated_once(root, CLASSIFY_VERSION, generate_shape_crops)
+
+
+def _generated_once(root, version: str, generate) -> Path:
+    """`<root>/<version>`, made by `generate(folder)` in a temporary sibling and renamed into place once complete."""
     cache_root = Path(root).expanduser() if root is not None else default_cache_dir()
-    final_dir = cache_root / DATASET_VERSION
+    final_dir = cache_root / version
     if _is_complete(final_dir):
-        return final_dir / "data.yaml"
+        return final_dir
 
     cache_root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_dirs(cache_root)
-    temp_dir = Path(tempfile.mkdtemp(prefix=f".{DATASET_VERSION}.tmp-", dir=cache_root))
+    _remove_stale_temp_dirs(cache_root, version)
+    temp_dir = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=cache_root))
     try:
-        logger.info(f"Generating the built-in {DATASET_VERSION} dataset in {final_dir} (first use, a few seconds)")
+        logger.info(f"Generating the built-in {version} dataset in {final_dir} (first use, a few seconds)")
         start = time.perf_counter()
-        generate_shapes_dataset(temp_dir)
-        (temp_dir / COMPLETE_MARKER).write_text(json.dumps({"version": DATASET_VERSION}))
+        generate(temp_dir)
+        (temp_dir / COMPLETE_MARKER).write_text(json.dumps({"version": version}))
         _move_into_place(temp_dir, final_dir)
-        logger.info(f"Built-in dataset ready in {time.perf_counter() - start:.1f}s: {final_dir / 'data.yaml'}")
+        logger.info(f"Built-in dataset ready in {time.perf_counter() - start:.1f}s: {final_dir}")
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)  # gone already after a successful rename
-    return final_dir / "data.yaml"
+    return final_dir
 
 
 def generate_shapes_dataset(
@@ -122,6 +137,41 @@ def generate_shapes_dataset(
             _write_jpeg(image_dir / f"{stem}.jpg", scene.image)
             (label_dir / f"{stem}.txt").write_text(yolo_label_text(scene))
     return _write_data_yaml(out_dir)
+
+
+def generate_shape_crops(
+    out_dir: str | Path,
+    n_train: int = DEFAULT_TRAIN_IMAGES,
+    n_val: int = DEFAULT_VAL_IMAGES,
+    imgsz: int = DEFAULT_IMGSZ,
+    seed: int = DEFAULT_SEED,
+) -> Path:
+    """Write the classification set into `out_dir/{train,val}/<shape name>/`: every shape of the same scenes as
+    the detection set, cut out square around its box with a margin; shapes under CROP_MIN_SIZE are left out."""
+    out_dir = Path(out_dir)
+    for split, count in zip(REQUIRED_SPLITS, (n_train, n_val)):
+        for name in BUILTIN_NAMES:
+            (out_dir / split / name).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            scene = render_scene(image_rng(seed, split, index), imgsz)
+            for k, (crop, class_id) in enumerate(shape_crops(scene)):
+                _write_jpeg(out_dir / split / BUILTIN_NAMES[class_id] / f"{split}_{index:05d}_{k}.jpg", crop)
+    return out_dir
+
+
+def shape_crops(scene: ShapesScene) -> list[tuple[np.ndarray, int]]:
+    """(crop, class id) per shape of a scene: the square around its box grown by CROP_MARGIN, inside the image."""
+    height, width = scene.image.shape[:2]
+    crops = []
+    for (x1, y1, x2, y2), class_id in zip(scene.boxes, scene.classes.tolist()):
+        side = max(x2 - x1, y2 - y1) * (1 + 2 * CROP_MARGIN)
+        if max(x2 - x1, y2 - y1) < CROP_MIN_SIZE:
+            continue
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        left, top = int(max(cx - side / 2, 0)), int(max(cy - side / 2, 0))
+        right, bottom = int(min(cx + side / 2, width)), int(min(cy + side / 2, height))
+        crops.append((scene.image[top:bottom, left:right], class_id))
+    return crops
 
 
 def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -158,7 +208,7 @@ def yolo_label_text(scene: ShapesScene) -> str:
 
 
 def _is_complete(dataset_dir: Path) -> bool:
-    return (dataset_dir / COMPLETE_MARKER).is_file() and (dataset_dir / "data.yaml").is_file()
+    return (dataset_dir / COMPLETE_MARKER).is_file()  # written last, once everything else is in place
 
 
 def _move_into_place(temp_dir: Path, final_dir: Path) -> None:
@@ -174,10 +224,10 @@ def _move_into_place(temp_dir: Path, final_dir: Path) -> None:
     os.rename(temp_dir, final_dir)
 
 
-def _remove_stale_temp_dirs(cache_root: Path) -> None:
+def _remove_stale_temp_dirs(cache_root: Path, version: str) -> None:
     """Delete temp folders left by crashed generations; recent ones may belong to a process still running."""
     now = time.time()
-    for leftover in cache_root.glob(f".{DATASET_VERSION}.tmp-*"):
+    for leftover in cache_root.glob(f".{version}.tmp-*"):
         try:
             if now - leftover.stat().st_mtime > STALE_TEMP_SECONDS:
                 shutil.rmtree(leftover, ignore_errors=True)

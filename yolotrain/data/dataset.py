@@ -23,6 +23,7 @@ from yolotrain.cfg import format_value, get_cfg
 from yolotrain.data.data_yaml import list_image_files, single_class_names
 from yolotrain.data.instances import keep_objects
 from yolotrain.data.label_rows import LabelLayout
+from yolotrain.data.samplers import seeded_index
 from yolotrain.data.scan import ScanReport, img2label_paths, label_cache_path, scan_labels
 from yolotrain.errors import CfgError, DatasetError
 from yolotrain.utils.boxes import xywhn2xyxy
@@ -278,11 +279,7 @@ class YOLODataset(Dataset):
     def __getitem__(self, index) -> dict:
         """The transformed sample of `index`; an `(index, seed)` pair (from the loader's sampler) first seeds the
         augmentation so the sample is reproducible whatever worker makes it."""
-        if isinstance(index, tuple):
-            index, seed = index
-            random.seed(seed)
-            np.random.seed(seed)
-        return self.transforms(self.get_image_and_label(index))
+        return self.transforms(self.get_image_and_label(seeded_index(index)))
 
     def load_image(self, i: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
         """Return (BGR image resized so its long side is imgsz, (h0, w0) original, (h, w) resized)."""

@@ -77,6 +77,7 @@ def build_dataloader(
     drop_last: bool = False,
     image_weights: bool = False,
     exact_shard: bool = False,
+    collate=None,
 ) -> DataLoader:
     """A DataLoader with `collate_fn`, seeded workers and a (seed, epoch)-determined order.
 
@@ -86,7 +87,8 @@ def build_dataloader(
     unshuffled and unsharded, consecutive images already form its groups. `image_weights` draws the images by the
     classes they hold (`ImageWeightSampler`, the dataset needs `labels` and `nc`); it cannot be combined with rect.
     `exact_shard` (evaluation, unshuffled): each rank takes whole consecutive batches in turn with nothing padded or
-    repeated (`ExactShardBatchSampler`), so the ranks together see every image exactly once.
+    repeated (`ExactShardBatchSampler`), so the ranks together see every image exactly once. `collate` batches the
+    samples (`collate_fn`, the detection layout, when None).
     """
     num_workers = resolve_workers(batch, workers, world_size)
     replicas, replica = (max(world_size, 1), rank) if rank != -1 else (1, 0)
@@ -99,7 +101,7 @@ def build_dataloader(
         shuffle=False,  # the sampler decides the order
         **batching,
         num_workers=num_workers,
-        collate_fn=collate_fn,
+        collate_fn=collate or collate_fn,
         pin_memory=torch.cuda.is_available(),
         worker_init_fn=seed_worker,
         persistent_workers=num_workers > 0,
@@ -138,7 +140,7 @@ def unsharded(loader: DataLoader) -> DataLoader:
     if not is_exact_shard(loader):
         return loader
     return build_dataloader(loader.dataset, loader.batch_sampler.batch_size, loader.num_workers, shuffle=False,
-                            seed=getattr(loader, "seed", 0))
+                            seed=getattr(loader, "seed", 0), collate=loader.collate_fn)
 
 
 def epoch_order(loader: DataLoader):

@@ -15,6 +15,7 @@ the seed, so every augmented sample is a function of (seed, epoch, salt, index o
 from __future__ import annotations
 
 import math
+import random
 from typing import Sequence
 
 import numpy as np
@@ -237,3 +238,13 @@ class ExactShardBatchSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self.batch_positions())
+
+
+def seeded_index(index) -> int:
+    """The dataset index of a sampler item: an `(index, sample_seed)` pair first seeds `random` and NumPy, so the
+    sample's augmentation is the same whatever worker makes it; a plain index is returned as it is."""
+    if isinstance(index, tuple):
+        index, seed = index
+        random.seed(seed)
+        np.random.seed(seed)
+    return index

@@ -36,7 +36,8 @@ class YOLO:
         self._module = None  # the torch module, loaded when first asked for
         self._saved = None  # plain entries of the weights file (task, train_args), read once
         self._said = set()  # (mode, settings) taken from the weights and already logged
-        self.task = task or self._saved_entries().get("task") or self._trained_args().get("task") or "detect"
+        self.task = (task or self._saved_entries().get("task") or self._trained_args().get("task")
+                     or self._yaml_task() or "detect")
         if self.task not in TASKS:
             what = f"task={self.task!r} is given" if task else f"{self.model_path} holds a {self.task!r} model"
             raise CfgError(f"{what}; the tasks served here are: {', '.join(TASKS)}")
@@ -96,6 +97,18 @@ class YOLO:
             elif exists and Path(self.model_path).suffix in EXPORTED_SUFFIXES:
                 self._saved = {"task": self.model.task}
         return self._saved
+
+    def _yaml_task(self):
+        """The task of a model yaml's head (None for anything else, or a yaml that cannot be read: the mode then
+        says what it needs)."""
+        if Path(self.model_path).suffix not in (".yaml", ".yml"):
+            return None
+        from yolotrain.nn.model import head_task, load_model_yaml
+
+        try:
+            return head_task(load_model_yaml(self.model_path))
+        except CfgError:
+            return None
 
     def _trained_args(self):
         """The arguments the weights were trained with ({} when they do not say); for an exported file, the image

@@ -103,7 +103,7 @@ class BasePredictor:
         """Consecutive frames of the same letterboxed shape, at most `batch` of them (one network call each)."""
         batch, shape = [], None
         for frame in frames:
-            sample = self._letterbox(frame.image)
+            sample = self.prepare_image(frame.image)
             if batch and (sample["img"].shape != shape or len(batch) == self.batch_size):
                 yield batch
                 batch = []
@@ -112,8 +112,9 @@ class BasePredictor:
         if batch:
             yield batch
 
-    def _letterbox(self, image):
-        """What validation does to one image: long side to imgsz, then pad to its own rect shape."""
+    def prepare_image(self, image):
+        """One BGR image -> {"img": what the network takes (HxWx3 BGR uint8), "ratio_pad": how it maps back}. The
+        default is detection validation's letterbox: long side to imgsz, then pad to its own rect shape."""
         h0, w0 = image.shape[:2]
         imgsz = max(self.fixed_shape) if self.fixed_shape else self.args.imgsz
         resized = resize_long_side(image, imgsz)

@@ -49,7 +49,7 @@ from yolotrain.engine.schedule import TrainSchedule
 from yolotrain.engine.stopping import EarlyStopping
 from yolotrain.engine.time_budget import TimeBudget
 from yolotrain.engine.wrapping import wrap_for_training
-from yolotrain.errors import YoloTrainError
+from yolotrain.errors import CfgError, YoloTrainError
 from yolotrain.utils import dist
 from yolotrain.utils.checkpoint import (
     NonFiniteCheckpointError,
@@ -76,9 +76,15 @@ class BaseTrainer:
     """Task-agnostic trainer. Public attributes user code relies on: args, epoch, epochs, model, ema, optimizer,
     validator, metrics, fitness, best_fitness, loss, tloss, save_dir, device, stop."""
 
+    task = None  # the task a subclass trains ("detect", "classify", ...): its runs' folder and checkpoints say it
+
     def __init__(self, cfg=None, overrides=None, _callbacks=None):
         overrides = dict(overrides or {})
         self.args = get_cfg(overrides, cfg)
+        if self.task is not None and self.args.task != self.task:
+            if "task" in overrides:
+                raise CfgError(f"task={self.args.task} is given to {type(self).__name__}, which trains {self.task}")
+            self.args = get_cfg({**overrides, "task": self.task}, cfg)
         # Its own registry: integrations a run adds must not stay registered on the caller's (the YOLO object's).
         self.callbacks = _callbacks.copy() if _callbacks is not None else Callbacks()
         self.resume_path = find_resume_checkpoint(self.args) if self.args.resume else None
@@ -471,12 +477,12 @@ class BaseTrainer:
 
     def _close_dataloader_mosaic(self):
         """Switch mosaic (and the augmentations that go with it) off for the final epochs."""
-        LOGGER.info("close_mosaic: mosaic off for the final epochs")
         self._mosaic_closed = True
         from yolotrain.data.loader import reset_loader_workers
 
         dataset = self.train_loader.dataset
-        if hasattr(dataset, "close_mosaic"):
+        if hasattr(dataset, "close_mosaic"):  # a dataset without mosaic (classification) has nothing to close
+            LOGGER.info("close_mosaic: mosaic off for the final epochs")
             dataset.close_mosaic(self.args)
             reset_loader_workers(self.train_loader)  # persistent workers hold their own copy of the dataset
 

@@ -21,19 +21,22 @@ EXPORT_METADATA_FILE = "config.json"  # TorchScript's `_extra_files` entry holdi
 
 
 def load_checkpoint_model(path):
-    """The DetectionModel of a yolotrain checkpoint or safetensors file (its EMA weights, else its model weights)."""
-    from yolotrain.nn.model import DetectionModel
+    """The model of a yolotrain checkpoint or safetensors file (its EMA weights, else its model weights), of the
+    task its model yaml's head names (`DetectionModel`, `ClassificationModel`)."""
+    from yolotrain.nn.model import head_task, load_model_yaml
+    from yolotrain.tasks import task_classes
     from yolotrain.utils.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
     if "model_yaml" not in ckpt:
-        raise CheckpointError(f"{path} has no 'model_yaml' entry; expected a yolotrain detection checkpoint")
+        raise CheckpointError(f"{path} has no 'model_yaml' entry; expected a yolotrain checkpoint")
     weights = ckpt.get("ema") if ckpt.get("ema") is not None else ckpt.get("model")
     if not isinstance(weights, dict):
         raise CheckpointError(f"{path} holds no 'ema' or 'model' state dict to run")
     names = ckpt.get("names")
     nc = len(names) if names else ckpt.get("nc")
-    model = DetectionModel.from_yaml_and_state(ckpt["model_yaml"], weights, nc=nc)
+    model_class = task_classes(head_task(load_model_yaml(ckpt["model_yaml"]))).model
+    model = model_class.from_yaml_and_state(ckpt["model_yaml"], weights, nc=nc)
     if names:
         model.names = {int(k): str(v) for k, v in names.items()}
     return model.float()

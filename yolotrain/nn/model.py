@@ -1,4 +1,5 @@
-"""DetectionModel: a YOLO detector built from a model yaml (`nc`, `scales`, `backbone`, `head`).
+"""YOLO models built from a model yaml (`nc`, `scales`, `backbone`, `head`): `DetectionModel` (a `Detect` head) and
+`ClassificationModel` (a `Classify` head), on one `BaseModel`.
 
 A model yaml lists layers as `[from, repeats, module, args]`. `from` is -1 (previous layer), a layer index, or a
 list of them; `repeats` is scaled by the depth multiple; the first arg of channel-producing modules is their output
@@ -18,7 +19,7 @@ import yaml
 
 from yolotrain.cfg import DEFAULT_MODEL
 from yolotrain.errors import CfgError, CheckpointError, one_line
-from yolotrain.nn.modules import C2PSA, C2f, C3, C3k, C3k2, SPPF, Bottleneck, Concat, Conv, Detect, DWConv
+from yolotrain.nn.modules import C2PSA, C2f, C3, C3k, C3k2, SPPF, Bottleneck, Classify, Concat, Conv, Detect, DWConv
 from yolotrain.utils.torch_utils import intersect_dicts, model_info
 
 LOGGER = logging.getLogger(__name__)
@@ -32,11 +33,14 @@ _WIDTH_MODULES = (Conv, DWConv, Bottleneck, C2f, C3, C3k, C3k2, C2PSA, SPPF)
 _REPEAT_ARG_MODULES = (C2f, C3, C3k, C3k2, C2PSA)
 # Larger scales of the C3k2 families (YOLO11, YOLO26) always use C3k inner blocks, whatever the row says.
 _C3K_SCALES = ("m", "l", "x")
+# The task a model serves follows from its head (its last layer).
+HEAD_TASKS = {"Detect": "detect", "Classify": "classify"}
 
 
 def _module_table():
     """Module names a yaml may use -> class (built per call: no module-level mutable registry)."""
-    table = {cls.__name__: cls for cls in (Conv, DWConv, Bottleneck, C2f, C3, C3k, C3k2, C2PSA, SPPF, Concat, Detect)}
+    blocks = (Conv, DWConv, Bottleneck, C2f, C3, C3k, C3k2, C2PSA, SPPF, Concat, Detect, Classify)
+    table = {cls.__name__: cls for cls in blocks}
     for cls in (nn.Upsample, nn.Identity, nn.MaxPool2d):  # shape-preserving in channels
         table[cls.__name__] = cls
         table[f"nn.{cls.__name__}"] = cls
@@ -87,12 +91,13 @@ def _find_model_file(requested):
     for candidate in _candidate_paths(requested):
         if candidate.is_file():
             return candidate, None
-    # `yolo-n.yaml` -> yolo.yaml at scale n; `yolo11n.yaml` -> yolo11.yaml at scale n (a scale after a digit).
-    for pattern in (r"(.+)-(\w+)", r"(.+\d)([a-z]\w*)"):
+    # `yolo-n.yaml` -> yolo.yaml at scale n; `yolo11n.yaml` -> yolo11.yaml at scale n (a scale after a digit);
+    # `yolo11n-cls.yaml` -> yolo11-cls.yaml at scale n (a scale between the family and its task).
+    for pattern in (r"(.+)-(\w+)()", r"(.+\d)([a-z]\w*)()", r"(.+\d)([a-z])(-\w+)"):
         match = re.fullmatch(pattern, requested.stem)
         if not match:
             continue
-        base = requested.with_name(match.group(1) + requested.suffix)
+        base = requested.with_name(match.group(1) + match.group(3) + requested.suffix)
         for candidate in _candidate_paths(base):
             if candidate.is_file():
                 return candidate, match.group(2)
@@ -120,8 +125,14 @@ def _validate_model_dict(model_dict, source):
     rows = model_dict["backbone"] + model_dict["head"]
     for index, row in enumerate(rows):
         _validate_row(index, row, modules, source)
-    if modules[rows[-1][2]] is not Detect:
-        raise CfgError(f"model yaml '{source}': the last layer must be Detect, got '{rows[-1][2]}'")
+    if rows[-1][2] not in HEAD_TASKS:
+        raise CfgError(f"model yaml '{source}': the last layer must be a head ({', '.join(HEAD_TASKS)}), "
+                       f"got '{rows[-1][2]}'")
+
+
+def head_task(model_dict):
+    """The task of a (validated) model dict, from its head: 'detect' for Detect, 'classify' for Classify."""
+    return HEAD_TASKS[model_dict["head"][-1][2]]
 
 
 def _validate_row(index, row, modules, source):
@@ -212,8 +223,6 @@ def parse_model(model_dict, in_channels, source="model dict", verbose=True):
         out_channels.append(channels)
         if verbose:
             LOGGER.info("%3s %18s %3s %10s  %-20s %s", index, source_index, repeats, f"{layer.np:,}", module_name, args)
-    if not isinstance(layers[-1], Detect):
-        raise CfgError(f"model yaml '{source}': the last layer must be Detect")
     return nn.Sequential(*layers), sorted(save)
 
 
@@ -253,26 +262,33 @@ def _build_layer(module_cls, args, repeats, channels_in, width, max_channels, nc
         args = [*args[:1], channels_in]
         channels_out = None
         copies = [module_cls(*args, **head_options)]
+    elif module_cls is Classify:
+        args = [sum(channels_in), *args]
+        channels_out = None
+        copies = [module_cls(*args)]
     else:
         channels_out = channels_in[0]
         copies = [module_cls(*args) for _ in range(repeats)]
     return (copies[0] if len(copies) == 1 else nn.Sequential(*copies)), channels_out, args
 
 
-# ------------------------------------------------------------------------------------------------------------ model
-class DetectionModel(nn.Module):
-    """YOLO detector built from a model yaml.
+# ------------------------------------------------------------------------------------------------------------ models
+class BaseModel(nn.Module):
+    """A YOLO model built from a model yaml: the layers, their forward pass, fusing, summary and weight loading. The
+    task's model (`DetectionModel`, `ClassificationModel`) adds its head's set-up and its loss.
 
     Args:
-        cfg: a model yaml path or built-in name (`yolo-n.yaml`, `yolo-s.yaml`, ...) or an already loaded dict.
+        cfg: a model yaml path or built-in name (`yolo-n.yaml`, `yolo11n-cls.yaml`, ...) or an already loaded dict.
         ch: input image channels.
         nc: number of classes; overrides the yaml's `nc` when given.
         verbose: log the per-layer table and a summary.
 
     Attributes: `model` (nn.Sequential of layers with `.i`, `.f`, `.type`, `.np`), `save`, `yaml` (the resolved
-    dict, enough to rebuild the model), `stride` (tensor [8, 16, 32]), `nc`, `names`, `args` (set by the trainer;
-    the loss reads its gains there), `class_weights` (None or (nc,) tensor, read by the loss when built).
+    dict, enough to rebuild the model), `nc`, `names`, `args` (set by the trainer; a loss reads its gains there),
+    `task` (from the head).
     """
+
+    head_type = nn.Module  # the head (last layer) a task's model is built around
 
     def __init__(self, cfg=DEFAULT_MODEL, ch=3, nc=None, verbose=True):
         super().__init__()
@@ -288,34 +304,24 @@ class DetectionModel(nn.Module):
             self.model, self.save = parse_model(self.yaml, ch, source, verbose)
         except (TypeError, ValueError, IndexError, KeyError) as error:
             raise CfgError(f"model yaml '{source}': cannot build layers: {one_line(error)}") from None
+        if not isinstance(self.head, self.head_type):
+            raise CfgError(f"model yaml '{source}': a {type(self).__name__} needs a {self.head_type.__name__} head, "
+                           f"got {type(self.head).__name__}")
+        self.task = head_task(self.yaml)
         self.names = {i: str(i) for i in range(self.nc)}
         self.args = None
-        self.class_weights = None
         self.criterion = None
-        self.stride = self._measure_strides(ch, source)
-        self.head.set_stride(self.stride)
-        self.head.bias_init()
-        self.initialize_weights()
-        if verbose:
-            self.info()
 
     @property
     def head(self):
-        """The Detect layer (last layer)."""
+        """The head (last layer)."""
         return self.model[-1]
 
-    @property
-    def end2end(self):
-        """True when the eval output is already final detections (B, max_det, 6): no NMS follows."""
-        return bool(self.head.end2end)
-
-    def _measure_strides(self, ch, source):
-        """The stride of each feature level the head reads, measured from the head's inputs (whatever a head
-        returns: boxes, masks, keypoints or class scores)."""
-        levels = []
-        hook = self.head.register_forward_pre_hook(lambda _, inputs: levels.extend(inputs[0]))
+    def _probe(self, ch, source):
+        """One eval forward of a zero image (BatchNorm statistics untouched); a model whose layers do not fit
+        together fails here with a one-line error naming its yaml."""
         was_training = self.training
-        self.eval()  # eval: the probe must not move BatchNorm running statistics
+        self.eval()
         try:
             with torch.no_grad():
                 self.forward(torch.zeros(1, ch, STRIDE_PROBE_SIZE, STRIDE_PROBE_SIZE))
@@ -323,9 +329,7 @@ class DetectionModel(nn.Module):
             message = one_line(error)[:300]
             raise CfgError(f"model yaml '{source}': layers do not fit together (probe forward failed: {message})") from None
         finally:
-            hook.remove()
             self.train(was_training)
-        return torch.tensor([STRIDE_PROBE_SIZE / level.shape[-2] for level in levels])
 
     def initialize_weights(self):
         """YOLO-family defaults: BatchNorm eps 1e-3 / momentum 0.03, in-place activations (convs keep torch init)."""
@@ -338,7 +342,7 @@ class DetectionModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- forward/loss
     def forward(self, x):
-        """Image tensor (B, ch, H, W) float in [0, 1] -> head output (see `Detect`); a batch dict -> `loss(batch)`.
+        """Image tensor (B, ch, H, W) float in [0, 1] -> head output; a batch dict -> `loss(batch)`.
 
         Accepting the batch dict lets a DistributedDataParallel wrapper compute the loss through its own forward.
         """
@@ -354,19 +358,10 @@ class DetectionModel(nn.Module):
 
     def init_criterion(self):
         """The loss used by `loss()`; override to plug in another criterion."""
-        from yolotrain.loss.detection import DetectionLoss, EndToEndDetectionLoss
-
-        return EndToEndDetectionLoss(self) if self.end2end else DetectionLoss(self)
-
-    def set_loss_epoch(self, epoch, epochs):
-        """Tell the loss where training stands (the end-to-end loss moves weight between its branches)."""
-        if self.criterion is None:
-            self.criterion = self.init_criterion()
-        if hasattr(self.criterion, "set_epoch"):
-            self.criterion.set_epoch(epoch, epochs)
+        raise NotImplementedError
 
     def loss(self, batch, preds=None):
-        """(loss_sum * batch_size, detached (box, cls, dfl)) for a collated batch whose `img` is float [0, 1]."""
+        """(loss to backpropagate, detached loss items) for a collated batch whose `img` is float [0, 1]."""
         if self.criterion is None:
             self.criterion = self.init_criterion()
         return self.criterion(preds if preds is not None else self.forward(batch["img"]), batch)
@@ -390,7 +385,7 @@ class DetectionModel(nn.Module):
         """Log and return (layers, parameters, gradients, GFLOPs at imgsz)."""
         name = Path(self.yaml.get("yaml_file", "YOLO")).stem
         scale = self.yaml.get("scale")
-        if scale and not name.endswith(f"-{scale}"):
+        if scale and not name.endswith(f"-{scale}") and f"{scale}-" not in name:
             name = f"{name}-{scale}"
         return model_info(self, imgsz=imgsz, verbose=verbose, name=name)
 
@@ -399,7 +394,7 @@ class DetectionModel(nn.Module):
         """Copy every weight whose name and shape match from `weights`; returns the number transferred.
 
         `weights` may be another model, a state dict, a checkpoint dict (its `ema` or `model` entry) or a
-        checkpoint path. Mismatched layers (e.g. a head for another nc) keep their current values.
+        checkpoint path. Mismatched layers (e.g. a head for another nc, or another task's head) keep their values.
         """
         source_state = _state_dict_of(weights)
         own_state = self.state_dict()
@@ -426,6 +421,84 @@ class DetectionModel(nn.Module):
             )
         model.load_state_dict(state)
         return model
+
+
+class DetectionModel(BaseModel):
+    """YOLO detector built from a model yaml whose head is `Detect` (see `BaseModel` for the arguments).
+
+    Adds: `stride` (tensor [8, 16, 32], measured from the head's inputs), `end2end`, `class_weights` (None or (nc,)
+    tensor, read by the loss when built). Its `loss` is (loss sum * batch size, detached (box, cls, dfl)).
+    """
+
+    head_type = Detect
+
+    def __init__(self, cfg=DEFAULT_MODEL, ch=3, nc=None, verbose=True):
+        super().__init__(cfg, ch, nc, verbose)
+        self.class_weights = None
+        self.stride = self._measure_strides(self.yaml["ch"], self.yaml["yaml_file"])
+        self.head.set_stride(self.stride)
+        self.head.bias_init()
+        self.initialize_weights()
+        if verbose:
+            self.info()
+
+    @property
+    def end2end(self):
+        """True when the eval output is already final detections (B, max_det, 6): no NMS follows."""
+        return bool(self.head.end2end)
+
+    def _measure_strides(self, ch, source):
+        """The stride of each feature level the head reads, measured from the head's inputs (whatever a head
+        returns: boxes, masks, keypoints or class scores)."""
+        levels = []
+        hook = self.head.register_forward_pre_hook(lambda _, inputs: levels.extend(inputs[0]))
+        try:
+            self._probe(ch, source)
+        finally:
+            hook.remove()
+        return torch.tensor([STRIDE_PROBE_SIZE / level.shape[-2] for level in levels])
+
+    def init_criterion(self):
+        from yolotrain.loss.detection import DetectionLoss, EndToEndDetectionLoss
+
+        return EndToEndDetectionLoss(self) if self.end2end else DetectionLoss(self)
+
+    def set_loss_epoch(self, epoch, epochs):
+        """Tell the loss where training stands (the end-to-end loss moves weight between its branches)."""
+        if self.criterion is None:
+            self.criterion = self.init_criterion()
+        if hasattr(self.criterion, "set_epoch"):
+            self.criterion.set_epoch(epoch, epochs)
+
+
+class ClassificationModel(BaseModel):
+    """YOLO image classifier built from a model yaml whose head is `Classify` (`yolo11n-cls.yaml`, ...); see
+    `BaseModel` for the arguments. `stride` is the backbone's total downsampling (32 for the built-in yamls). Its
+    `loss` is (the mean cross-entropy over the batch, as the reference scales it, and that value detached)."""
+
+    head_type = Classify
+
+    def __init__(self, cfg="yolo11n-cls.yaml", ch=3, nc=None, verbose=True):
+        super().__init__(cfg, ch, nc, verbose)
+        self.stride = self._measure_stride(self.yaml["ch"], self.yaml["yaml_file"])
+        self.initialize_weights()
+        if verbose:
+            self.info()
+
+    def _measure_stride(self, ch, source):
+        """The downsampling of the feature map the head pools, measured once."""
+        sizes = []
+        hook = self.head.register_forward_pre_hook(lambda _, inputs: sizes.append(_as_list(inputs[0])[0].shape[-1]))
+        try:
+            self._probe(ch, source)
+        finally:
+            hook.remove()
+        return torch.tensor([STRIDE_PROBE_SIZE / sizes[0]])
+
+    def init_criterion(self):
+        from yolotrain.loss.classification import ClassificationLoss
+
+        return ClassificationLoss()
 
 
 def _state_dict_of(weights):

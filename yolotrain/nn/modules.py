@@ -1,4 +1,4 @@
-"""Building blocks of the YOLO detector: convolutions, CSP blocks, spatial pyramid pooling and the Detect head.
+"""Building blocks of YOLO models: convolutions, CSP blocks, spatial pyramid pooling, the Detect and Classify heads.
 
 Attribute names (`conv`, `bn`, `cv1`, `cv2`, `m`, ...) follow the YOLO family's conventions so that state dicts
 line up parameter for parameter with other YOLOv8/YOLO11-layout implementations.
@@ -357,3 +357,33 @@ class Detect(nn.Module):
             for box_branch, cls_branch, stride in zip(box_branches, cls_branches, self.stride.tolist()):
                 box_branch[-1].bias.data[:] = 2.0
                 cls_branch[-1].bias.data[: self.nc] = math.log(5 / self.nc / (640 / stride) ** 2)
+
+
+class Classify(nn.Module):
+    """Image classification head: a 1x1 Conv to 1280 channels, global average pooling, dropout and a linear layer.
+
+    Outputs: training, the logits (B, nc); eval, `(probabilities, logits)`; with `export` set (an exported file),
+    the probabilities alone.
+    """
+
+    WIDTH = 1280  # the feature width before the linear layer, as in the YOLO family's classifiers
+
+    def __init__(self, c1, c2, k=1, s=1, p=None, g=1):
+        super().__init__()
+        self.conv = Conv(c1, self.WIDTH, k, s, p, g)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(p=0.0, inplace=True)
+        self.linear = nn.Linear(self.WIDTH, c2)
+        self.export = False
+
+    def forward(self, x):
+        if isinstance(x, list):
+            x = torch.cat(x, 1)
+        logits = self.linear(self.drop(self.pool(self.conv(x)).flatten(1)))
+        if self.training:
+            return logits
+        probabilities = logits.softmax(1)
+        return probabilities if self.export else (probabilities, logits)
+
+    def fuse(self):
+        return self

@@ -28,4 +28,12 @@ def task_classes(task: str) -> TaskClasses:
         from yolotrain.tasks.detect.val import DetectionValidator
 
         return TaskClasses(DetectionModel, DetectionTrainer, DetectionValidator, DetectionPredictor)
+    if task == "classify":
+        from yolotrain.nn.model import ClassificationModel
+        from yolotrain.tasks.classify.predict import ClassificationPredictor
+        from yolotrain.tasks.classify.train import ClassificationTrainer
+        from yolotrain.tasks.classify.val import ClassificationValidator
+
+        return TaskClasses(ClassificationModel, ClassificationTrainer, ClassificationValidator,
+                           ClassificationPredictor)
     raise CfgError(f"task={task!r} is not one of {', '.join(TASKS)}")

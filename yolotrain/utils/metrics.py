@@ -274,8 +274,21 @@ class Metric:
         return 0.1 * self.map50 + 0.9 * self.map
 
 
+class ResultsMapping(Mapping):
+    """A task's metrics object read as the flat mapping of its `results_dict` (the results.csv names)."""
+
+    def __getitem__(self, key):
+        return self.results_dict[key]
+
+    def __iter__(self):
+        return iter(self.results_dict)
+
+    def __len__(self):
+        return len(self.results_dict)
+
+
 @dataclass(eq=False)  # compared as the mapping it is, not field by field
-class DetMetrics(Mapping):
+class DetMetrics(ResultsMapping):
     """Detection metrics as reported by the validator: `process(...)`, then read them as attributes or as the flat
     mapping of results.csv names.
 
@@ -294,15 +307,6 @@ class DetMetrics(Mapping):
     def __post_init__(self):
         self.box = Metric(nc=len(self.names))
         self.speed = {"preprocess": 0.0, "inference": 0.0, "loss": 0.0, "postprocess": 0.0}
-
-    def __getitem__(self, key):
-        return self.results_dict[key]
-
-    def __iter__(self):
-        return iter(self.results_dict)
-
-    def __len__(self):
-        return len(self.results_dict)
 
     def __getstate__(self):
         """Pickled (from a DDP worker to its launcher) without the plot hook, which may hold a whole validator."""
@@ -372,6 +376,70 @@ class DetMetrics(Mapping):
             [result.px, result.p_curve, "Confidence", "Precision"],
             [result.px, result.r_curve, "Confidence", "Recall"],
         ]
+
+
+@dataclass(eq=False)  # compared as the mapping it is, not field by field
+class ClassifyMetrics(ResultsMapping):
+    """Classification metrics as reported by the validator: `process(targets, top5)`, then read them as attributes
+    (`top1`, `top5`, `results_dict`, `fitness`, `speed`, `save_dir`, `confusion_matrix`) or as the flat mapping of
+    results.csv names (`metrics["metrics/accuracy_top1"]`). Fitness is the mean of the two accuracies."""
+
+    names: dict = field(default_factory=dict)
+    save_dir: Path = None
+    confusion_matrix: object = None
+    top1: float = 0.0
+    top5: float = 0.0
+
+    def __post_init__(self):
+        self.speed = {"preprocess": 0.0, "inference": 0.0, "loss": 0.0, "postprocess": 0.0}
+
+    def process(self, targets, top5):
+        """Accuracies from the class ids (n,) and each image's five best classes, best first (n, 5)."""
+        self.top1, self.top5 = top_k_accuracy(targets, top5)
+        return self.results_dict
+
+    @property
+    def mean_result_keys(self):
+        return ["metrics/accuracy_top1", "metrics/accuracy_top5"]
+
+    @property
+    def fitness(self):
+        return (self.top1 + self.top5) / 2
+
+    @property
+    def results_dict(self):
+        return {**dict(zip(self.mean_result_keys, (self.top1, self.top5))), "fitness": self.fitness}
+
+
+def top_k_accuracy(targets, ranked):
+    """(top-1, top-k accuracy) of class ids `targets` (n,) against `ranked` (n, k) classes, best first; k is the
+    number of columns (fewer than 5 when a model has fewer classes). 0 for no images."""
+    targets, ranked = _to_numpy(targets).reshape(-1, 1), _to_numpy(ranked)
+    if len(targets) == 0:
+        return 0.0, 0.0
+    hits = ranked == targets
+    return float(hits[:, 0].mean()), float(hits.any(1).mean())
+
+
+class ClassifyConfusionMatrix:
+    """Confusion matrix of classification: `matrix[predicted, true]`, nc x nc, no background."""
+
+    def __init__(self, nc):
+        self.nc = nc
+        self.matrix = np.zeros((nc, nc))
+
+    def process(self, predicted, targets):
+        """Add the top-1 classes `predicted` (n,) of images whose true classes are `targets` (n,)."""
+        np.add.at(self.matrix, (_to_numpy(predicted).astype(np.int64), _to_numpy(targets).astype(np.int64)), 1)
+
+    def plot(self, normalize=True, save_dir="", names=(), on_plot=None):
+        """Save confusion_matrix(_normalized).png in save_dir; returns its path."""
+        from yolotrain.utils.plotting import plot_confusion_matrix
+
+        path = plot_confusion_matrix(self.matrix, normalize, save_dir, names, background=False)
+        if on_plot is not None:
+            on_plot(path)
+        return path
 
 
 class ConfusionMatrix:

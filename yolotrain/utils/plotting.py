@@ -103,14 +103,15 @@ def _finish_axes(ax, xlabel, ylabel, title):
         ax.legend(bbox_to_anchor=(1.04, 1), loc="upper left")
 
 
-def plot_confusion_matrix(matrix, normalize=True, save_dir="", names=()):
-    """Heatmap of an (nc + 1, nc + 1) confusion matrix (rows predicted, columns true, last = background).
-    With normalize, each true-class column sums to 1. Returns the saved path."""
+def plot_confusion_matrix(matrix, normalize=True, save_dir="", names=(), background=True):
+    """Heatmap of an (nc + 1, nc + 1) confusion matrix (rows predicted, columns true, last = background), or
+    without `background` of an (nc, nc) one (classification). With normalize, each true-class column sums to 1.
+    Returns the saved path."""
     matrix = np.asarray(matrix, dtype=np.float64)
     if normalize:
         matrix = matrix / (matrix.sum(0, keepdims=True) + 1e-9)
-    num_classes = matrix.shape[0] - 1
-    labels = [_class_name(names, i) for i in range(num_classes)] + ["background"]
+    num_classes = matrix.shape[0] - int(background)
+    labels = [_class_name(names, i) for i in range(num_classes)] + (["background"] if background else [])
     side = min(max(6.0, 0.12 * (num_classes + 1) + 5), 16.0)  # 80 classes: ~15 in, labels still legible
     fig = _new_figure(side * 1.15, side)
     ax = fig.add_subplot()
@@ -118,7 +119,7 @@ def plot_confusion_matrix(matrix, normalize=True, save_dir="", names=()):
     image = ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None, interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     font_size = 10 if num_classes < 30 else max(4, int(500 / (num_classes + 1)))
-    ticks = np.arange(num_classes + 1)
+    ticks = np.arange(len(labels))
     ax.set_xticks(ticks, labels, rotation=90, fontsize=font_size)
     ax.set_yticks(ticks, labels, fontsize=font_size)
     if num_classes < 30:  # cell values are readable only for modest class counts
@@ -151,8 +152,10 @@ def plot_images(
     max_subplots=16,
     max_size=1920,
     conf_thres=PLOT_CONF_THRES,
+    titles=None,
 ):
-    """Save a mosaic of a batch with its boxes and class labels.
+    """Save a mosaic of a batch with its boxes and class labels; each tile is titled with its file name (`paths`)
+    or with `titles[i]`.
 
     images (B, 3, H, W) uint8 RGB (tensor or array; floats in [0, 1] are scaled); batch_idx (N,) image index of
     each box; cls (N,) or (N, 1); bboxes either (N, 4) normalised xywh (labels) or (N, 5) pixel xyxy + conf in the
@@ -177,14 +180,22 @@ def plot_images(
         tile = cv2.resize(np.ascontiguousarray(images[i].transpose(1, 2, 0)[..., ::-1]), (tile_w, tile_h))
         in_image = batch_idx.reshape(-1) == i if batch_idx is not None else np.zeros(len(cls), bool)
         _draw_boxes(tile, cls[in_image], bboxes[in_image], (height, width), scale, names, line, conf_thres)
-        if paths is not None and i < len(paths):
-            cv2.putText(tile, Path(paths[i]).name[:40], (3, 12 * line), 0, line / 3, (220, 220, 220), line, cv2.LINE_AA)
+        title = titles[i] if titles is not None else Path(paths[i]).name if paths is not None and i < len(paths) else None
+        if title:
+            cv2.putText(tile, title[:40], (3, 12 * line), 0, line / 3, (220, 220, 220), line, cv2.LINE_AA)
         cv2.rectangle(tile, (0, 0), (tile_w - 1, tile_h - 1), (255, 255, 255), line)
         mosaic[top : top + tile_h, left : left + tile_w] = tile
     path = Path(fname)
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), mosaic)
     return path
+
+
+def plot_classified_images(images, classes, names, fname, scores=None, max_subplots=16):
+    """Save a mosaic of images (B, 3, H, W) uint8 RGB, each titled with its class (and score, for predictions)."""
+    titles = [_class_name(names, int(c)) + (f" {float(scores[i]):.2f}" if scores is not None else "")
+              for i, c in enumerate(_to_numpy(classes).reshape(-1)[:max_subplots])]
+    return plot_images(images, None, None, None, fname=fname, max_subplots=max_subplots, titles=titles)
 
 
 def _draw_boxes(tile, cls, bboxes, image_shape, scale, names, line, conf_thres):

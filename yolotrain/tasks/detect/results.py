@@ -1,4 +1,5 @@
-"""What `predict` returns: one `Results` per image or video frame, with its `Boxes` in original-image pixels."""
+"""What `predict` returns: one `Results` per image or video frame, with the containers its task fills: `Boxes` in
+original-image pixels (detect), `Probs` (classify); the kinds a task does not have are None."""
 
 import copy
 import json
@@ -56,46 +57,87 @@ class Boxes(TensorContainer):
         return self.xywh / self._image_scale(4)
 
 
+class Probs(TensorContainer):
+    """Class probabilities of one image, `data` (nc,): `top1` (class id), `top5` (class ids, best first),
+    `top1conf`, `top5conf` (their probabilities)."""
+
+    def __init__(self, data, orig_shape=None):
+        super().__init__(data, orig_shape or (0, 0))
+
+    def _ranked(self):
+        return torch.as_tensor(self.data).float().argsort(descending=True)
+
+    @property
+    def top1(self):
+        return int(self._ranked()[0])
+
+    @property
+    def top5(self):
+        return self._ranked()[:5].tolist()
+
+    @property
+    def top1conf(self):
+        return self.data[self.top1]
+
+    @property
+    def top5conf(self):
+        return self.data[self.top5]
+
+
+CONTAINERS = ("boxes", "masks", "probs", "keypoints", "obb")  # the kinds of prediction a Results may hold
+
+
 class Results:
-    """Detections of one image or video frame.
+    """Predictions of one image or video frame.
 
     Attributes: `path` (file, or "image0" for an in-memory image), `orig_img` (BGR uint8), `orig_shape` (h, w),
-    `names` ({class id: name}), `boxes` (`Boxes`), `speed` ({"preprocess", "inference", "postprocess"}: ms),
-    `frame` (0-based frame index in its video, None for images).
+    `names` ({class id: name}), `boxes` (`Boxes`, detect), `probs` (`Probs`, classify), `masks`, `keypoints`,
+    `obb` (None: their tasks come later), `speed` ({"preprocess", "inference", "postprocess"}: ms), `frame` (0-based
+    frame index in its video, None for images).
     """
 
-    def __init__(self, orig_img, path, names, boxes, speed=None, frame=None):
+    def __init__(self, orig_img, path, names, boxes=None, speed=None, frame=None, probs=None):
         self.orig_img = orig_img
         self.orig_shape = tuple(orig_img.shape[:2])
         self.path = str(path)
         self.names = dict(names)
-        self.boxes = Boxes(boxes, self.orig_shape)
+        self.boxes = Boxes(boxes, self.orig_shape) if boxes is not None else None
+        self.probs = Probs(probs, self.orig_shape) if probs is not None else None
+        self.masks = self.keypoints = self.obb = None
         self.speed = dict(speed or {})
         self.frame = frame
 
     def __len__(self):
-        return len(self.boxes)
+        """The number of objects (classify: of classes scored)."""
+        return len(next(c for c in self._containers().values()))
+
+    def _containers(self):
+        return {name: getattr(self, name) for name in CONTAINERS if getattr(self, name) is not None}
 
     # ------------------------------------------------------------------ devices and formats
     def cpu(self):
-        """A copy whose boxes are CPU tensors (the image and names are shared)."""
-        return self._with_boxes(self.boxes.cpu())
+        """A copy whose predictions are CPU tensors (the image and names are shared)."""
+        return self._converted(lambda c: c.cpu())
 
     def numpy(self):
-        """A copy whose boxes are NumPy arrays."""
-        return self._with_boxes(self.boxes.numpy())
+        """A copy whose predictions are NumPy arrays."""
+        return self._converted(lambda c: c.numpy())
 
     def cuda(self):
-        return self._with_boxes(self.boxes.cuda())
+        return self._converted(lambda c: c.cuda())
 
     def to(self, *args, **kwargs):
-        """A copy whose boxes are moved or cast as `torch.Tensor.to(*args, **kwargs)` would."""
-        return self._with_boxes(self.boxes.to(*args, **kwargs))
+        """A copy whose predictions are moved or cast as `torch.Tensor.to(*args, **kwargs)` would."""
+        return self._converted(lambda c: c.to(*args, **kwargs))
 
-    def _with_boxes(self, boxes):
+    def _converted(self, convert):
         result = copy.copy(self)
-        result.boxes = boxes
+        for name, container in self._containers().items():
+            setattr(result, name, convert(container))
         return result
+
+    def _cpu_probs(self):
+        return torch.as_tensor(self.probs.data).float().cpu()
 
     def _cpu_boxes(self):
         """The boxes as a CPU tensor, whatever their device or format: what the text and drawing methods read."""
@@ -103,7 +145,12 @@ class Results:
 
     # ------------------------------------------------------------------ text
     def summary(self, normalize=False, decimals=5):
-        """One dict per detection: name, class, confidence and box (x1, y1, x2, y2; normalised if asked)."""
+        """One dict per detection: name, class, confidence and box (x1, y1, x2, y2; normalised if asked); classify:
+        one per class of the top 5."""
+        if self.probs is not None:
+            probs = self._cpu_probs()
+            return [{"name": self.names.get(c, str(c)), "class": c, "confidence": round(float(probs[c]), decimals)}
+                    for c in self.probs.top5]
         detections = self._cpu_boxes()
         boxes = (detections.xyxyn if normalize else detections.xyxy).tolist()
         rows = []
@@ -120,7 +167,10 @@ class Results:
         return json.dumps(self.summary(normalize, decimals), indent=2)
 
     def verbose(self):
-        """"2 circles, 1 star" (or "no detections"), for the log line."""
+        """"2 circles, 1 star" (or "no detections"); classify: "circle 0.93, star 0.04, ..." (top 5), for the log
+        line."""
+        if self.probs is not None:
+            return ", ".join(f"{row['name']} {row['confidence']:.2f}" for row in self.summary())
         if not len(self):
             return "no detections"
         counts = torch.bincount(self._cpu_boxes().cls.long())
@@ -129,7 +179,12 @@ class Results:
         return ", ".join(parts)
 
     def save_txt(self, path, save_conf=False):
-        """YOLO label lines `cls cx cy w h [conf]` (normalised) to `path`; nothing is written for no detections."""
+        """YOLO label lines `cls cx cy w h [conf]` (normalised) to `path`; nothing is written for no detections.
+        Classify: `probability name` lines of the top 5."""
+        if self.probs is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text("".join(f"{row['confidence']:.2f} {row['name']}\n" for row in self.summary()))
+            return path
         lines, detections = [], self._cpu_boxes()
         for (cx, cy, w, h), conf, cls in zip(detections.xywhn.tolist(), detections.conf.tolist(),
                                              detections.cls.tolist()):
@@ -142,9 +197,16 @@ class Results:
 
     # ------------------------------------------------------------------ images
     def plot(self, line_width=None, labels=True, conf=True):
-        """The original image with the boxes drawn (a new BGR array)."""
-        image, detections = self.orig_img.copy(), self._cpu_boxes()
+        """The original image with the boxes drawn (a new BGR array); classify: the top 5 classes written in its
+        top-left corner."""
+        image = self.orig_img.copy()
         line = line_width or max(round(sum(image.shape[:2]) / 2 * 0.003), 2)
+        if self.probs is not None:
+            for row_index, row in enumerate(self.summary()):
+                text = " ".join(filter(None, [row["name"] if labels else "", f"{row['confidence']:.2f}" if conf else ""]))
+                self._draw_label(image, text, (0, (row_index + 1) * (12 * line)), (56, 56, 255), line)
+            return image
+        detections = self._cpu_boxes()
         for (x1, y1, x2, y2), score, cls in zip(detections.xyxy.round().int().tolist(), detections.conf.tolist(),
                                                  detections.cls.tolist()):
             colour = class_colour(int(cls), bgr=True)
@@ -179,7 +241,10 @@ class Results:
         return str(path)
 
     def save_crop(self, save_dir, file_stem):
-        """Each detection cut from the original image to `save_dir/<class name>/<file_stem>[_k].jpg`."""
+        """Each detection cut from the original image to `save_dir/<class name>/<file_stem>[_k].jpg` (classify has
+        no objects to cut: nothing is written)."""
+        if self.boxes is None:
+            return
         detections = self._cpu_boxes()
         boxes = detections.xyxy.round().int().numpy()
         height, width = self.orig_shape

@@ -34,6 +34,8 @@ class DetectionTrainer(BaseTrainer):
     `augment_hook`, outside `args` (whose values are saved as plain types); a `module:name` string stays in `args`.
     """
 
+    task = "detect"
+
     def __init__(self, cfg=None, overrides=None, _callbacks=None):
         from yolotrain.data.augment_hook import split_augment_hook
 

@@ -1,0 +1,1 @@
+"""Image classification: trainer, validator, predictor and the class-folder dataset."""
