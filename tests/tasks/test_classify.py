@@ -2,6 +2,7 @@
 predict through the same engine and the same `YOLO` object."""
 
 import csv
+import importlib.util
 from pathlib import Path
 
 import cv2
@@ -199,11 +200,13 @@ def test_a_classification_run_writes_what_users_read(cls_overrides):
     assert result.verbose().startswith(trained.names[probs.top1])
     saved = result.save(Path(cls_overrides["project"]) / "annotated.jpg")
     assert cv2.imread(saved).shape == result.orig_img.shape
-    exported = YOLO(trained.export(format="torchscript"))
-    assert exported.task == "classify"
-    from_export = exported.val(data=cls_overrides["data"], batch=8, plots=False)
-    assert from_export.top1 == pytest.approx(metrics.top1) and from_export.top5 == pytest.approx(metrics.top5)
-    assert exported.predict(str(image))[0].probs.top1 == probs.top1
+    formats = ["torchscript"] + (["onnx"] if importlib.util.find_spec("onnxruntime") else [])
+    for file_format in formats:
+        exported = YOLO(trained.export(format=file_format))
+        assert exported.task == "classify"
+        from_export = exported.val(data=cls_overrides["data"], batch=8, plots=False)
+        assert from_export.top1 == pytest.approx(metrics.top1) and from_export.top5 == pytest.approx(metrics.top5)
+        assert exported.predict(str(image))[0].probs.top1 == probs.top1
 
 
 def test_a_classification_run_resumes_exactly(cls_overrides):
@@ -236,3 +239,28 @@ def test_auto_augment_without_torchvision_is_a_one_line_error(cls_overrides):
     trainer = ClassificationTrainer(overrides={**cls_overrides, "auto_augment": "randaugment"})
     with pytest.raises(CfgError, match="auto_augment=randaugment needs torchvision"):
         trainer.train()
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_a_classifier_and_validate_every_image(cls_overrides, crops):
+    """torchrun with 2 ranks: one run folder, both epochs; each rank validates its share and the gathered top-1
+    is that of the whole val split (a standalone val of the same weights agrees within one image)."""
+    import os
+    import subprocess
+    import sys
+
+    args = {**cls_overrides, "amp": False, "dist_timeout": 60, "imgsz": 64}  # a 2x2 last map: BN takes 1-image batches
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "yolotrain", "classify", "train", *(f"{k}={v}" for k, v in args.items())]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    save_dir = Path(cls_overrides["project"]) / "train"
+    assert [p.name for p in Path(cls_overrides["project"]).iterdir()] == ["train"]
+    rows = read_rows(save_dir / "results.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    val_images = sum(1 for p in Path(crops, "val").rglob("*.jpg"))
+    checkpoint = load_checkpoint(save_dir / "weights" / "last.pt")
+    assert checkpoint["task"] == "classify"
+    standalone = YOLO(save_dir / "weights" / "last.pt").val(data=crops, batch=8, plots=False)
+    assert float(rows[-1]["metrics/accuracy_top1"]) == pytest.approx(standalone.top1, abs=1 / val_images + 1e-9)

@@ -175,3 +175,23 @@ def test_an_imported_end_to_end_model_validates_and_predicts_without_nms(tmp_pat
     results = YOLO(str(path)).predict(tiny_data.replace("data.yaml", "images/val"), imgsz=64, conf=0.0, max_det=4,
                                       save=False, verbose=False)
     assert results and all(len(r) == 4 for r in results)  # conf=0: exactly max_det boxes, straight from the head
+
+
+def test_a_reference_classifier_imports_as_a_classifier(tmp_path):
+    """A classification .pt of the reference (model object only, no task entry) loads as a classifier whose outputs
+    are the saved model's."""
+    from yolotrain.nn.model import ClassificationModel
+
+    torch.manual_seed(0)
+    layers = {"nc": 3, "backbone": [[-1, 1, "Conv", [8, 3, 2]], [-1, 1, "C2f", [8, True]], [-1, 1, "Conv", [16, 3, 2]]],
+              "head": [[-1, 1, "Classify", ["nc"]]]}
+    model = ClassificationModel(layers, verbose=False).eval()
+    model.names = dict(NAMES)
+    path = tmp_path / "reference-cls.pt"
+    with classes_named_like_the_reference(model):
+        torch.save({"epoch": -1, "model": copy.deepcopy(model), "ema": None, "train_args": {"imgsz": 32}}, path)
+    imported = YOLO(path)
+    assert imported.task == "classify" and imported.names == NAMES
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(imported.model.eval()(images)[0], model(images)[0])

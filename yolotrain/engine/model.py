@@ -94,6 +94,11 @@ class YOLO:
 
                 checkpoint = load_checkpoint(self.model_path)
                 self._saved = {k: v for k, v in checkpoint.items() if k in ("task", "train_args")}
+                if "task" not in self._saved and isinstance(checkpoint.get("model_yaml"), dict):
+                    from yolotrain.nn.model import head_task, load_model_yaml
+
+                    # Weights saved without their task (an imported Ultralytics file): the head says it.
+                    self._saved["task"] = head_task(load_model_yaml(checkpoint["model_yaml"]))
             elif exists and Path(self.model_path).suffix in EXPORTED_SUFFIXES:
                 self._saved = {"task": self.model.task}
         return self._saved
