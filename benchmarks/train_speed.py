@@ -6,7 +6,9 @@ against the compute floor of the model (forward + backward + optimizer step on r
     python benchmarks/train_speed.py --skip-reference                    # yolotrain and the floor only
     python benchmarks/train_speed.py --keep runs/speed                   # keep both runs (last.pt, results.csv)
 
-Each trainer runs in its own subprocess, one after the other, with run folders in a temporary directory. Printed:
+Each trainer runs in its own subprocess, one after the other, with run folders in a temporary directory; the
+reference twice: at its default (it sets OMP_NUM_THREADS=1 for itself) and with as many threads as yolotrain's
+budget, and the ratios are against the faster of the two. Printed:
 train images/s (epoch time only), validation images/s (every validation, the final one included), wall time,
 peak RSS (main process plus its data workers), final mAP50 and mAP50-95, and the ratios. The reference runs with
 `/work/shared/anchor/ultralytics-python` (see setup-ultralytics.sh there) or `--reference-python`.
@@ -167,9 +169,12 @@ def print_report(results, floor, args):
     if floor:
         print(f"{'floor':<12}{floor['images_per_s']:>12.2f}  (forward+backward+step on random input, amp="
               f"{floor['amp']}, channels_last={floor['channels_last']})")
-    ours, reference = results.get("yolotrain"), results.get("reference")
+    ours = results.get("yolotrain")
+    references = [r for name, r in results.items() if name.startswith("reference") and r]
+    # Against the faster of the reference's own default (1 thread) and the same threads as ours.
+    reference = max(references, key=lambda r: throughput(r, "train_images", "train_s"), default=None)
     if ours and reference:
-        print(f"yolotrain / reference: train img/s x{throughput(ours, 'train_images', 'train_s') / throughput(reference, 'train_images', 'train_s'):.2f}, "
+        print(f"yolotrain / faster reference: train img/s x{throughput(ours, 'train_images', 'train_s') / throughput(reference, 'train_images', 'train_s'):.2f}, "
               f"val img/s x{throughput(ours, 'val_images', 'val_s') / throughput(reference, 'val_images', 'val_s'):.2f}, "
               f"wall x{reference['wall_s'] / ours['wall_s']:.2f} faster, peak RSS x{ours['peak_rss_mb'] / reference['peak_rss_mb']:.2f}")
     if floor:
@@ -180,6 +185,8 @@ def print_report(results, floor, args):
 
 
 def main():
+    from yolotrain.utils.threads import budget_threads
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or a GPU index (0)")
     parser.add_argument("--amp", action="store_true", help="mixed precision for both trainers (and the floor)")
@@ -200,8 +207,14 @@ def main():
         ours, reference = trainer_settings(args, Path(args.keep or tmp))
         results = {"yolotrain": run_child([sys.executable], _YOLOTRAIN_CHILD, ours, "yolotrain")}
         if not args.skip_reference:
-            env = dict(os.environ, YOLO_OFFLINE="1")
+            # The reference sets OMP_NUM_THREADS=1 for itself unless the environment sets it: run it both ways.
+            env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+            env["YOLO_OFFLINE"] = "1"
             results["reference"] = run_child([args.reference_python], _REFERENCE_CHILD, reference, "reference", env)
+            threads = budget_threads()
+            equal = dict(env, OMP_NUM_THREADS=str(threads))
+            results[f"reference@{threads}"] = run_child([args.reference_python], _REFERENCE_CHILD, reference,
+                                                        f"reference with {threads} threads", equal)
         floor_args = dict(model=args.model, nc=data_classes(args.data), device=args.device, amp=args.amp,
                           imgsz=args.imgsz, batch=args.batch, warmup=2, steps=args.floor_steps)
         floor = run_child([sys.executable], _FLOOR_CHILD, floor_args, "compute floor")

@@ -8,7 +8,6 @@ pixel xyxy boxes in that resized image; the transforms (yolotrain.data.augment) 
 from __future__ import annotations
 
 import logging
-import os
 import random
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
@@ -28,6 +27,7 @@ from yolotrain.data.scan import ScanReport, img2label_paths, label_cache_path, s
 from yolotrain.errors import CfgError, DatasetError
 from yolotrain.utils.boxes import xywhn2xyxy
 from yolotrain.utils.files import write_atomic_stream
+from yolotrain.utils.threads import available_cpus
 
 LOGGER = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ class YOLODataset(Dataset):
         return "disk"
 
     def _cache_threads(self) -> int:
-        return max(1, min(self.workers or 1, os.cpu_count() or 1))
+        return max(1, min(self.workers or 1, available_cpus()))
 
     # ------------------------------------------------------------------------------------------------ samples
     def __len__(self) -> int:

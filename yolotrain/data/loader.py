@@ -14,7 +14,6 @@ mid-epoch resume and DDP replay the exact same images.
 from __future__ import annotations
 
 import logging
-import os
 import random
 
 import numpy as np
@@ -61,8 +60,11 @@ def seed_worker(worker_id: int) -> None:
 
 
 def resolve_workers(batch: int, workers: int, world_size: int = 1) -> int:
-    """Worker processes per rank: no more than the CPUs per rank, none for batch 1, at most `workers`."""
-    cpus_per_rank = (os.cpu_count() or 1) // max(world_size, 1)
+    """Worker processes per rank: no more than the CPUs per rank (those this process may use, see
+    `utils.threads.available_cpus`), none for batch 1, at most `workers`."""
+    from yolotrain.utils.threads import available_cpus
+
+    cpus_per_rank = available_cpus() // max(world_size, 1)
     return max(0, min(cpus_per_rank, batch if batch > 1 else 0, workers))
 
 

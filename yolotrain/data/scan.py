@@ -41,6 +41,7 @@ from yolotrain.data.data_yaml import IMG_FORMATS, has_image_suffix
 from yolotrain.data.label_rows import LabelLayout, clean_label_rows
 from yolotrain.errors import DatasetError, one_line
 from yolotrain.utils.files import write_atomic_stream
+from yolotrain.utils.threads import available_cpus
 
 LOGGER = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ def files_hash(files: Sequence[str], extra: str = "") -> str:
 
 
 def _verify_all(img_files, label_files, nc, workers, prefix, layout) -> tuple[list[dict], ScanReport]:
-    workers = max(1, min(workers if workers is not None else 8, os.cpu_count() or 1, len(img_files) or 1))
+    workers = max(1, min(workers if workers is not None else 8, available_cpus(), len(img_files) or 1))
     jobs = [(im, lb, nc, layout) for im, lb in zip(img_files, label_files)]
     # cv2 decoding releases the GIL, so threads parallelise the expensive part without pickling costs.
     with ThreadPool(workers) as pool:

@@ -25,6 +25,7 @@ from yolotrain.data.sources import iter_frames
 from yolotrain.errors import CfgError
 from yolotrain.nn.backends import ExportedModel, fixed_input_size, load_inference_model
 from yolotrain.utils.files import ensure_writable_dir, run_dir
+from yolotrain.utils.threads import start_thread_governor
 from yolotrain.utils.torch_utils import channels_last_pays, de_parallel, fused_for_inference, select_device
 
 LOGGER = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class BasePredictor:
         self.device = None
         self.save_dir = None
         self._videos = {}  # source video path -> open cv2.VideoWriter
+        self.governor = None  # this process's thread budget, started with the model
 
     def __call__(self, source, model):
         return list(self.stream(source, model))
@@ -54,6 +56,7 @@ class BasePredictor:
     def setup_model(self, model):
         """Load `model` (a path or an nn.Module) once, fused and in eval mode on `args.device`."""
         self.device = select_device(self.args.device)
+        self.governor = start_thread_governor(self.args.threads)
         if self.args.half and self.device.type != "cuda":
             raise CfgError("half=True needs a CUDA device (fp16 inference on the CPU is slower, not faster)")
         loaded = isinstance(model, (str, Path))
@@ -139,6 +142,7 @@ class BasePredictor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         inferred = time.perf_counter()
+        self.governor.check()
         predictions = self.postprocess(output)
         results = [self.construct_result(frame, sample, prediction)
                    for (frame, sample), prediction in zip(batch, predictions)]

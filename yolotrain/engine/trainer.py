@@ -60,6 +60,7 @@ from yolotrain.utils.checkpoint import (
     strip_optimizer,
 )
 from yolotrain.utils.files import ensure_writable_dir, run_dir
+from yolotrain.utils.threads import start_thread_governor
 from yolotrain.utils.torch_utils import de_parallel, init_seeds
 
 LOGGER = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class BaseTrainer:
         if self.resume_path:
             self.args = args_for_resume(self.resume_path, overrides)
         self.device = dist.rank_device(self.args.device)  # cuda:LOCAL_RANK (or cpu) in a DDP worker
+        self.governor = None  # the thread budget, started at set-up (see yolotrain.utils.threads)
         self._use_save_dir(self._resolve_save_dir())
         self.epochs = self.args.epochs
         self.epoch = self.start_epoch = 0
@@ -166,6 +168,7 @@ class BaseTrainer:
 
     def _fit(self):
         self.run_callbacks("on_train_start")
+        self.governor.restart_interval()
         self.time_budget.start(self.start_epoch)
         epoch = self.start_epoch
         while epoch < self.epochs and not self.stop:
@@ -201,6 +204,7 @@ class BaseTrainer:
         for i, batch in batches:
             self.run_callbacks("on_train_batch_start")
             verdict = self._train_step(epoch, i, batch)
+            self.governor.check()
             self._update_progress(batches, epoch, i, batch)
             self.run_callbacks("on_train_batch_end")
             if verdict.interrupted:
@@ -287,6 +291,8 @@ class BaseTrainer:
             ensure_writable_dir(self.wdir)
             save_atomic_text(yaml.safe_dump(vars(self.args), sort_keys=False), self.save_dir / "args.yaml")
         init_seeds(self.args.seed, self.args.deterministic)
+        self.governor = start_thread_governor(self.args.threads)
+        self.resolved.threads = self.governor.budget
         with dist.main_process_first(self._wait_group):
             self.data = self.get_dataset()
         self.model = self.get_model(cfg=self.args.model, weights=self._pretrained_weights())
@@ -676,6 +682,8 @@ class BaseTrainer:
             strip_optimizer(self.best)
             if self.args.val or self.metrics is not None:
                 LOGGER.info(f"\nValidating {self.best}...")
+                if self.validator is not None:
+                    self.validator.governor = self.governor  # the threads this run has found it gets
                 self.metrics = self.validate_checkpoint(self.best)
                 self.metrics.pop("fitness", None)
 

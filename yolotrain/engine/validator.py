@@ -41,6 +41,7 @@ from yolotrain.engine.progress import progress_bar
 from yolotrain.errors import YoloTrainError
 from yolotrain.utils import dist
 from yolotrain.utils.files import ensure_writable_dir, run_dir
+from yolotrain.utils.threads import start_thread_governor
 from yolotrain.utils.torch_utils import de_parallel, fused_for_inference, select_device
 
 LOGGER = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ class BaseValidator:
         self.plots = False  # whether this run draws plots (args.plots, limited to the final epoch in training)
         self.plot_stats = False  # whether plot-only statistics (the confusion matrix) are accumulated, on every rank
         self.speed = dict.fromkeys(SPEED_STAGES, 0.0)
+        self.governor = None  # standalone: this process's thread budget (training: the trainer's)
 
     # ------------------------------------------------------------------ callbacks
     def add_callback(self, event, fn):
@@ -215,6 +217,8 @@ class BaseValidator:
         from yolotrain.data.loader import unsharded
 
         self.device = select_device(self.args.device)
+        if self.governor is None:  # a trainer validating its best.pt lends its own
+            self.governor = start_thread_governor(self.args.threads)
         self.amp_dtype = self._standalone_amp_dtype()
         self.gather_group = None
         loaded = isinstance(model, (str, Path))
@@ -256,6 +260,8 @@ class BaseValidator:
             with timer("postprocess"):
                 preds = self.postprocess(preds)
             self.update(preds, batch)
+            if self.governor is not None and not self.training:
+                self.governor.check()
             if self.plots and self.batch_i < PLOTTED_BATCHES:
                 self.plot_batch(batch, preds, self.batch_i)
             self.run_callbacks("on_val_batch_end")

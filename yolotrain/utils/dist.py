@@ -49,6 +49,11 @@ def local_rank() -> int:
     return _env_int("LOCAL_RANK", -1)
 
 
+def local_world_size() -> int:
+    """Number of processes of this run on this node (they share its CPUs); 1 when not distributed."""
+    return max(_env_int("LOCAL_WORLD_SIZE", 1), 1)
+
+
 def world_size() -> int:
     """Number of processes taking part in training; 1 when not distributed."""
     if _process_group_ready():
