@@ -6,6 +6,7 @@ the error's `exit_code` (2 for arguments); no traceback.
 """
 
 import logging
+import os
 import signal
 import sys
 from typing import Optional
@@ -75,6 +76,15 @@ def main(argv: Optional[list] = None) -> int:
     except KeyboardInterrupt:
         print("yolotrain: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `yolotrain help | head`: the reader has what it wanted
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool whose pipe closed
+
+
+def _silence_stdout() -> None:
+    """Point stdout at the null device, so the interpreter's final flush into a closed pipe raises nothing."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
 
 
 def _print_error(error: YoloTrainError) -> None:

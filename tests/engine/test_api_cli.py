@@ -313,3 +313,15 @@ def test_val_period_validates_every_nth_epoch_and_the_last(train_overrides):
     trainer = train(train_overrides, [("on_val_start", count_calls(calls, "val"))], epochs=3, val_period=2)
     assert validated_epochs(read_rows(trainer.csv)) == [2, 3]  # epoch 2 by the period, epoch 3 as the last
     assert len(calls) == 3
+
+
+def test_help_into_a_closed_pipe_ends_quietly():
+    """`yolotrain help | head`: the reader leaves before the help is written; no traceback, the SIGPIPE status."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "yolotrain", "help"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()  # before the child has written a byte (it is still importing)
+    errors = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141 and "Traceback" not in errors and "BrokenPipe" not in errors

@@ -4,6 +4,9 @@ epoch, NaN recovery after a mid-epoch resume, handlers restored. (Subprocess ver
 import csv
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -87,3 +90,25 @@ def test_nan_after_a_mid_epoch_resume_rolls_back_to_the_resumed_weights(train_ov
     assert resumed.nan_recovery.count == 1
     assert epochs_in(resumed.csv) == [1, 2, 3]
     assert "batch_index" not in load_checkpoint(resumed.last)
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_data_workers_is_reported_once(tiny_model_yaml, tiny_data, tmp_path):
+    """Ctrl-C reaches the whole process group (the data-loader workers too, which inherit the handler): the run
+    says so once, saves and exits 130."""
+    log = tmp_path / "train.log"
+    args = dict(model=tiny_model_yaml, data=tiny_data, epochs=50, imgsz=64, batch=4, workers=2, device="cpu",
+                project=str(tmp_path / "runs"), name="train", plots=False, val=False)
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "yolotrain", "train", *(f"{k}={v}" for k, v in args.items())],
+                                   stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while " 1/50 " not in log.read_text() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    assert process.wait(timeout=120) == 130
+    text = log.read_text()
+    assert text.count("SIGINT received") == 1, text[-2000:]
+    assert "Traceback" not in text
+    assert (tmp_path / "runs" / "train" / "weights" / "last.pt").is_file()

@@ -3,6 +3,7 @@ resume equivalence and callback order."""
 
 import csv
 import math
+import os
 
 import pytest
 import torch
@@ -289,3 +290,37 @@ def test_resume_true_takes_the_newest_last_pt(train_overrides):
     assert checkpoint["epoch"] == 1
     resumed = DetectionTrainer(overrides={"resume": True, "project": train_overrides["project"], "epochs": 3})
     assert resumed.resume_path == trainer.last
+
+
+def test_a_log_without_a_terminal_has_column_names_progress_and_classes_once(train_overrides, yolotrain_log,
+                                                                             monkeypatch):
+    """What `nohup`/`tee`/CI logs show: the header above every epoch's line, progress lines with an ETA within an
+    epoch (here at every batch), and the per-class table only after the final validation of best.pt."""
+    from yolotrain.engine import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "PROGRESS_LOG_INTERVAL_S", 0.0)
+    trainer = train(train_overrides, epochs=2, verbose=True)
+    header = trainer.progress_string()
+    lines = [m for m in yolotrain_log]
+    epoch_lines = [i for i, m in enumerate(lines) if m.lstrip().startswith(("1/2", "2/2")) and "ETA" not in m]
+    assert len(epoch_lines) == 2 and lines.count(header) == 2
+    assert all(header in lines[:i] for i in epoch_lines)
+    eta_lines = [m for m in lines if "batches, ETA " in m]
+    assert eta_lines and all(m.lstrip().startswith(("1/2", "2/2")) for m in eta_lines)
+    final = next(i for i, m in enumerate(lines) if m.strip().startswith("Validating"))
+    names = set(trainer.data["names"].values())
+    class_rows = [i for i, m in enumerate(lines) if m.split() and m.split()[0] in names]
+    assert class_rows and min(class_rows) > final
+
+
+def test_resume_names_only_the_arguments_it_really_ignores(train_overrides, yolotrain_log):
+    from yolotrain.engine.resume import args_for_resume
+
+    with pytest.raises(Crash):
+        train(train_overrides, epochs=2, val=False, callbacks=[("on_fit_epoch_end", crash_after_epoch(1))])
+    last = os.path.join(train_overrides["project"], "train", "weights", "last.pt")
+    args_for_resume(last, {"resume": str(last), "mode": "train", "task": "detect"})  # what the YOLO object passes
+    assert not [m for m in yolotrain_log if m.startswith("resume: ignoring")]
+    args_for_resume(last, {"resume": str(last), "mode": "train", "lr0": 0.5})
+    assert [m for m in yolotrain_log if m.startswith("resume: ignoring")] == [
+        "resume: ignoring ['lr0']; these come from the checkpoint when resuming"]

@@ -193,7 +193,7 @@ def test_a_classification_run_writes_what_users_read(cls_overrides):
     validated = trained.val(data=cls_overrides["data"], batch=8, plots=False)
     assert validated.top1 == pytest.approx(metrics.top1) and validated.top5 == pytest.approx(metrics.top5)
     image = next(Path(cls_overrides["data"], "val", "star").iterdir())
-    (result,) = trained.predict(str(image))
+    (result,) = trained.predict(str(image), save=False)
     probs = result.probs
     assert result.boxes is None and len(probs.data) == 6 and float(probs.data.sum()) == pytest.approx(1, abs=1e-5)
     assert probs.top5[0] == probs.top1 and float(probs.top1conf) == pytest.approx(float(probs.data.max()))
@@ -206,7 +206,7 @@ def test_a_classification_run_writes_what_users_read(cls_overrides):
         assert exported.task == "classify"
         from_export = exported.val(data=cls_overrides["data"], batch=8, plots=False)
         assert from_export.top1 == pytest.approx(metrics.top1) and from_export.top5 == pytest.approx(metrics.top5)
-        assert exported.predict(str(image))[0].probs.top1 == probs.top1
+        assert exported.predict(str(image), save=False)[0].probs.top1 == probs.top1
 
 
 def test_a_classification_run_resumes_exactly(cls_overrides):

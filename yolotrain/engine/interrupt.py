@@ -2,9 +2,14 @@
 
 The first signal is only counted; the training loop reads `requested` (agreed over all ranks) after its batch,
 saves a mid-epoch checkpoint and raises `TrainingInterrupted`. A second signal exits at once.
+
+Ctrl-C signals the whole process group, data-loader workers included, and forked workers inherit the handler:
+in any process but the one that installed it the handler acts as if there were none, so the run reports the
+signal once and a worker ends as it would have.
 """
 
 import logging
+import os
 import signal
 import threading
 
@@ -28,6 +33,7 @@ class GracefulInterrupt:
     def __init__(self):
         self.received = 0
         self._previous = {}
+        self._owner = None  # the process that installed the handlers
 
     @property
     def requested(self):
@@ -36,6 +42,7 @@ class GracefulInterrupt:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
+            self._owner = os.getpid()
             self._previous = {sig: signal.signal(sig, self._on_signal) for sig in HANDLED_SIGNALS}
         return self
 
@@ -46,6 +53,12 @@ class GracefulInterrupt:
         return False
 
     def _on_signal(self, signum, frame):
+        if os.getpid() != self._owner:  # a forked data worker: what it would do without this handler
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self.received += 1
         if self.received > 1:
             LOGGER.warning("second signal received: exiting now without saving")

@@ -45,7 +45,9 @@ def args_for_resume(path, overrides):
     check_format_version(checkpoint, path)
     args = dict(checkpoint["train_args"])
     changed = {k: overrides[k] for k in RESUME_OVERRIDABLE if k in overrides and overrides[k] != args.get(k)}
-    ignored = sorted(k for k in overrides if k not in RESUME_OVERRIDABLE and k not in ("resume", "model", "cfg"))
+    # What the caller passes that equals the checkpoint's own (the facade always passes mode and task) is no news.
+    ignored = sorted(k for k in overrides if k not in RESUME_OVERRIDABLE and k not in ("resume", "model", "cfg")
+                     and overrides[k] != args.get(k))
     args.update(changed)
     args.update(resume=str(path), exist_ok=True)
     if changed:

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import math
 import shutil
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,7 +43,7 @@ from yolotrain.engine.optim import (
     resolve_auto_optimizer,
     scaled_weight_decay,
 )
-from yolotrain.engine.progress import interactive_terminal, progress_bar
+from yolotrain.engine.progress import progress_bar
 from yolotrain.engine.results import ResultsCSV
 from yolotrain.engine.resume import MidEpochPosition, args_for_resume, find_resume_checkpoint
 from yolotrain.engine.schedule import TrainSchedule
@@ -71,6 +72,8 @@ ARGS_FIXED_AT_CONSTRUCTION = ("task", "mode", "resume", "device", "project", "na
 
 # A fitness of exactly 0 counts as a collapse only after the best fitness reached this (mAP-scale) value.
 COLLAPSE_MIN_BEST_FITNESS = 0.01
+# Without a terminal (a log file, a pipe, CI), a progress line at least this often within an epoch, with its ETA.
+PROGRESS_LOG_INTERVAL_S = 30.0
 
 
 class BaseTrainer:
@@ -93,6 +96,7 @@ class BaseTrainer:
             self.args = args_for_resume(self.resume_path, overrides)
         self.device = dist.rank_device(self.args.device)  # cuda:LOCAL_RANK (or cpu) in a DDP worker
         self.governor = None  # the thread budget, started at set-up (see yolotrain.utils.threads)
+        self._epoch_began = self._last_progress_log = 0.0  # perf_counter marks of the progress lines
         self._use_save_dir(self._resolve_save_dir())
         self.epochs = self.args.epochs
         self.epoch = self.start_epoch = 0
@@ -750,15 +754,27 @@ class BaseTrainer:
         batches = enumerate(self.train_loader, start=self.start_batch)
         if not dist.is_main():
             return batches
-        if interactive_terminal():
-            LOGGER.info(self.progress_string())
+        LOGGER.info(self.progress_string())  # in every log, so each epoch's line has its column names above it
+        self._epoch_began = self._last_progress_log = time.perf_counter()
         return progress_bar(batches, total=self.num_batches, initial=self.start_batch)
 
     def _update_progress(self, batches, epoch, i, batch):
         if hasattr(batches, "set_description"):
             batches.set_description(self._progress_line(epoch, batch))
-        elif dist.is_main() and i + 1 == self.num_batches:
+            return
+        if not dist.is_main():
+            return
+        if i + 1 == self.num_batches:
             LOGGER.info(self._progress_line(epoch, batch))
+        elif time.perf_counter() - self._last_progress_log >= PROGRESS_LOG_INTERVAL_S:
+            LOGGER.info(self._progress_line(epoch, batch) + self._batches_and_eta(i))
+            self._last_progress_log = time.perf_counter()
+
+    def _batches_and_eta(self, i):
+        """"  120/500 batches, ETA 2:31": where a long epoch stands, for logs without a progress bar."""
+        done = i + 1 - self.start_batch
+        left = (self.num_batches - i - 1) * (time.perf_counter() - self._epoch_began) / max(done, 1)
+        return f"  {i + 1}/{self.num_batches} batches, ETA {int(left // 60)}:{int(left % 60):02d}"
 
     def _progress_line(self, epoch, batch):
         losses = "".join(f"{x:11.4g}" for x in (self.tloss.tolist() if self.tloss is not None else []))

@@ -331,11 +331,12 @@ class DetectionValidator(BaseValidator):
         return ("%22s" + "%11s" * 6) % TABLE_HEADER
 
     def log_results(self):
-        """The table: one "all" row, then one row per class (when verbose or fewer than 50 classes)."""
+        """The table: one "all" row, then one row per class (when verbose or fewer than 50 classes) outside training:
+        after each training epoch the "all" row is enough, and the final validation of best.pt has the classes."""
         row = "%22s" + "%11i" * 2 + "%11.3g" * 4
         LOGGER.info(self.progress_description())
         LOGGER.info(row % ("all", self.seen, self.nt_per_class.sum(), *self.metrics.mean_results()))
-        if self.nc > 1 and (self.args.verbose or self.nc < PER_CLASS_ROWS_MAX_NC):
+        if self.nc > 1 and not self.training and (self.args.verbose or self.nc < PER_CLASS_ROWS_MAX_NC):
             for i, c in enumerate(self.metrics.ap_class_index):
                 name = self.names.get(int(c), str(c))
                 counts = (self.nt_per_image[c], self.nt_per_class[c])
