@@ -18,6 +18,7 @@ def write_atomic(path, write, durable=True):
     descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(descriptor)
     try:
+        os.chmod(temp, 0o666 & ~current_umask())  # as open() would create it: a team's shared folder stays readable
         write(Path(temp))
         if durable:
             _fsync(temp, os.O_RDWR)
@@ -28,6 +29,20 @@ def write_atomic(path, write, durable=True):
     if durable and os.name != "nt":  # a folder cannot be opened for fsync on Windows
         _fsync(path.parent, os.O_RDONLY)
     return path
+
+
+def current_umask():
+    """The process's file-creation mask: from /proc where Linux says it (no change to the process), else read by
+    setting it and putting it back at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_atomic_stream(path, write, durable=True):
