@@ -4,8 +4,9 @@ The first signal is only counted; the training loop reads `requested` (agreed ov
 saves a mid-epoch checkpoint and raises `TrainingInterrupted`. A second signal exits at once.
 
 Ctrl-C signals the whole process group, data-loader workers included, and forked workers inherit the handler:
-in any process but the one that installed it the handler acts as if there were none, so the run reports the
-signal once and a worker ends as it would have.
+in any process but the one that installed it the handler does nothing, so the run reports the signal once and
+its workers keep serving batches until the main process has saved and shuts them down (a worker that died of
+the signal would break the loader mid-save).
 """
 
 import logging
@@ -53,11 +54,7 @@ class GracefulInterrupt:
         return False
 
     def _on_signal(self, signum, frame):
-        if os.getpid() != self._owner:  # a forked data worker: what it would do without this handler
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        if os.getpid() != self._owner:  # a forked data worker: the main process handles the signal
             return
         self.received += 1
         if self.received > 1:
