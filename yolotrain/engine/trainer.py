@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from yolotrain import __version__
-from yolotrain.cfg import get_cfg
+from yolotrain.cfg import check_imgsz, get_cfg
 from yolotrain.engine.amp import resolve_amp, resolve_channels_last
 from yolotrain.engine.callbacks import Callbacks
 from yolotrain.engine.checkpointer import Checkpointer, EMAState, Stored
@@ -423,6 +423,17 @@ class BaseTrainer:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.resolved.channels_last = self.channels_last
+
+    def _model_stride(self):
+        """The model's largest stride (at least 32): image sizes are multiples of it."""
+        return max(int(de_parallel(self.model).stride.max()), 32) if self.model is not None else 32
+
+    def _train_imgsz(self):
+        """`imgsz` rounded up to the model's stride, once (one warning), kept with the other derived values;
+        args.imgsz stays as the user gave it."""
+        if getattr(self.resolved, "imgsz", None) is None:
+            self.resolved.imgsz = check_imgsz(self.args.imgsz, self._model_stride())
+        return self.resolved.imgsz
 
     def _wrap_model(self):
         """The module the training step calls: compiled and/or DDP-wrapped views of self.model. The training step

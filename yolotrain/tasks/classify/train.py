@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from yolotrain.cfg import DEFAULT_MODELS, check_imgsz
+from yolotrain.cfg import DEFAULT_MODELS
 from yolotrain.engine.trainer import BaseTrainer
 from yolotrain.utils import dist
 from yolotrain.utils.torch_utils import de_parallel
@@ -54,19 +54,13 @@ class ClassificationTrainer(BaseTrainer):
             LOGGER.info(f"pretrained: weights transferred from {weights}")
         return model
 
-    def _imgsz(self):
-        if getattr(self.resolved, "imgsz", None) is None:
-            stride = int(de_parallel(self.model).stride.max()) if self.model is not None else 32
-            self.resolved.imgsz = check_imgsz(self.args.imgsz, stride)
-        return self.resolved.imgsz
-
     def build_dataset(self, img_path, mode="train", batch=None):
         """A `ClassificationDataset`: augmented for training, centre-cropped for validation."""
         from yolotrain.tasks.classify.dataset import ClassificationDataset
 
         training = mode == "train"
         return ClassificationDataset(
-            img_path, list(self.class_names().values()), imgsz=self._imgsz(), augment=training, hyp=self.args,
+            img_path, list(self.class_names().values()), imgsz=self._train_imgsz(), augment=training, hyp=self.args,
             cache=self.args.cache or False, fraction=self.args.fraction if training else 1.0, prefix=mode,
         )
 

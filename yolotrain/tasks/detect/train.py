@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from yolotrain.cfg import DEFAULT_MODEL, check_imgsz
+from yolotrain.cfg import DEFAULT_MODEL
 from yolotrain.engine.trainer import BaseTrainer
 from yolotrain.loss.detection import loss_item_names
 from yolotrain.utils import dist
@@ -103,15 +103,6 @@ class DetectionTrainer(BaseTrainer):
         if not self.resolved.augment_on_device:
             return YOLODataset
         return functools.partial(DeviceAugmentDataset, decode_on_device=jpeg_decoder_for(self.device))
-
-    def _model_stride(self):
-        return max(int(de_parallel(self.model).stride.max()), 32) if self.model is not None else 32
-
-    def _train_imgsz(self):
-        # Rounded once (one warning), kept with the other derived values; args.imgsz stays as the user gave it.
-        if getattr(self.resolved, "imgsz", None) is None:
-            self.resolved.imgsz = check_imgsz(self.args.imgsz, self._model_stride())
-        return self.resolved.imgsz
 
     def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
         """The DataLoader for `mode`; each rank reads its own shard when distributed. Training shuffles (rect: whole
