@@ -5,12 +5,15 @@ against the compute floor of the model (forward + backward + optimizer step on r
     python benchmarks/train_speed.py --device 0 --amp --batch 64         # on a GPU, mixed precision
     python benchmarks/train_speed.py --skip-reference                    # yolotrain and the floor only
     python benchmarks/train_speed.py --keep runs/speed                   # keep both runs (last.pt, results.csv)
+    python benchmarks/train_speed.py --task pose --model yolo11n-pose.yaml --reference-model yolo11n-pose.yaml \
+        --imgsz 160 --batch 8          # pose, on the built-in pose set unless --data names one
 
 Each trainer runs in its own subprocess, one after the other, with run folders in a temporary directory; the
 reference twice: at its default (it sets OMP_NUM_THREADS=1 for itself) and with as many threads as yolotrain's
 budget, and the ratios are against the faster of the two. Printed:
 train images/s (epoch time only), validation images/s (every validation, the final one included), wall time,
-peak RSS (main process plus its data workers), final mAP50 and mAP50-95, and the ratios. The reference runs with
+peak RSS (main process plus its data workers), final mAP50 and mAP50-95 (of the boxes; for pose also of the
+keypoints), and the ratios. The reference runs with
 `/work/shared/anchor/ultralytics-python` (see setup-ultralytics.sh there) or `--reference-python`.
 """
 
@@ -53,15 +56,16 @@ _TIMING = textwrap.dedent(
             "train_images": train_images, "val_images": val_images, "peak_rss_mb": peak_rss_mb(),
             "map50": float(metrics.get("metrics/mAP50(B)", float("nan"))),
             "map50_95": float(metrics.get("metrics/mAP50-95(B)", float("nan"))),
+            "pose_map50_95": float(metrics.get("metrics/mAP50-95(P)", float("nan"))),
         }), flush=True)
     """
 )
 
 _YOLOTRAIN_CHILD = _TIMING + textwrap.dedent(
     """
-    from yolotrain.tasks.detect.train import DetectionTrainer
+    from yolotrain.tasks import task_classes
     overrides = json.loads(sys.argv[1])
-    trainer = DetectionTrainer(overrides=overrides)
+    trainer = task_classes(overrides["task"]).trainer(overrides=overrides)
     for event, fn in (("on_train_epoch_start", start("train")), ("on_train_epoch_end", stop("train")),
                       ("on_val_start", start("val")), ("on_val_end", stop("val"))):
         trainer.add_callback(event, fn)
@@ -89,12 +93,13 @@ _FLOOR_CHILD = textwrap.dedent(
     """
     import json, sys, time, torch
     from yolotrain.engine.amp import resolve_amp, resolve_channels_last
-    from yolotrain.nn.model import DetectionModel
+    from yolotrain.tasks import task_classes
     from yolotrain.utils.torch_utils import select_device
     args = json.loads(sys.argv[1])
     device = select_device(args["device"])
     torch.manual_seed(0)
-    model = DetectionModel(args["model"], nc=args["nc"], verbose=False).to(device).train()
+    extra = {"data_kpt_shape": args["kpt_shape"]} if args["kpt_shape"] else {}
+    model = task_classes(args["task"]).model(args["model"], nc=args["nc"], verbose=False, **extra).to(device).train()
     amp_dtype = resolve_amp(args["amp"], device, model)
     channels_last = resolve_channels_last(None, device)
     images = torch.rand(args["batch"], 3, args["imgsz"], args["imgsz"], device=device)
@@ -104,8 +109,11 @@ _FLOOR_CHILD = textwrap.dedent(
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, nesterov=True)
     def step():
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            maps = model(images)
+            output = model(images)
+        maps, keypoints = output if isinstance(output, tuple) else (output, None)  # a pose head adds keypoints
         loss = sum(m.float().square().mean() for m in maps)
+        if keypoints is not None:
+            loss = loss + keypoints.float().square().mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -136,16 +144,17 @@ def run_child(python, code, payload, label, env=None):
 
 
 def data_classes(data_yaml):
+    """(class count, kpt_shape or None) of a data yaml."""
     import yaml
 
-    names = yaml.safe_load(Path(data_yaml).read_text())["names"]
-    return len(names)
+    data = yaml.safe_load(Path(data_yaml).read_text())
+    return len(data["names"]), data.get("kpt_shape")
 
 
 def trainer_settings(args, run_root):
     common = dict(data=args.data, epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, workers=args.workers,
                   device=args.device, amp=args.amp, seed=0, plots=False, exist_ok=True)
-    ours = dict(common, model=args.model, project=str(run_root / "yolotrain"), name="train")
+    ours = dict(common, model=args.model, project=str(run_root / "yolotrain"), name="train", task=args.task)
     reference = dict(common, model=args.reference_model, project=str(run_root / "reference"), name="train")
     return ours, reference
 
@@ -158,14 +167,15 @@ def print_report(results, floor, args):
     print(f"\n{args.model} vs {args.reference_model}, {Path(args.data).parent.name}, device={args.device}, "
           f"amp={args.amp}, imgsz={args.imgsz}, batch={args.batch}, epochs={args.epochs}, workers={args.workers}")
     header = f"{'trainer':<12}{'train img/s':>12}{'val img/s':>11}{'wall s':>9}{'peak RSS MB':>13}{'mAP50':>8}{'mAP50-95':>10}"
-    print(header)
+    print(header + ("  pose mAP50-95" if args.task == "pose" else ""))
     for name, result in results.items():
         if result is None:
             print(f"{name:<12}{'failed':>12}")
             continue
         print(f"{name:<12}{throughput(result, 'train_images', 'train_s'):>12.2f}"
               f"{throughput(result, 'val_images', 'val_s'):>11.2f}{result['wall_s']:>9.1f}"
-              f"{result['peak_rss_mb']:>13.0f}{result['map50']:>8.4f}{result['map50_95']:>10.4f}")
+              f"{result['peak_rss_mb']:>13.0f}{result['map50']:>8.4f}{result['map50_95']:>10.4f}"
+              + (f"{result['pose_map50_95']:>16.4f}" if args.task == "pose" else ""))
     if floor:
         print(f"{'floor':<12}{floor['images_per_s']:>12.2f}  (forward+backward+step on random input, amp="
               f"{floor['amp']}, channels_last={floor['channels_last']})")
@@ -189,10 +199,11 @@ def main():
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or a GPU index (0)")
+    parser.add_argument("--task", default="detect", choices=("detect", "pose"))
     parser.add_argument("--amp", action="store_true", help="mixed precision for both trainers (and the floor)")
     parser.add_argument("--model", default="yolo-n.yaml", help="yolotrain model yaml")
     parser.add_argument("--reference-model", default="yolov8n.yaml", help="the reference's model of the same layout")
-    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--data", default="", help="data yaml (default: COCO128; for pose the built-in pose set)")
     parser.add_argument("--imgsz", type=int, default=320)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16)
@@ -202,6 +213,10 @@ def main():
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--keep", help="write both runs under this folder and keep them (weights for val_speed.py)")
     args = parser.parse_args()
+    if not args.data:
+        from yolotrain.data.builtin import builtin_pose_data_yaml
+
+        args.data = str(builtin_pose_data_yaml()) if args.task == "pose" else DEFAULT_DATA
 
     with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
         ours, reference = trainer_settings(args, Path(args.keep or tmp))
@@ -215,8 +230,9 @@ def main():
             equal = dict(env, OMP_NUM_THREADS=str(threads))
             results[f"reference@{threads}"] = run_child([args.reference_python], _REFERENCE_CHILD, reference,
                                                         f"reference with {threads} threads", equal)
-        floor_args = dict(model=args.model, nc=data_classes(args.data), device=args.device, amp=args.amp,
-                          imgsz=args.imgsz, batch=args.batch, warmup=2, steps=args.floor_steps)
+        nc, kpt_shape = data_classes(args.data)
+        floor_args = dict(model=args.model, nc=nc, kpt_shape=kpt_shape, task=args.task, device=args.device,
+                          amp=args.amp, imgsz=args.imgsz, batch=args.batch, warmup=2, steps=args.floor_steps)
         floor = run_child([sys.executable], _FLOOR_CHILD, floor_args, "compute floor")
     print_report(results, floor, args)
 

@@ -187,7 +187,7 @@ def test_out_of_range_values(key, value, expected_range):
 @pytest.mark.parametrize(
     "key, value, fragment",
     [
-        ("task", "segment", "expected one of detect, classify"),
+        ("task", "segment", "expected one of detect, pose, classify"),
         ("mode", "track", "expected one of train, val, predict, export"),
         ("cache", "memory", "expected bool or one of ram, disk"),
         ("amp", "fp16", "did you mean 'bf16'?"),
@@ -304,3 +304,10 @@ def test_parse_cli_args_errors(argv, fragment):
     with pytest.raises(CfgError) as info:
         parse_cli_args(argv)
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["../x", "/tmp/x", "exp/../../x", "~/x"])
+def test_a_run_name_that_leaves_project_is_a_one_line_error(name):
+    with pytest.raises(CfgError, match=r"expected a run folder name inside project \(no absolute path, no '\.\.'\)"):
+        get_cfg({"name": name})
+    assert get_cfg({"name": "exp/a"}).name == "exp/a"  # a nested folder inside project is fine

@@ -135,3 +135,31 @@ def test_missing_json_file(tmp_path):
     with pytest.raises(DatasetError, match="not found") as raised:
         convert_coco(tmp_path / "absent.json", tmp_path, tmp_path / "out")
     assert "absent.json" in str(raised.value)
+
+
+def test_keypoint_annotations_become_pose_rows_with_kpt_shape_and_flip_idx(tmp_path):
+    """person_keypoints_*.json: each box row is followed by its keypoints (normalised, visibility kept, unlabelled
+    as 0 0 0), and the data yaml gets kpt_shape and the left/right mirror map from the keypoint names."""
+    categories = [{"id": 1, "name": "person", "keypoints": ["nose", "left_eye", "right_eye"]}]
+    annotations = [
+        {"id": 1, "image_id": 11, "category_id": 1, "bbox": [10, 5, 20, 10], "num_keypoints": 2,
+         "keypoints": [20, 10, 2, 15, 8, 1, 0, 0, 0]},
+        {"id": 2, "image_id": 12, "category_id": 1, "bbox": [50, 25, 100, 50], "num_keypoints": 0,
+         "keypoints": [0, 0, 0, 0, 0, 0, 0, 0, 0]},
+    ]  # fmt: skip
+    src = write_coco(tmp_path, name="person_keypoints_mini.json", annotations=annotations, categories=categories)
+    yaml_path = convert_coco(src, write_images(tmp_path / "src"), tmp_path / "out")
+    data = yaml.safe_load(yaml_path.read_text())
+    assert data["kpt_shape"] == [3, 3] and data["flip_idx"] == [0, 2, 1] and data["train"] == "images/mini"
+    labels = tmp_path / "out" / "labels" / "mini"
+    assert (labels / "a.txt").read_text().splitlines() == [
+        "0 0.200000 0.200000 0.200000 0.200000 0.200000 0.200000 2 0.150000 0.160000 1 0.000000 0.000000 0"]
+    assert (labels / "b.txt").read_text().splitlines() == [
+        "0 0.500000 0.500000 0.500000 0.500000 0.000000 0.000000 0 0.000000 0.000000 0 0.000000 0.000000 0"]
+
+    from yolotrain.data.data_yaml import check_det_dataset
+    from yolotrain.data.dataset import YOLODataset
+
+    checked = check_det_dataset(yaml_path)
+    dataset = YOLODataset(checked["val"], imgsz=64, data=checked, task="pose", workers=1)
+    assert sum(len(label["keypoints"]) for label in dataset.labels) == 2

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from resume_check import assert_resumes_exactly
 from yolotrain.engine.model import YOLO
 from yolotrain.errors import CfgError, DatasetError
 from yolotrain.nn.model import ClassificationModel, DetectionModel
@@ -210,22 +211,7 @@ def test_a_classification_run_writes_what_users_read(cls_overrides):
 
 
 def test_a_classification_run_resumes_exactly(cls_overrides):
-    def crash_after_first_epoch(trainer):
-        if trainer.epoch == 0:
-            raise KeyboardInterrupt
-
-    straight = ClassificationTrainer(overrides={**cls_overrides, "name": "straight"})
-    straight.train()
-    crashed = ClassificationTrainer(overrides={**cls_overrides, "name": "crashed"})
-    crashed.add_callback("on_fit_epoch_end", crash_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        crashed.train()
-    resumed = ClassificationTrainer(overrides={"resume": str(crashed.save_dir / "weights" / "last.pt")})
-    resumed.train()
-    a, b = load_checkpoint(straight.last), load_checkpoint(resumed.last)
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    rows_a, rows_b = read_rows(straight.csv), read_rows(resumed.csv)
-    assert [r["train/loss"] for r in rows_a] == [r["train/loss"] for r in rows_b]
+    assert_resumes_exactly(ClassificationTrainer, cls_overrides, "train/loss")
 
 
 def test_auto_augment_without_torchvision_is_a_one_line_error(cls_overrides):

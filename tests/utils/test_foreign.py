@@ -1,10 +1,8 @@
 """Ultralytics checkpoints read without running code: a file in the reference's pickle layout (its class names,
 stub modules made here) imports to known tensors; a payload inside such a file is refused on every path."""
 
-import contextlib
 import copy
 import os
-import sys
 import types
 
 import numpy as np
@@ -18,29 +16,9 @@ from yolotrain.nn.model import DetectionModel
 from yolotrain.tasks.detect.train import DetectionTrainer
 from yolotrain.utils.checkpoint import load_checkpoint, load_safetensors_metadata
 from yolotrain.utils.foreign import Record, load_records
+from reference_layout import classes_named_like_the_reference
 
 NAMES = {0: "person", 1: "bicycle", 2: "car"}
-
-
-@contextlib.contextmanager
-def classes_named_like_the_reference(model):
-    """While saving: our module classes pickle as `ultralytics.nn.*` classes (stub modules in sys.modules)."""
-    classes = {type(m) for m in model.modules() if type(m).__module__.startswith("yolotrain")}
-    saved = {cls: cls.__module__ for cls in classes}
-    stubs = {name: types.ModuleType(name) for name in ("ultralytics", "ultralytics.nn")}
-    for cls in classes:
-        name = "ultralytics.nn.tasks" if cls.__name__ == "DetectionModel" else "ultralytics.nn.modules.block"
-        stubs.setdefault(name, types.ModuleType(name))
-        setattr(stubs[name], cls.__qualname__, cls)
-        cls.__module__ = name
-    sys.modules.update(stubs)
-    try:
-        yield
-    finally:
-        for cls, module in saved.items():
-            cls.__module__ = module
-        for name in stubs:
-            del sys.modules[name]
 
 
 def write_reference_checkpoint(path, tiny_model_yaml, extra=None, ema_offset=0.5):

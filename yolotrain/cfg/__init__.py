@@ -15,7 +15,7 @@ import os
 import re
 import types
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Optional, Union
 
 import yaml
@@ -27,10 +27,11 @@ LOGGER = logging.getLogger(__name__)
 
 DEFAULT_CFG_PATH = Path(__file__).resolve().parent / "default.yaml"
 
-TASKS = ("detect", "classify")
+TASKS = ("detect", "pose", "classify")
 # The model a run uses when none is named (`model=` empty, `YOLO()`, `yolotrain train`), and per task.
 DEFAULT_MODEL = "yolo-n.yaml"
-DEFAULT_MODELS = types.MappingProxyType({"detect": DEFAULT_MODEL, "classify": "yolo11n-cls.yaml"})
+DEFAULT_MODELS = types.MappingProxyType({"detect": DEFAULT_MODEL, "pose": "yolo11n-pose.yaml",
+                                         "classify": "yolo11n-cls.yaml"})
 MODES = ("train", "val", "predict", "export")
 # Modes of the command line; `convert` and `sync` take positional arguments instead of key=value pairs, `tune` runs
 # many `train` runs (its trials) and is no `mode=` of a run.
@@ -359,6 +360,8 @@ def _checked_value(spec: ArgSpec, value, prefix: str):
             _check_bound(spec, value, prefix)
             if spec.name == "classes":
                 _check_class_ids(spec, value, prefix)
+            if spec.name == "name" and value:
+                _check_run_name(spec, value, prefix)
             return value
     raise _value_error(spec, value, prefix)
 
@@ -444,6 +447,14 @@ def _check_class_ids(spec: ArgSpec, value, prefix: str) -> None:
         f"{prefix}'{spec.name}={format_value(value)}' is invalid: expected a class id (int >= 0) or a non-empty "
         f"list of them{_example(spec)}"
     )
+
+
+def _check_run_name(spec: ArgSpec, value, prefix: str) -> None:
+    """A run folder name stays inside `project`: a relative path without '..' (`exp/a` is fine)."""
+    path = PurePath(str(value))
+    if path.is_absolute() or ".." in path.parts or str(value).startswith("~"):
+        raise CfgError(f"{prefix}'{spec.name}={format_value(value)}' is invalid: expected a run folder name inside "
+                       f"project (no absolute path, no '..'); choose where runs go with project=")
 
 
 def _value_error(spec: ArgSpec, value, prefix: str) -> CfgError:

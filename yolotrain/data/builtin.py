@@ -1,5 +1,5 @@
-"""The built-in "shapes" datasets (detection, and crops of the same shapes for classification), generated
-deterministically on first use.
+"""The built-in "shapes" datasets (detection; keypoints of the same shapes for pose; crops of them for
+classification), generated deterministically on first use.
 
 With no `data=` the trainer trains on this dataset: coloured shapes of six kinds on textured backgrounds. The class
 of a shape is decided by its geometry only (colour, size, rotation and background are random), so a detector has to
@@ -8,6 +8,10 @@ bytes on every run of the same software stack.
 
 Label boxes are exact: each shape is rasterised into an integer map of object ids, and a box is the pixel extent of
 the shape's *visible* pixels (later shapes may hide a little of earlier ones), written as normalised YOLO xywh.
+
+The pose set gives every shape five keypoints in a fixed order: the top-most, right-most, bottom-most and left-most
+points of its outline and its centre (`SHAPE_KEYPOINTS`). A horizontal mirror keeps top, bottom and centre and
+swaps right and left (`SHAPE_FLIP_IDX`); a keypoint under another shape is labelled occluded (visibility 1).
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ BUILTIN_NAMES = ("circle", "square", "triangle", "star", "cross", "ellipse")
 
 DATASET_VERSION = "shapes-v1"  # bump when the rendered content changes, so old caches are not reused
 CLASSIFY_VERSION = "shapes-cls-v1"  # the classification crops of the same scenes
+POSE_VERSION = "shapes-pose-v1"  # the same scenes with five keypoints per shape
+SHAPE_KEYPOINTS = ("top", "right", "bottom", "left", "centre")
+SHAPE_FLIP_IDX = (0, 3, 2, 1, 4)  # a horizontal mirror swaps right and left
+VISIBLE, OCCLUDED = 2, 1  # COCO's keypoint visibility flags
 CROP_MARGIN = 0.15  # of a shape's larger side, added around it on each side of its crop
 CROP_MIN_SIZE = 16  # pixels: smaller shapes are too few pixels to classify
 DEFAULT_SEED = 0
@@ -57,13 +65,15 @@ class ShapesScene:
 
     image: (h, w, 3) uint8 BGR. object_ids: (h, w) int16, the index of the shape visible at each pixel, -1 for
     background. classes: (n,) int64 class indices. boxes: (n, 4) float64 pixel xyxy, the extent of each shape's
-    visible pixels (x2, y2 exclusive: a pixel at column x spans [x, x + 1)).
+    visible pixels (x2, y2 exclusive: a pixel at column x spans [x, x + 1)). outlines: each shape's polygon (k, 2)
+    in the same continuous pixel coordinates, hidden parts included.
     """
 
     image: np.ndarray
     object_ids: np.ndarray
     classes: np.ndarray
     boxes: np.ndarray
+    outlines: list
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,6 +95,12 @@ def builtin_data_yaml(root: str | Path | None = None) -> Path:
     at once never leave a half-written dataset; later calls reuse the finished one.
     """
     return _generated_once(root, DATASET_VERSION, generate_shapes_dataset) / "data.yaml"
+
+
+def builtin_pose_data_yaml(root: str | Path | None = None) -> Path:
+    """Return the data.yaml of the built-in pose set (the shapes with `SHAPE_KEYPOINTS`), generating it on first
+    use in `<root>/shapes-pose-v1/` (as `builtin_data_yaml`)."""
+    return _generated_once(root, POSE_VERSION, generate_shapes_pose_dataset) / "data.yaml"
 
 
 def builtin_classify_root(root: str | Path | None = None) -> Path:
@@ -121,11 +137,15 @@ def generate_shapes_dataset(
     n_val: int = DEFAULT_VAL_IMAGES,
     imgsz: int = DEFAULT_IMGSZ,
     seed: int = DEFAULT_SEED,
+    label_text=None,
+    yaml_extra: dict | None = None,
 ) -> Path:
     """Write a shapes dataset into `out_dir` (images/{train,val}, labels/{train,val}, data.yaml); return the yaml.
 
-    Not atomic on its own (see `builtin_data_yaml`). The same arguments always produce the same files.
+    `label_text(scene)` writes a scene's label file (default: boxes, `yolo_label_text`); `yaml_extra` adds keys to
+    the data yaml. Not atomic on its own (see `builtin_data_yaml`). The same arguments always produce the same files.
     """
+    label_text = label_text or yolo_label_text
     out_dir = Path(out_dir)
     for split, count in zip(REQUIRED_SPLITS, (n_train, n_val)):
         image_dir, label_dir = out_dir / "images" / split, out_dir / "labels" / split
@@ -135,8 +155,15 @@ def generate_shapes_dataset(
             scene = render_scene(image_rng(seed, split, index), imgsz)
             stem = f"{split}_{index:05d}"
             _write_jpeg(image_dir / f"{stem}.jpg", scene.image)
-            (label_dir / f"{stem}.txt").write_text(yolo_label_text(scene))
-    return _write_data_yaml(out_dir)
+            (label_dir / f"{stem}.txt").write_text(label_text(scene))
+    return _write_data_yaml(out_dir, yaml_extra)
+
+
+def generate_shapes_pose_dataset(out_dir: str | Path, **kwargs) -> Path:
+    """Write the pose set into `out_dir`: the scenes of `generate_shapes_dataset` with keypoint labels
+    (`yolo_pose_label_text`) and `kpt_shape`, `flip_idx` in the data yaml."""
+    extra = {"kpt_shape": [len(SHAPE_KEYPOINTS), 3], "flip_idx": list(SHAPE_FLIP_IDX)}
+    return generate_shapes_dataset(out_dir, label_text=yolo_pose_label_text, yaml_extra=extra, **kwargs)
 
 
 def generate_shape_crops(
@@ -184,22 +211,54 @@ def render_scene(rng: np.random.Generator, imgsz: int = DEFAULT_IMGSZ) -> Shapes
     height, width = (int(rng.integers(round(0.7 * imgsz), imgsz + 1)) for _ in range(2))
     image = _textured_background(rng, height, width)
     object_ids = np.full((height, width), -1, dtype=np.int16)
-    full_areas, classes = [], []
+    full_areas, classes, outlines = [], [], []
     for _ in range(int(rng.integers(1, MAX_OBJECTS_PER_IMAGE + 1))):
         placed = _place_shape(rng, image, object_ids, full_areas)
         if placed is not None:
-            classes.append(placed)
+            classes.append(placed[0])
+            outlines.append(placed[1] + 0.5)  # OpenCV draws vertex v at pixel centre v, continuous v + 0.5
     image = _add_sensor_noise(rng, image)
     boxes = _visible_boxes(object_ids, len(classes))
-    return ShapesScene(image, object_ids, np.asarray(classes, dtype=np.int64), boxes)
+    return ShapesScene(image, object_ids, np.asarray(classes, dtype=np.int64), boxes, outlines)
 
 
 def yolo_label_text(scene: ShapesScene) -> str:
     """YOLO label file content for a scene: one `cls cx cy w h` line per shape, normalised by the image size."""
+    rows = _normalised_boxes(scene)
+    return "".join(f"{c} {r[0]:.6f} {r[1]:.6f} {r[2]:.6f} {r[3]:.6f}\n" for c, r in zip(scene.classes, rows))
+
+
+def yolo_pose_label_text(scene: ShapesScene) -> str:
+    """YOLO pose label file content: `cls cx cy w h` then the five `x y visibility` keypoints of each shape."""
+    height, width = scene.image.shape[:2]
+    keypoints = shape_keypoints(scene) / np.array([width, height, 1.0])  # (n, 5, 3)
+    rows = np.concatenate([_normalised_boxes(scene), keypoints.reshape(len(keypoints), -1)], 1)
+    return "".join(f"{c} " + " ".join(f"{v:.6f}" for v in r) + "\n" for c, r in zip(scene.classes, rows))
+
+
+def shape_keypoints(scene: ShapesScene) -> np.ndarray:
+    """(n, 5, 3) pixel x, y and visibility of each shape's `SHAPE_KEYPOINTS`: the extreme points of its outline
+    and its centre (every shape is symmetric about the mean of its vertices). A point whose pixel shows another
+    shape is occluded."""
+    height, width = scene.object_ids.shape
+    keypoints = np.zeros((len(scene.outlines), len(SHAPE_KEYPOINTS), 3))
+    for i, outline in enumerate(scene.outlines):  # a handful of shapes per scene, generated once
+        x, y = outline[:, 0], outline[:, 1]
+        extremes = outline[[y.argmin(), x.argmax(), y.argmax(), x.argmin()]]
+        keypoints[i, :, :2] = np.concatenate([extremes, outline.mean(0, keepdims=True)])
+    columns = np.clip(keypoints[..., 0].astype(np.int64), 0, width - 1)
+    rows = np.clip(keypoints[..., 1].astype(np.int64), 0, height - 1)
+    shown = scene.object_ids[rows, columns]  # (n, 5) the shape visible at each point, -1 for background
+    hidden = (shown >= 0) & (shown != np.arange(len(scene.outlines))[:, None])
+    keypoints[..., 2] = np.where(hidden, OCCLUDED, VISIBLE)
+    return keypoints
+
+
+def _normalised_boxes(scene: ShapesScene) -> np.ndarray:
+    """(n, 4) normalised xywh of the scene's boxes."""
     height, width = scene.image.shape[:2]
     x1, y1, x2, y2 = scene.boxes.T
-    rows = np.stack([(x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height], 1)
-    return "".join(f"{c} {r[0]:.6f} {r[1]:.6f} {r[2]:.6f} {r[3]:.6f}\n" for c, r in zip(scene.classes, rows))
+    return np.stack([(x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height], 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,16 +301,18 @@ def _write_jpeg(path: Path, image: np.ndarray) -> None:
     path.write_bytes(encoded.tobytes())
 
 
-def _write_data_yaml(out_dir: Path) -> Path:
+def _write_data_yaml(out_dir: Path, extra: dict | None = None) -> Path:
     # No `path:` key: split folders resolve relative to this file's folder, so the cache can be moved.
     content = {
         "train": "images/train",
         "val": "images/val",
         "nc": len(BUILTIN_NAMES),
         "names": list(BUILTIN_NAMES),
+        **(extra or {}),
     }
     yaml_path = out_dir / "data.yaml"
-    header = f"# yolotrain built-in {DATASET_VERSION} dataset (generated); paths are relative to this file\n"
+    version = POSE_VERSION if extra and "kpt_shape" in extra else DATASET_VERSION
+    header = f"# yolotrain built-in {version} dataset (generated); paths are relative to this file\n"
     yaml_path.write_text(header + yaml.safe_dump(content, sort_keys=False))
     return yaml_path
 
@@ -323,8 +384,9 @@ def _regular_polygon_points(sides: int, radius: float, offset: float = 0.0) -> n
 
 def _place_shape(
     rng: np.random.Generator, image: np.ndarray, object_ids: np.ndarray, full_areas: list[int]
-) -> int | None:
-    """Draw one random shape where it hides at most a little of the others; return its class or None.
+) -> tuple[int, np.ndarray] | None:
+    """Draw one random shape where it hides at most a little of the others; return (its class, its polygon in
+    OpenCV pixel coordinates) or None.
 
     Updates `image` (float BGR), `object_ids` and `full_areas` (pixel count of every placed shape) in place.
     """
@@ -344,7 +406,7 @@ def _place_shape(
     image[mask] = _contrasting_colour(rng, image, mask)
     object_ids[mask] = len(full_areas)
     full_areas.append(int(mask.sum()))
-    return class_index
+    return class_index, outline + centre
 
 
 def _rasterise(polygon: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -1,13 +1,17 @@
-"""Convert a COCO detection annotation file into a YOLO dataset folder (`yolotrain convert`).
+"""Convert a COCO detection or keypoint annotation file into a YOLO dataset folder (`yolotrain convert`).
 
 Output layout, for `instances_val2017.json`:
 
     out_dir/images/val2017/<file_name>   symlinks to the source images (copies where links are not possible)
-    out_dir/labels/val2017/<stem>.txt    `cls cx cy w h` per box, normalised by the image size in the JSON
+    out_dir/labels/val2017/<stem>.txt    `cls cx cy w h` per box, normalised by the image size in the JSON; for a
+                                         keypoint file (person_keypoints_val2017.json) followed by the K keypoints
+                                         `x y visibility` of the object
     out_dir/data.yaml                    train and val both point at images/val2017; names from the categories;
                                          `coco_json` (the annotation file, absolute) and `coco_category_ids` (the
                                          COCO category id of each class), so that validation with save_json=True
-                                         writes COCO's own ids and scores predictions.json with pycocotools
+                                         writes COCO's own ids and scores predictions.json with pycocotools;
+                                         for keypoints also `kpt_shape` [K, 3] and `flip_idx` (each `left_*`
+                                         keypoint's `right_*` twin, from the category's keypoint names)
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ REQUIRED_TOP_KEYS = ("images", "annotations", "categories")
 REQUIRED_IMAGE_KEYS = ("id", "file_name", "width", "height")
 REQUIRED_ANNOTATION_KEYS = ("image_id", "category_id", "bbox")
 REQUIRED_CATEGORY_KEYS = ("id", "name")
-SPLIT_PREFIX = "instances_"  # COCO's own file names: instances_train2017.json -> split "train2017"
+SPLIT_PREFIXES = ("instances_", "person_keypoints_")  # COCO's file names: instances_train2017.json -> "train2017"
 
 
 @dataclass
@@ -38,13 +42,14 @@ class CocoBoxes:
     """Every annotation of a COCO file as arrays, one row per annotation.
 
     image_row: (n,) index into the JSON's `images` list. class_index: (n,) contiguous class. xyxy: (n, 4) pixel
-    corners. crowd: (n,) bool.
+    corners. crowd: (n,) bool. keypoints: (n, K, 3) pixel x, y, visibility, or None for a file without keypoints.
     """
 
     image_row: np.ndarray
     class_index: np.ndarray
     xyxy: np.ndarray
     crowd: np.ndarray
+    keypoints: np.ndarray | None = None
 
 
 def convert_coco(src_json: str | Path, images_dir: str | Path, out_dir: str | Path) -> Path:
@@ -66,11 +71,15 @@ def convert_coco(src_json: str | Path, images_dir: str | Path, out_dir: str | Pa
     non_empty = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
     image_row, class_index = boxes.image_row[keep][non_empty], boxes.class_index[keep][non_empty]
     rows = _yolo_rows(class_index, xyxy[non_empty], widths[image_row], heights[image_row])  # (m, 5)
+    if boxes.keypoints is not None:
+        keypoints = _normalised_keypoints(boxes.keypoints[keep][non_empty], widths[image_row], heights[image_row])
+        rows = np.concatenate([rows, keypoints.reshape(len(rows), -1)], 1)  # (m, 5 + 3K)
 
     split = _split_name(src_json)
     present = _link_images(images, images_dir, out_dir / "images" / split, src_json)
     _write_labels(images, present, image_row, rows, out_dir / "labels" / split)
-    yaml_path = _write_data_yaml(out_dir, split, categories, src_json)
+    kpt_shape = None if boxes.keypoints is None else [int(boxes.keypoints.shape[1]), 3]
+    yaml_path = _write_data_yaml(out_dir, split, categories, src_json, kpt_shape)
     logger.info(
         f"Converted {src_json.name}: {int(present.sum())} images, {len(rows)} boxes "
         f"({int(boxes.crowd.sum())} crowd skipped, {int((~non_empty).sum())} empty after clipping dropped), "
@@ -144,7 +153,24 @@ def _annotation_arrays(annotations: list[dict], images: list[dict], categories: 
     _check_references(annotations, image_row, "image_id", "images", path)
     _check_references(annotations, class_index, "category_id", "categories", path)
     xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
-    return CocoBoxes(image_row, class_index, xyxy, crowd)
+    return CocoBoxes(image_row, class_index, xyxy, crowd, _keypoint_array(annotations, path))
+
+
+def _keypoint_array(annotations: list[dict], path: Path) -> np.ndarray | None:
+    """(n, K, 3) keypoints of every annotation (zeros, unlabelled, for one without), None when none has any."""
+    lengths = {len(a["keypoints"]) for a in annotations if "keypoints" in a}
+    if not lengths:
+        return None
+    if len(lengths) > 1 or next(iter(lengths)) % 3:
+        raise DatasetError(f"COCO annotation file {path}: every annotation's 'keypoints' must list the same number "
+                           f"of x, y, visibility triples, got lengths {sorted(lengths)}")
+    count = next(iter(lengths)) // 3
+    empty = [0.0] * (3 * count)
+    try:
+        flat = np.asarray([a.get("keypoints", empty) for a in annotations], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DatasetError(f"COCO annotation file {path}: 'keypoints' must be numbers") from None
+    return flat.reshape(len(annotations), count, 3)
 
 
 def _check_references(annotations: list[dict], mapped: np.ndarray, key: str, section: str, path: Path) -> None:
@@ -170,6 +196,28 @@ def _clip_to_images(xyxy: np.ndarray, widths: np.ndarray, heights: np.ndarray) -
     return clipped
 
 
+def _normalised_keypoints(keypoints: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> np.ndarray:
+    """(n, K, 3) pixel keypoints -> x, y normalised by each object's image size (clipped into it), visibility kept;
+    an unlabelled keypoint (visibility 0) is written as 0 0 0."""
+    normalised = keypoints.copy()
+    normalised[..., 0] = np.clip(keypoints[..., 0] / widths[:, None], 0, 1)
+    normalised[..., 1] = np.clip(keypoints[..., 1] / heights[:, None], 0, 1)
+    return np.where(keypoints[..., 2:] > 0, normalised, 0.0)
+
+
+def flip_idx_from_names(names: list[str]) -> list[int] | None:
+    """Each keypoint's mirror image from its name: `left_x` <-> `right_x`, others (nose) map to themselves; None
+    when a left or right keypoint has no twin of that name."""
+    index = {name: k for k, name in enumerate(names)}
+    mirror = []
+    for name in names:
+        twin = name.replace("left", "right") if "left" in name else name.replace("right", "left")
+        if twin not in index:
+            return None
+        mirror.append(index[twin])
+    return mirror
+
+
 def _yolo_rows(class_index: np.ndarray, xyxy: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> np.ndarray:
     """(n, 5) rows of class, cx, cy, w, h normalised by each box's image size."""
     centre_x = (xyxy[:, 0] + xyxy[:, 2]) / 2 / widths
@@ -186,7 +234,10 @@ def _yolo_rows(class_index: np.ndarray, xyxy: np.ndarray, widths: np.ndarray, he
 
 def _split_name(src_json: Path) -> str:
     stem = src_json.stem
-    return stem[len(SPLIT_PREFIX) :] if stem.startswith(SPLIT_PREFIX) and len(stem) > len(SPLIT_PREFIX) else stem
+    for prefix in SPLIT_PREFIXES:
+        if stem.startswith(prefix) and len(stem) > len(prefix):
+            return stem[len(prefix) :]
+    return stem
 
 
 def _link_images(images: list[dict], images_dir: Path, dest_dir: Path, src_json: Path) -> np.ndarray:
@@ -232,14 +283,24 @@ def _write_labels(
         label_path = (label_dir / image["file_name"]).with_suffix(".txt")
         label_path.parent.mkdir(parents=True, exist_ok=True)
         with open(label_path, "w") as handle:
-            np.savetxt(handle, image_rows, fmt="%d %.6f %.6f %.6f %.6f")
+            np.savetxt(handle, image_rows, fmt="%d" + " %.6f" * 4 + " %.6f %.6f %d" * ((rows.shape[1] - 5) // 3))
 
 
-def _write_data_yaml(out_dir: Path, split: str, categories: list[dict], src_json: Path) -> Path:
+def _write_data_yaml(out_dir: Path, split: str, categories: list[dict], src_json: Path, kpt_shape=None) -> Path:
     # No `path:` key: split folders resolve relative to this file's folder, so the output can be moved.
     names = [c["name"] for c in categories]
     content = {"train": f"images/{split}", "val": f"images/{split}", "nc": len(names), "names": names,
                "coco_json": str(src_json.resolve()), "coco_category_ids": [int(c["id"]) for c in categories]}
+    if kpt_shape is not None:
+        content["kpt_shape"] = kpt_shape
+        keypoint_names = next((c["keypoints"] for c in categories if len(c.get("keypoints") or []) == kpt_shape[0]),
+                              None)
+        flip_idx = flip_idx_from_names(keypoint_names) if keypoint_names else None
+        if flip_idx is not None:
+            content["flip_idx"] = flip_idx
+        else:
+            logger.warning(f"{src_json.name}: the keypoints' mirror images are not known from their names; add "
+                           f"flip_idx to {out_dir / 'data.yaml'} (or train with fliplr=0)")
     yaml_path = out_dir / "data.yaml"
     out_dir.mkdir(parents=True, exist_ok=True)
     yaml_path.write_text(yaml.safe_dump(content, sort_keys=False))

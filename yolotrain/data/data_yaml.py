@@ -47,9 +47,54 @@ def check_det_dataset(data: str | Path | dict) -> dict:
 
     checked["names"] = _check_names(raw.get("names"), raw.get("nc"), where)
     checked["nc"] = len(checked["names"])
+    if raw.get("kpt_shape") is not None:
+        checked.update(_check_keypoint_keys(raw, where))
     checked["path"] = str(root)
     checked["yaml_file"] = yaml_file
     return checked
+
+
+def require_kpt_shape(data: dict) -> tuple[int, int]:
+    """The (K, D) `kpt_shape` of a pose dataset; a data yaml without one is a one-line error."""
+    if data.get("kpt_shape") is None:
+        where = data.get("yaml_file") or "data dict"
+        raise DatasetError(f"{where}: a pose dataset needs 'kpt_shape: [keypoints, 2 or 3]' (and 'flip_idx' to mirror "
+                           f"them), e.g. kpt_shape: [17, 3]")
+    return data["kpt_shape"]
+
+
+def _check_keypoint_keys(raw: dict, where: str) -> dict:
+    """`kpt_shape` [K, 2 | 3], `flip_idx` a permutation of range(K) that is its own inverse (a left point's mirror
+    is a right point whose mirror is that left point), `kpt_sigmas` K positive numbers; returned normalised."""
+    shape = raw.get("kpt_shape")
+    if (not isinstance(shape, (list, tuple)) or len(shape) != 2 or not all(_is_int(v) for v in shape)
+            or shape[0] < 1 or shape[1] not in (2, 3)):
+        raise DatasetError(f"{where}: kpt_shape={shape!r} is invalid: expected [keypoints, 2 or 3], e.g. [17, 3] "
+                           f"(x, y, visibility per keypoint) or [4, 2] (x, y)")
+    count = int(shape[0])
+    checked = {"kpt_shape": (count, int(shape[1]))}
+    flip_idx = raw.get("flip_idx")
+    if flip_idx is not None:
+        if (not isinstance(flip_idx, (list, tuple)) or not all(_is_int(v) for v in flip_idx)
+                or sorted(flip_idx) != list(range(count))):
+            raise DatasetError(f"{where}: flip_idx={flip_idx!r} is invalid: expected a permutation of 0..{count - 1} "
+                               f"giving each keypoint's mirror image (e.g. left eye <-> right eye)")
+        if any(flip_idx[flip_idx[k]] != k for k in range(count)):
+            raise DatasetError(f"{where}: flip_idx={flip_idx!r} is invalid: mirroring twice must give every keypoint "
+                               f"back (if k maps to j, j must map to k)")
+        checked["flip_idx"] = [int(v) for v in flip_idx]
+    sigmas = raw.get("kpt_sigmas")
+    if sigmas is not None:
+        if (not isinstance(sigmas, (list, tuple)) or len(sigmas) != count
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in sigmas)):
+            raise DatasetError(f"{where}: kpt_sigmas={sigmas!r} is invalid: expected {count} positive numbers, one "
+                               f"OKS sigma per keypoint")
+        checked["kpt_sigmas"] = [float(v) for v in sigmas]
+    return checked
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _read_data_yaml(data: str | Path | dict) -> tuple[str | None, dict]:

@@ -55,6 +55,8 @@ class YOLODataset(Dataset):
         data: the dict from `check_det_dataset` (gives `names`, `nc` and the `path` root for .txt lists).
         prefix: a name for messages, e.g. 'train'.
         workers: threads used to verify labels and fill caches.
+        task: what the label rows hold (see `data.label_rows`): "detect" (boxes or polygons), "pose" (boxes and the
+            data yaml's `kpt_shape` keypoints, carried through every transform as `keypoints`).
         augment_hook: a user augmentation run in training after mosaic/affine/mixup (a callable or an
             Albumentations Compose, see yolotrain.data.augment_hook); tried once on the first image when built.
     """
@@ -77,6 +79,7 @@ class YOLODataset(Dataset):
         prefix: str = "",
         workers: int = 8,
         augment_hook=None,
+        task: str = "detect",
     ):
         super().__init__()
         self.img_path = img_path
@@ -89,6 +92,7 @@ class YOLODataset(Dataset):
         self.pad = pad
         self.single_cls = single_cls
         self.data = data or {}
+        self.task = task
         self.prefix = prefix.rstrip(": ")  # callers may pass 'train: '; messages add their own separator
         self.workers = workers
         self.augment_hook = augment_hook
@@ -129,8 +133,12 @@ class YOLODataset(Dataset):
         return files[: images_kept(len(files), fraction, self.prefix)]
 
     def label_layout(self) -> LabelLayout:
-        """What this task's label rows hold (a task's dataset overrides it: polygons, keypoints, corners)."""
-        return LabelLayout.for_task("detect")
+        """What the label rows of `task` hold: boxes (or polygons) for detect, boxes and keypoints for pose."""
+        if self.task == "pose":
+            from yolotrain.data.data_yaml import require_kpt_shape
+
+            return LabelLayout.for_task("pose", require_kpt_shape(self.data))
+        return LabelLayout.for_task(self.task)
 
     def _scan(self, im_files: list[str]) -> tuple[list[dict], ScanReport]:
         nc = int(self.data["nc"]) if "nc" in self.data else NO_CLASS_LIMIT
@@ -305,6 +313,8 @@ class YOLODataset(Dataset):
             "resized_shape": (h, w),
             "ratio_pad": ((h / h0, w / w0), (0, 0)),
         }
+        if "keypoints" in label:  # normalised x, y -> pixels of the resized image; visibility as it is
+            sample["keypoints"] = label["keypoints"] * np.array([w, h, 1][: label["keypoints"].shape[-1]], np.float32)
         if self.rect:
             sample["rect_shape"] = tuple(int(s) for s in self.batch_shapes[self.batch[index]])
         return sample

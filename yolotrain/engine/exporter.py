@@ -89,6 +89,7 @@ def _metadata(model, example, args):
         "end2end": bool(getattr(model, "end2end", False)),
         "task": args.task,
         "version": __version__,
+        **({"kpt_shape": list(model.kpt_shape)} if hasattr(model, "kpt_shape") else {}),  # a pose model's keypoints
     }
 
 

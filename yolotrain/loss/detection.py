@@ -5,6 +5,7 @@ R = reg_max (DFL bins per box side), N = ground truths in the whole batch.
 """
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -107,6 +108,12 @@ class DetectionLoss:
 
     def _loss(self, feats, batch):
         """Assign targets and compute the three weighted losses, all in float32."""
+        assigned = self.assign(feats, batch)
+        loss = torch.stack(self.detection_terms(assigned))
+        return loss.sum() * assigned.batch_size, loss.detach()
+
+    def assign(self, feats, batch):
+        """Decode the predictions of every anchor and assign the batch's ground truths to them (an `Assignment`)."""
         batch_size = feats[0].shape[0]
         device = feats[0].device
         pred_distri, pred_logits = self._flatten_predictions(feats)  # (B, A, 4R), (B, A, C)
@@ -118,7 +125,7 @@ class DetectionLoss:
         gt_labels, gt_bboxes, mask_gt = self.build_targets(batch, batch_size, image_hw, device)
         pred_bboxes = self.decode_boxes(anchor_points, pred_distri)  # (B, A, 4) xyxy, grid units
 
-        _, target_bboxes, target_scores, fg_mask, _ = self.assigner(
+        _, target_bboxes, target_scores, fg_mask, target_gt_idx = self.assigner(
             pred_logits.detach().sigmoid(),
             pred_bboxes.detach() * stride_tensor,
             anchor_points * stride_tensor,
@@ -126,16 +133,19 @@ class DetectionLoss:
             gt_bboxes,
             mask_gt,
         )
-        target_scores_sum = self._global_target_scores_sum(target_scores)
+        return Assignment(batch_size, image_hw, anchor_points, stride_tensor, pred_distri, pred_logits, pred_bboxes,
+                          target_bboxes, target_scores, fg_mask, target_gt_idx,
+                          self._global_target_scores_sum(target_scores))
 
-        cls_targets = self._smoothed(target_scores, fg_mask)
-        loss_cls = self._classification_loss(pred_logits, cls_targets) / target_scores_sum
+    def detection_terms(self, a):
+        """(box, cls, dfl) of an `Assignment`, each times its gain."""
+        cls_targets = self._smoothed(a.target_scores, a.fg_mask)
+        loss_cls = self._classification_loss(a.pred_logits, cls_targets) / a.target_scores_sum
         loss_box, loss_dfl = self._box_losses(
-            pred_distri, pred_bboxes, anchor_points, target_bboxes / stride_tensor, target_scores,
-            target_scores_sum, fg_mask, stride_tensor, image_hw,
+            a.pred_distri, a.pred_bboxes, a.anchor_points, a.target_bboxes / a.stride_tensor, a.target_scores,
+            a.target_scores_sum, a.fg_mask, a.stride_tensor, a.image_hw,
         )
-        loss = torch.stack((loss_box * self.box_gain, loss_cls * self.cls_gain, loss_dfl * self.dfl_gain))
-        return loss.sum() * batch_size, loss.detach()
+        return loss_box * self.box_gain, loss_cls * self.cls_gain, loss_dfl * self.dfl_gain
 
     def _flatten_predictions(self, feats):
         """Concatenate the levels: (B, A, 4R) box-side logits and (B, A, C) class logits, float32."""
@@ -158,16 +168,10 @@ class DetectionLoss:
         counts = torch.bincount(batch_idx, minlength=batch_size)  # (B,)
         num_max_boxes = _most_boxes_per_image(batch, counts)
 
-        # Slot of each box within its image = its rank among that image's boxes (stable sort keeps input order).
-        order = torch.sort(batch_idx, stable=True).indices
-        first_slot_of_image = torch.cumsum(counts, 0) - counts  # (B,)
-        slot = torch.empty_like(batch_idx)
-        slot[order] = torch.arange(batch_idx.numel(), device=device) - first_slot_of_image[batch_idx[order]]
-
         height, width = image_hw
         scale = torch.tensor([width, height, width, height], device=device, dtype=torch.float32)
-        targets = torch.zeros((batch_size, num_max_boxes, 5), device=device)  # (B, M, 5) cls, xyxy
-        targets[batch_idx, slot] = torch.cat((classes, xywh2xyxy(boxes * scale)), 1)
+        targets = padded_per_image(torch.cat((classes, xywh2xyxy(boxes * scale)), 1), batch_idx, counts,
+                                   num_max_boxes)  # (B, M, 5) cls, xyxy
         mask_gt = (torch.arange(num_max_boxes, device=device)[None] < counts[:, None]).unsqueeze(-1)  # (B, M, 1)
         return targets[..., :1].long(), targets[..., 1:], mask_gt
 
@@ -222,6 +226,43 @@ class DetectionLoss:
         side_logits = pred_distri.reshape(-1, 4, self.reg_max)  # (B*A, 4, R)
         dfl = distribution_focal_loss(side_logits, target_distances.reshape(-1, 4)).view(batch_size, num_anchors)
         return loss_box, (dfl * weight).sum() / target_scores_sum
+
+
+def padded_per_image(rows, batch_idx, counts, slots):
+    """Per-object rows (N, ...) of a batch laid out per image: (B, slots, ...), zeros after an image's own rows.
+    Rows keep their order within each image (`batch_idx` (N,) names each row's image, `counts` (B,) their number)."""
+    # Slot of each row within its image = its rank among that image's rows (a stable sort keeps the input order).
+    order = torch.sort(batch_idx, stable=True).indices
+    first_slot_of_image = torch.cumsum(counts, 0) - counts  # (B,)
+    slot = torch.empty_like(batch_idx)
+    slot[order] = torch.arange(batch_idx.numel(), device=batch_idx.device) - first_slot_of_image[batch_idx[order]]
+    padded = rows.new_zeros((len(counts), slots, *rows.shape[1:]))
+    padded[batch_idx, slot] = rows
+    return padded
+
+
+@dataclass
+class Assignment:
+    """What the assigner made of one batch: predictions decoded per anchor and the targets given to them.
+
+    B images, A anchors; grid units are pixels / the anchor's stride. pred_distri (B, A, 4R) and pred_logits
+    (B, A, C) raw; pred_bboxes (B, A, 4) xyxy grid units; target_bboxes (B, A, 4) xyxy pixels; target_scores (B, A, C);
+    fg_mask (B, A) bool; target_gt_idx (B, A) the slot of each anchor's object in its image (see `padded_per_image`);
+    target_scores_sum the loss normaliser.
+    """
+
+    batch_size: int
+    image_hw: tuple
+    anchor_points: torch.Tensor  # (A, 2) grid units
+    stride_tensor: torch.Tensor  # (A, 1)
+    pred_distri: torch.Tensor
+    pred_logits: torch.Tensor
+    pred_bboxes: torch.Tensor
+    target_bboxes: torch.Tensor
+    target_scores: torch.Tensor
+    fg_mask: torch.Tensor
+    target_gt_idx: torch.Tensor
+    target_scores_sum: torch.Tensor
 
 
 def loss_item_names(reg_max=16):

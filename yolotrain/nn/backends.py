@@ -73,6 +73,8 @@ class ExportedModel(nn.Module):
         self.half = bool(metadata.get("half", False))
         self.end2end = bool(metadata.get("end2end", False))  # output (B, max_det, 6): final detections, no NMS
         self.task = str(metadata.get("task", "detect"))
+        if metadata.get("kpt_shape") is not None:  # a pose model: K keypoints of D values follow each box's scores
+            self.kpt_shape = tuple(int(v) for v in metadata["kpt_shape"])
         self.path = str(path)
 
     def fuse(self):

@@ -1,5 +1,6 @@
-"""YOLO models built from a model yaml (`nc`, `scales`, `backbone`, `head`): `DetectionModel` (a `Detect` head) and
-`ClassificationModel` (a `Classify` head), on one `BaseModel`.
+"""YOLO models built from a model yaml (`nc`, `scales`, `backbone`, `head`): `DetectionModel` (a `Detect` head),
+`PoseModel` (a `Pose` head, with the yaml's `kpt_shape`) and `ClassificationModel` (a `Classify` head), on one
+`BaseModel`.
 
 A model yaml lists layers as `[from, repeats, module, args]`. `from` is -1 (previous layer), a layer index, or a
 list of them; `repeats` is scaled by the depth multiple; the first arg of channel-producing modules is their output
@@ -19,7 +20,8 @@ import yaml
 
 from yolotrain.cfg import DEFAULT_MODEL
 from yolotrain.errors import CfgError, CheckpointError, one_line
-from yolotrain.nn.modules import C2PSA, C2f, C3, C3k, C3k2, SPPF, Bottleneck, Classify, Concat, Conv, Detect, DWConv
+from yolotrain.nn.modules import (C2PSA, C2f, C3, C3k, C3k2, SPPF, Bottleneck, Classify, Concat, Conv, Detect, DWConv,
+                                  Pose)
 from yolotrain.utils.torch_utils import intersect_dicts, model_info
 
 LOGGER = logging.getLogger(__name__)
@@ -34,12 +36,12 @@ _REPEAT_ARG_MODULES = (C2f, C3, C3k, C3k2, C2PSA)
 # Larger scales of the C3k2 families (YOLO11, YOLO26) always use C3k inner blocks, whatever the row says.
 _C3K_SCALES = ("m", "l", "x")
 # The task a model serves follows from its head (its last layer).
-HEAD_TASKS = {"Detect": "detect", "Classify": "classify"}
+HEAD_TASKS = {"Detect": "detect", "Pose": "pose", "Classify": "classify"}
 
 
 def _module_table():
     """Module names a yaml may use -> class (built per call: no module-level mutable registry)."""
-    blocks = (Conv, DWConv, Bottleneck, C2f, C3, C3k, C3k2, C2PSA, SPPF, Concat, Detect, Classify)
+    blocks = (Conv, DWConv, Bottleneck, C2f, C3, C3k, C3k2, C2PSA, SPPF, Concat, Detect, Pose, Classify)
     table = {cls.__name__: cls for cls in blocks}
     for cls in (nn.Upsample, nn.Identity, nn.MaxPool2d):  # shape-preserving in channels
         table[cls.__name__] = cls
@@ -131,7 +133,8 @@ def _validate_model_dict(model_dict, source):
 
 
 def head_task(model_dict):
-    """The task of a (validated) model dict, from its head: 'detect' for Detect, 'classify' for Classify."""
+    """The task of a (validated) model dict, from its head: 'detect' for Detect, 'pose' for Pose, 'classify' for
+    Classify."""
     return HEAD_TASKS[model_dict["head"][-1][2]]
 
 
@@ -191,9 +194,14 @@ def _multipliers(model_dict):
     return model_dict.get("depth_multiple", 1.0), model_dict.get("width_multiple", 1.0), float("inf")
 
 
-def _resolve_arg(value, nc):
+def _resolve_arg(value, model_dict):
+    """A layer argument: the names `nc` and `kpt_shape` stand for the yaml's own values."""
     if value == "nc":
-        return nc
+        return model_dict.get("nc", 80)
+    if value == "kpt_shape":
+        if value not in model_dict:
+            raise ValueError(f"a layer names {value} but the yaml has no '{value}' key")
+        return model_dict[value]
     if value == "None":
         return None
     return value
@@ -211,7 +219,7 @@ def parse_model(model_dict, in_channels, source="model dict", verbose=True):
         LOGGER.info("%3s %18s %3s %10s  %-20s %s", "", "from", "n", "params", "module", "arguments")
     for index, (source_index, repeats, module_name, args) in enumerate(model_dict["backbone"] + model_dict["head"]):
         module_cls = modules[module_name]
-        args = [_resolve_arg(a, nc) for a in args]
+        args = [_resolve_arg(a, model_dict) for a in args]
         channels_in = [in_channels if index == 0 else out_channels[s] for s in _as_list(source_index)]
         repeats = max(round(repeats * depth), 1) if repeats > 1 else repeats
         layer, channels, args = _build_layer(module_cls, args, repeats, channels_in, width, max_channels, nc,
@@ -260,6 +268,10 @@ def _build_layer(module_cls, args, repeats, channels_in, width, max_channels, nc
         copies = [module_cls(*args) for _ in range(repeats)]
     elif module_cls is Detect:
         args = [*args[:1], channels_in]
+        channels_out = None
+        copies = [module_cls(*args, **head_options)]
+    elif module_cls is Pose:
+        args = [*args[:2], channels_in]
         channels_out = None
         copies = [module_cls(*args, **head_options)]
     elif module_cls is Classify:
@@ -469,6 +481,37 @@ class DetectionModel(BaseModel):
             self.criterion = self.init_criterion()
         if hasattr(self.criterion, "set_epoch"):
             self.criterion.set_epoch(epoch, epochs)
+
+
+class PoseModel(DetectionModel):
+    """YOLO keypoint model built from a model yaml whose head is `Pose` (`yolo11n-pose.yaml`, ...); see `BaseModel`
+    for the arguments. `data_kpt_shape` (the dataset's `kpt_shape`) replaces the yaml's, so a model made for 17
+    person keypoints is rebuilt for K of another dataset (its keypoint head is then new, the rest transfers).
+
+    Adds `kpt_shape` and `kpt_oks_sigmas` (None: the default sigmas of `utils.metrics.keypoint_sigmas`; the trainer
+    sets the data yaml's `kpt_sigmas`). Its `loss` is (loss sum * batch size, detached (box, pose, kobj, cls, dfl)).
+    """
+
+    head_type = Pose
+
+    def __init__(self, cfg="yolo11n-pose.yaml", ch=3, nc=None, data_kpt_shape=None, verbose=True):
+        model_dict = load_model_yaml(cfg)
+        if data_kpt_shape is not None and list(data_kpt_shape) != list(model_dict.get("kpt_shape") or []):
+            LOGGER.info("Overriding model yaml kpt_shape=%s with kpt_shape=%s", model_dict.get("kpt_shape"),
+                        list(data_kpt_shape))
+            model_dict["kpt_shape"] = [int(v) for v in data_kpt_shape]
+        super().__init__(model_dict, ch, nc, verbose)
+        self.kpt_oks_sigmas = None
+
+    @property
+    def kpt_shape(self):
+        """(keypoints per object, values per keypoint: 2 for x y, 3 with visibility)."""
+        return self.head.kpt_shape
+
+    def init_criterion(self):
+        from yolotrain.loss.pose import PoseLoss
+
+        return PoseLoss(self)
 
 
 class ClassificationModel(BaseModel):

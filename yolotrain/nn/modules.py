@@ -1,4 +1,5 @@
-"""Building blocks of YOLO models: convolutions, CSP blocks, spatial pyramid pooling, the Detect and Classify heads.
+"""Building blocks of YOLO models: convolutions, CSP blocks, spatial pyramid pooling, the Detect, Pose and Classify
+heads.
 
 Attribute names (`conv`, `bn`, `cv1`, `cv2`, `m`, ...) follow the YOLO family's conventions so that state dicts
 line up parameter for parameter with other YOLOv8/YOLO11-layout implementations.
@@ -357,6 +358,50 @@ class Detect(nn.Module):
             for box_branch, cls_branch, stride in zip(box_branches, cls_branches, self.stride.tolist()):
                 box_branch[-1].bias.data[:] = 2.0
                 cls_branch[-1].bias.data[: self.nc] = math.log(5 / self.nc / (640 / stride) ** 2)
+
+
+class Pose(Detect):
+    """Detect plus a keypoint branch (`cv4`, two 3x3 convs and a 1x1 conv, as in the YOLO family's pose models).
+
+    Per anchor it predicts K keypoints of `kpt_shape` (K, D): an x, y offset each and, for D = 3, a visibility
+    logit. A keypoint decodes to (2 * offset + anchor - 0.5) * stride pixels: within a few cells of its anchor at
+    small offsets, anywhere in the image at large ones.
+
+    Outputs: training, `(maps, keypoints)` with keypoints (B, K * D, A) raw; eval, `(y, (maps, keypoints))` with
+    y (B, 4 + nc + K * D, A): Detect's decoded boxes and scores, then each keypoint's x, y in input pixels (and its
+    visibility in [0, 1]).
+    """
+
+    def __init__(self, nc=80, kpt_shape=(17, 3), ch=(), reg_max=16, end2end=False, depthwise_cls=False):
+        if end2end:
+            raise ValueError("the Pose head has no end-to-end (end2end) form here; use a yolov8 or yolo11 pose yaml")
+        kpt_shape = tuple(int(v) for v in kpt_shape)
+        if len(kpt_shape) != 2 or kpt_shape[0] < 1 or kpt_shape[1] not in (2, 3):
+            raise ValueError(f"kpt_shape={list(kpt_shape)}: expected [keypoints, 2 or 3]")
+        super().__init__(nc, ch, reg_max, end2end, depthwise_cls)
+        self.kpt_shape = kpt_shape
+        self.nk = kpt_shape[0] * kpt_shape[1]  # keypoint values per anchor
+        width = max(ch[0] // 4, self.nk)
+        self.cv4 = nn.ModuleList(nn.Sequential(Conv(x, width, 3), Conv(width, width, 3), nn.Conv2d(width, self.nk, 1))
+                                 for x in ch)
+
+    def forward(self, x):
+        batch_size = x[0].shape[0]
+        keypoints = torch.cat([self.cv4[i](x[i]).view(batch_size, self.nk, -1) for i in range(self.nl)], 2)
+        maps = self._maps(x, self.cv2, self.cv3)
+        if self.training:
+            return maps, keypoints
+        return torch.cat((self._decode(maps), self.decode_keypoints(keypoints, maps)), 1), (maps, keypoints)
+
+    def decode_keypoints(self, keypoints, maps):
+        """(B, K * D, A) raw outputs -> the same shape in input pixels (visibility through a sigmoid)."""
+        anchor_points, strides = self._anchors(maps)  # (2, A), (1, A)
+        count, dims = self.kpt_shape
+        raw = keypoints.view(keypoints.shape[0], count, dims, -1)
+        decoded = (raw[:, :, :2] * 2.0 + (anchor_points - 0.5)) * strides  # (B, K, 2, A)
+        if dims == 3:
+            decoded = torch.cat((decoded, raw[:, :, 2:3].sigmoid()), 2)
+        return decoded.view(keypoints.shape[0], self.nk, -1)
 
 
 class Classify(nn.Module):

@@ -28,6 +28,13 @@ def task_classes(task: str) -> TaskClasses:
         from yolotrain.tasks.detect.val import DetectionValidator
 
         return TaskClasses(DetectionModel, DetectionTrainer, DetectionValidator, DetectionPredictor)
+    if task == "pose":
+        from yolotrain.nn.model import PoseModel
+        from yolotrain.tasks.pose.predict import PosePredictor
+        from yolotrain.tasks.pose.train import PoseTrainer
+        from yolotrain.tasks.pose.val import PoseValidator
+
+        return TaskClasses(PoseModel, PoseTrainer, PoseValidator, PosePredictor)
     if task == "classify":
         from yolotrain.nn.model import ClassificationModel
         from yolotrain.tasks.classify.predict import ClassificationPredictor

@@ -36,6 +36,29 @@ NUM_RECALL_THRESHOLDS = 101
 NUM_CURVE_POINTS = 1000
 
 
+# COCO's per-keypoint OKS sigmas of its 17 person keypoints (nose, eyes, ears, shoulders, elbows, wrists, hips,
+# knees, ankles): how far, relative to the object's size, a prediction of each may stray.
+COCO_KEYPOINT_SIGMAS = np.array([0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72, 0.62, 0.62, 1.07, 1.07, 0.87,
+                                 0.87, 0.89, 0.89]) / 10.0
+PERSON_KPT_SHAPE = (17, 3)
+# The object area OKS divides by is its box area times this (a person's segment covers about 53% of its box).
+OKS_AREA_FROM_BOX = 0.53
+
+
+def keypoint_sigmas(kpt_shape, custom=None):
+    """(K,) OKS sigmas: `custom` (a data yaml's `kpt_sigmas`) when given, COCO's for 17 person keypoints with
+    visibility, else 1 / K for every keypoint."""
+    count = int(kpt_shape[0])
+    if custom is not None:
+        sigmas = np.asarray(custom, np.float64).reshape(-1)
+        if len(sigmas) != count or not np.all(sigmas > 0):
+            raise ValueError(f"kpt_sigmas must be {count} positive numbers (one per keypoint), got {list(custom)}")
+        return sigmas
+    if tuple(int(v) for v in kpt_shape) == PERSON_KPT_SHAPE:
+        return COCO_KEYPOINT_SIGMAS.copy()
+    return np.full(count, 1.0 / count)
+
+
 def coco_iou_thresholds(device=None):
     """The 10 COCO IoU thresholds 0.50:0.05:0.95 as a new float32 tensor."""
     return torch.linspace(0.5, 0.95, 10, device=device)
@@ -145,29 +168,33 @@ def _step_sample(recall, envelope, recall_points):
     return sampled
 
 
-def _class_curves(tp, num_gt):
+def _class_curves(tp, num_gt, ignored=None):
     """Cumulative recall, precision and its envelope for one class's predictions sorted by descending conf.
 
-    tp (n, T) bool -> recall, precision, envelope (n, T); the same formulas as pycocotools' accumulate().
+    tp (n, T) bool -> recall, precision, envelope (n, T); the same formulas as pycocotools' accumulate(). A
+    prediction `ignored` (n, T) at a threshold counts neither as a true nor as a false positive there.
     """
     tp_cum = tp.cumsum(0, dtype=np.float64)
-    fp_cum = (~tp).cumsum(0, dtype=np.float64)
+    fp = ~tp if ignored is None else ~tp & ~ignored
+    fp_cum = fp.cumsum(0, dtype=np.float64)
     recall = tp_cum / num_gt
     precision = tp_cum / (tp_cum + fp_cum + np.spacing(1))
     envelope = np.maximum.accumulate(precision[::-1], axis=0)[::-1]
     return recall, precision, envelope
 
 
-def ap_per_class(tp, conf, pred_cls, target_cls, eps=1e-16):
+def ap_per_class(tp, conf, pred_cls, target_cls, eps=1e-16, ignored=None):
     """Per-class AP at each IoU threshold (COCO 101-point), plus P, R, F1 at the max mean-F1 confidence.
 
     tp (N, T) bool from `match_predictions`, conf (N,), pred_cls (N,) for all predictions of the data set;
     target_cls (M,) classes of all ground truths. Only classes with ground truths are reported (as pycocotools);
-    predictions of other classes are ignored. Returns an `APResult`.
+    predictions of other classes are ignored. `ignored` (N, T) bool marks predictions matched to labels that do
+    not count (COCO's ignored ground truths): they are neither true nor false positives. Returns an `APResult`.
     """
     tp, conf, pred_cls, target_cls = (_to_numpy(x) for x in (tp, conf, pred_cls, target_cls))
     tp = tp.astype(bool)
     tp = tp[:, None] if tp.ndim == 1 else tp  # a single IoU threshold given as (N,)
+    ignored = None if ignored is None else _to_numpy(ignored).astype(bool).reshape(tp.shape)
     classes, gt_counts = np.unique(target_cls.astype(np.int64), return_counts=True)
     num_classes, num_thresholds = len(classes), tp.shape[1]
     px = np.linspace(0, 1, NUM_CURVE_POINTS)
@@ -184,7 +211,8 @@ def ap_per_class(tp, conf, pred_cls, target_cls, eps=1e-16):
         if starts[i] == ends[i]:
             continue
         segment = order[starts[i] : ends[i]]
-        recall, precision, envelope = _class_curves(tp[segment], gt_counts[i])
+        recall, precision, envelope = _class_curves(tp[segment], gt_counts[i],
+                                                    None if ignored is None else ignored[segment])
         all_ap[i] = _step_sample(recall, envelope, recall_points).mean(0)
         pr_curve[i] = _step_sample(recall[:, :1], envelope[:, :1], px)[:, 0]
         # np.interp needs increasing x: confidence decreases along the segment, so interpolate on -conf.
@@ -319,16 +347,17 @@ class DetMetrics(ResultsMapping):
             self._plot_curves()
         return self.results_dict
 
-    def _plot_curves(self):
+    def _plot_curves(self, result=None, prefix=""):
+        """PR_curve.png, F1_curve.png, P_curve.png and R_curve.png of one part (`prefix` names it: Box, Pose)."""
         from yolotrain.utils.plotting import plot_mc_curve, plot_pr_curve
 
-        save_dir, result = Path(self.save_dir), self.box.result
+        save_dir, result = Path(self.save_dir), result if result is not None else self.box.result
         names = {i: self.names.get(int(c), str(int(c))) for i, c in enumerate(result.ap_class_index)}
-        paths = [save_dir / "PR_curve.png"]
+        paths = [save_dir / f"{prefix}PR_curve.png"]
         plot_pr_curve(result.px, result.pr_curve, result.all_ap, paths[0], names)
         for stem, curve, ylabel in (("F1", result.f1_curve, "F1"), ("P", result.p_curve, "Precision"),
                                     ("R", result.r_curve, "Recall")):  # fmt: skip
-            paths.append(save_dir / f"{stem}_curve.png")
+            paths.append(save_dir / f"{prefix}{stem}_curve.png")
             plot_mc_curve(result.px, curve, paths[-1], names, xlabel="Confidence", ylabel=ylabel)
         if self.on_plot is not None:
             for path in paths:
@@ -376,6 +405,73 @@ class DetMetrics(ResultsMapping):
             [result.px, result.p_curve, "Confidence", "Precision"],
             [result.px, result.r_curve, "Confidence", "Recall"],
         ]
+
+
+class PoseMetrics(DetMetrics):
+    """Pose metrics: `box` as in `DetMetrics` and `pose` (a `Metric` of the same attributes, matched by OKS instead
+    of box IoU). results.csv names carry (B) and (P); fitness is the sum of both parts' fitness."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.pose = Metric(nc=len(self.names))
+
+    def process(self, tp, conf, pred_cls, target_cls, tp_pose=None, pose_target_cls=None, pose_ignored=None):
+        """Box metrics from `tp` (N, 10) as `DetMetrics`; pose metrics from `tp_pose` (N, 10) by OKS against the
+        labels with keypoints (`pose_target_cls`), leaving out the detections `pose_ignored` (N, 10) marks."""
+        self.box.update(ap_per_class(tp, conf, pred_cls, target_cls))
+        self.pose.update(ap_per_class(tp_pose, conf, pred_cls, pose_target_cls, ignored=pose_ignored))
+        if self.plot and self.save_dir is not None:
+            self._plot_curves(self.box.result, "Box")
+            self._plot_curves(self.pose.result, "Pose")
+        return self.results_dict
+
+    @property
+    def mean_result_keys(self):
+        return [*super().mean_result_keys, "metrics/precision(P)", "metrics/recall(P)", "metrics/mAP50(P)",
+                "metrics/mAP50-95(P)"]
+
+    def mean_results(self):
+        return self.box.mean_results() + self.pose.mean_results()
+
+    def class_result(self, i):
+        return self.box.class_result(i) + self.pose.class_result(i)
+
+    @property
+    def maps(self):
+        return self.box.maps + self.pose.maps
+
+    @property
+    def fitness(self):
+        return self.box.fitness() + self.pose.fitness()
+
+    @property
+    def curves(self):
+        return [*super().curves, "Precision-Recall(P)", "F1-Confidence(P)", "Precision-Confidence(P)",
+                "Recall-Confidence(P)"]
+
+    @property
+    def curves_results(self):
+        result = self.pose.result
+        return super().curves_results + [
+            [result.px, result.pr_curve, "Recall", "Precision"],
+            [result.px, result.f1_curve, "Confidence", "F1"],
+            [result.px, result.p_curve, "Confidence", "Precision"],
+            [result.px, result.r_curve, "Confidence", "Recall"],
+        ]
+
+
+def keypoint_oks(true_keypoints, pred_keypoints, area, sigmas):
+    """Object keypoint similarity of every label with every prediction, as COCO's keypoint evaluation defines it.
+
+    true_keypoints (..., M, K, 3) x, y, visibility; pred_keypoints (..., N, K, 2+); area (..., M) the labels' object
+    areas; sigmas (K,). OKS = mean over the label's labelled keypoints (visibility > 0) of
+    exp(-d^2 / (2 * area * (2 sigma)^2)); a label without labelled keypoints scores 0. Returns (..., M, N).
+    """
+    sigmas = torch.as_tensor(sigmas, dtype=true_keypoints.dtype, device=true_keypoints.device)
+    difference = true_keypoints[..., :, None, :, :2] - pred_keypoints[..., None, :, :, :2]  # (..., M, N, K, 2)
+    error = difference.pow(2).sum(-1) / ((2 * sigmas) ** 2 * (area[..., None, None] + np.spacing(1)) * 2)
+    labelled = (true_keypoints[..., 2] > 0).to(error.dtype)  # (..., M, K)
+    return (torch.exp(-error) * labelled[..., None, :]).sum(-1) / labelled.sum(-1, keepdim=True).clamp(min=1)
 
 
 @dataclass(eq=False)  # compared as the mapping it is, not field by field

@@ -128,16 +128,17 @@ def greedy_nms(boxes, scores, iou_thres, groups=None, max_keep=None):
     return order[keep]
 
 
-def _candidates(prediction, conf_thres, classes, multi_label, max_nms):
+def _candidates(prediction, conf_thres, classes, multi_label, max_nms, num_extra=0):
     """The candidates that enter NMS, up to `max_nms` per image, laid out per image in descending score.
 
-    prediction (B, 4 + nc, A) -> boxes (B, K, 4) xyxy, scores (B, K), cls (B, K) long, valid (B, K) bool (the rest
-    is padding), K the most candidates of any image. Single-label: each anchor is a candidate with its best class.
+    prediction (B, 4 + nc + num_extra, A) -> boxes (B, K, 4) xyxy, scores (B, K), cls (B, K) long, valid (B, K)
+    bool (the rest is padding), extra (B, K, num_extra) each candidate's anchor's extra values, K the most candidates
+    of any image. Single-label: each anchor is a candidate with its best class.
     Multi-label: each anchor is a candidate once for every class scoring above `conf_thres`, which is what mAP
     needs: a box whose second class is the right one still counts. Equal scores keep anchor, then class, order.
     """
-    prediction = prediction.transpose(1, 2)  # (B, A, 4 + nc)
-    scores = prediction[..., 4:]  # (B, A, nc)
+    prediction = prediction.transpose(1, 2)  # (B, A, 4 + nc + num_extra)
+    scores = prediction[..., 4 : prediction.shape[-1] - num_extra]  # (B, A, nc)
     num_classes = scores.shape[-1]
     if classes is not None:
         wanted = torch.zeros(num_classes, dtype=torch.bool, device=scores.device)
@@ -158,7 +159,8 @@ def _candidates(prediction, conf_thres, classes, multi_label, max_nms):
     anchor = top // classes_per_pair
     cls = top % classes_per_pair if multi_label else best_cls.gather(1, anchor)
     boxes = xywh2xyxy(prediction[..., :4].gather(1, anchor[..., None].expand(-1, -1, 4)))  # (B, K, 4)
-    return boxes, top_scores, cls, top_scores > conf_thres
+    extra = prediction[..., prediction.shape[-1] - num_extra :].gather(1, anchor[..., None].expand(-1, -1, num_extra))
+    return boxes, top_scores, cls, top_scores > conf_thres, extra
 
 
 def _kept_torchvision(tv_nms, boxes, scores, cls, valid, num_classes, iou_thres, agnostic, max_det):
@@ -186,28 +188,31 @@ def non_max_suppression(
     multi_label=False,
     max_det=300,
     max_nms=30000,
+    num_extra=0,
 ):
     """Filter the model's eval output to final detections per image.
 
-    prediction: (B, 4 + nc, A) tensor with boxes xywh in input pixels and class scores (the model's eval output;
-    a tuple/list `(y, feats)` is accepted and its first element used).
+    prediction: (B, 4 + nc + num_extra, A) tensor with boxes xywh in input pixels, class scores and `num_extra`
+    values per anchor that follow its boxes (a pose model's keypoints) (the model's eval output; a tuple/list
+    `(y, feats)` is accepted and its first element used).
     Candidates are anchors whose best class scores above `conf_thres` (single-label), or every (anchor, class)
     pair above it (`multi_label`, what validation uses); classes not in `classes` never qualify. At most `max_nms`
     highest-scoring candidates per image enter NMS (a deterministic cap; which of several equal scores at the cap
     enter is not specified) and at most `max_det` survive.
-    Returns a list of B tensors (n, 6): x1, y1, x2, y2, conf, cls (float), sorted by descending conf. Every image
+    Returns a list of B tensors (n, 6 + num_extra): x1, y1, x2, y2, conf, cls (float), then the extra values,
+    sorted by descending conf. Every image
     is processed, however long it takes: results never depend on how busy the machine is.
     """
     if isinstance(prediction, (list, tuple)):
         prediction = prediction[0]
-    boxes, scores, cls, valid = _candidates(prediction, conf_thres, classes, multi_label, max_nms)  # (B, K, ...)
+    boxes, scores, cls, valid, extra = _candidates(prediction, conf_thres, classes, multi_label, max_nms, num_extra)
     tv_nms = torchvision_nms()
     if tv_nms is None:
         keep = batched_greedy_nms(boxes, valid, iou_thres, None if agnostic else cls, max_det)
     else:
-        num_classes = prediction.shape[1] - 4
+        num_classes = prediction.shape[1] - 4 - num_extra
         keep = _kept_torchvision(tv_nms, boxes, scores, cls, valid, num_classes, iou_thres, agnostic, max_det)
-    detections = torch.cat([boxes, scores[..., None], cls[..., None].to(boxes.dtype)], -1)[keep]  # (n, 6)
+    detections = torch.cat([boxes, scores[..., None], cls[..., None].to(boxes.dtype), extra], -1)[keep]  # (n, 6+)
     return list(detections.split(keep.sum(1).tolist()))
 
 

@@ -153,13 +153,15 @@ def plot_images(
     max_size=1920,
     conf_thres=PLOT_CONF_THRES,
     titles=None,
+    keypoints=None,
 ):
     """Save a mosaic of a batch with its boxes and class labels; each tile is titled with its file name (`paths`)
     or with `titles[i]`.
 
     images (B, 3, H, W) uint8 RGB (tensor or array; floats in [0, 1] are scaled); batch_idx (N,) image index of
     each box; cls (N,) or (N, 1); bboxes either (N, 4) normalised xywh (labels) or (N, 5) pixel xyxy + conf in the
-    batch image (predictions; boxes below conf_thres are skipped). Returns the saved path.
+    batch image (predictions; boxes below conf_thres are skipped); keypoints (N, K, 2 | 3) of each box, normalised
+    for labels, batch-image pixels for predictions. Returns the saved path.
     """
     images = _to_numpy(images)
     if images.dtype != np.uint8:
@@ -180,6 +182,9 @@ def plot_images(
         tile = cv2.resize(np.ascontiguousarray(images[i].transpose(1, 2, 0)[..., ::-1]), (tile_w, tile_h))
         in_image = batch_idx.reshape(-1) == i if batch_idx is not None else np.zeros(len(cls), bool)
         _draw_boxes(tile, cls[in_image], bboxes[in_image], (height, width), scale, names, line, conf_thres)
+        if keypoints is not None and len(cls):
+            _draw_tile_keypoints(tile, _to_numpy(keypoints)[in_image], bboxes[in_image], (height, width), scale,
+                                 line, conf_thres)
         title = titles[i] if titles is not None else Path(paths[i]).name if paths is not None and i < len(paths) else None
         if title:
             cv2.putText(tile, title[:40], (3, 12 * line), 0, line / 3, (220, 220, 220), line, cv2.LINE_AA)
@@ -213,6 +218,18 @@ def _draw_boxes(tile, cls, bboxes, image_shape, scale, names, line, conf_thres):
         cv2.rectangle(tile, (box[0], box[1]), (box[2], box[3]), colour, line, cv2.LINE_AA)
         label = _class_name(names, class_id) + (f" {conf[j]:.2f}" if conf is not None else "")
         cv2.putText(tile, label, (box[0], max(box[1] - 2, 8)), 0, line / 3, colour, line, cv2.LINE_AA)
+
+
+def _draw_tile_keypoints(tile, keypoints, bboxes, image_shape, scale, line, conf_thres):
+    """Keypoints of one tile's boxes: normalised for labels (4-column boxes), pixels for predictions (5 columns,
+    those under conf_thres skipped)."""
+    points = keypoints.astype(np.float64).copy()
+    if bboxes.shape[1] == 5:
+        points = points[bboxes[:, 4] > conf_thres]
+    else:
+        points[..., :2] *= (image_shape[1], image_shape[0])
+    points[..., :2] *= scale
+    draw_keypoints(tile, points, line)
 
 
 def _read_results_csv(csv_path):
@@ -330,3 +347,26 @@ def _short(text):
     """A csv value for a title: numbers to 3 significant digits, anything else as written."""
     value = _as_float(text)
     return f"{value:.3g}" if math.isfinite(value) else text
+
+
+KEYPOINT_VISIBLE = 0.5  # a predicted keypoint's visibility from which it is drawn (and reported)
+# COCO's person skeleton: the limbs joining its 17 keypoints (0-based), drawn for person-keypoint models.
+PERSON_KEYPOINTS = 17
+PERSON_SKELETON = ((15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7), (6, 8),
+                   (7, 9), (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6))
+
+
+def draw_keypoints(image, keypoints, line):
+    """Draw (n, K, 2 | 3) pixel keypoints on a BGR image in place: a dot per seen point (visibility >= 0.5, or all
+    without visibility), each keypoint index in its own colour, and the limbs of the person skeleton for K = 17."""
+    radius = max(line, 2)
+    for points in keypoints:
+        seen = points[:, 2] >= KEYPOINT_VISIBLE if points.shape[1] == 3 else np.ones(len(points), bool)
+        if len(points) == PERSON_KEYPOINTS:
+            for a, b in PERSON_SKELETON:
+                if seen[a] and seen[b]:
+                    cv2.line(image, tuple(int(v) for v in points[a, :2]), tuple(int(v) for v in points[b, :2]),
+                             class_colour(a, bgr=True), max(line // 2, 1), cv2.LINE_AA)
+        for k in np.flatnonzero(seen):
+            cv2.circle(image, tuple(int(v) for v in points[k, :2]), radius, class_colour(int(k), bgr=True), -1,
+                       cv2.LINE_AA)

@@ -1,5 +1,6 @@
 """What `predict` returns: one `Results` per image or video frame, with the containers its task fills: `Boxes` in
-original-image pixels (detect), `Probs` (classify); the kinds a task does not have are None."""
+original-image pixels (detect, pose), `Keypoints` (pose), `Probs` (classify); the kinds a task does not have are
+None."""
 
 import copy
 import json
@@ -11,7 +12,7 @@ import torch
 
 from yolotrain.engine.containers import TensorContainer
 from yolotrain.utils.boxes import xyxy2xywh
-from yolotrain.utils.plotting import class_colour
+from yolotrain.utils.plotting import KEYPOINT_VISIBLE, class_colour, draw_keypoints
 
 
 class Boxes(TensorContainer):
@@ -57,6 +58,40 @@ class Boxes(TensorContainer):
         return self.xywh / self._image_scale(4)
 
 
+class Keypoints(TensorContainer):
+    """Keypoints of one image's detections: `data` (n, K, 2 | 3) x, y in original-image pixels and, when the model
+    predicts it, each point's visibility in [0, 1]. `xy` and `xyn` read a point whose visibility is below 0.5 as
+    (0, 0), as the YOLO family reports points it does not see; `data` keeps the predicted positions."""
+
+    VISIBLE = KEYPOINT_VISIBLE
+
+    def __init__(self, data, orig_shape):
+        super().__init__(data[None] if data.ndim == 2 else data, orig_shape)
+
+    @property
+    def has_visible(self):
+        """Whether the points carry a visibility (kpt_shape [K, 3])."""
+        return self.data.shape[-1] == 3
+
+    @property
+    def conf(self):
+        """(n, K) visibility of each point, or None."""
+        return self.data[..., 2] if self.has_visible else None
+
+    @property
+    def xy(self):
+        """(n, K, 2) pixel x, y; unseen points (visibility < 0.5) are 0, 0."""
+        xy = self.data[..., :2]
+        if not self.has_visible:
+            return xy
+        return xy * ~(self.data[..., 2:3] < self.VISIBLE)
+
+    @property
+    def xyn(self):
+        """`xy` divided by the image width and height."""
+        return self.xy / self._image_scale(2)
+
+
 class Probs(TensorContainer):
     """Class probabilities of one image, `data` (nc,): `top1` (class id), `top5` (class ids, best first),
     `top1conf`, `top5conf` (their probabilities)."""
@@ -91,19 +126,20 @@ class Results:
     """Predictions of one image or video frame.
 
     Attributes: `path` (file, or "image0" for an in-memory image), `orig_img` (BGR uint8), `orig_shape` (h, w),
-    `names` ({class id: name}), `boxes` (`Boxes`, detect), `probs` (`Probs`, classify), `masks`, `keypoints`,
-    `obb` (None: their tasks come later), `speed` ({"preprocess", "inference", "postprocess"}: ms), `frame` (0-based
+    `names` ({class id: name}), `boxes` (`Boxes`, detect and pose), `keypoints` (`Keypoints`, pose), `probs`
+    (`Probs`, classify), `masks`, `obb` (None: their tasks come later), `speed` ({"preprocess", "inference", "postprocess"}: ms), `frame` (0-based
     frame index in its video, None for images).
     """
 
-    def __init__(self, orig_img, path, names, boxes=None, speed=None, frame=None, probs=None):
+    def __init__(self, orig_img, path, names, boxes=None, speed=None, frame=None, probs=None, keypoints=None):
         self.orig_img = orig_img
         self.orig_shape = tuple(orig_img.shape[:2])
         self.path = str(path)
         self.names = dict(names)
         self.boxes = Boxes(boxes, self.orig_shape) if boxes is not None else None
         self.probs = Probs(probs, self.orig_shape) if probs is not None else None
-        self.masks = self.keypoints = self.obb = None
+        self.keypoints = Keypoints(keypoints, self.orig_shape) if keypoints is not None else None
+        self.masks = self.obb = None
         self.speed = dict(speed or {})
         self.frame = frame
 
@@ -139,6 +175,9 @@ class Results:
     def _cpu_probs(self):
         return torch.as_tensor(self.probs.data).float().cpu()
 
+    def _cpu_keypoints(self):
+        return Keypoints(torch.as_tensor(self.keypoints.data).float().cpu(), self.orig_shape)
+
     def _cpu_boxes(self):
         """The boxes as a CPU tensor, whatever their device or format: what the text and drawing methods read."""
         return Boxes(torch.as_tensor(self.boxes.data).cpu(), self.orig_shape)
@@ -161,6 +200,13 @@ class Results:
                 "confidence": round(conf, decimals),
                 "box": {k: round(v, decimals) for k, v in zip(("x1", "y1", "x2", "y2"), (x1, y1, x2, y2))},
             })
+        if self.keypoints is not None:
+            points = self._cpu_keypoints()
+            xy = (points.xyn if normalize else points.xy).double().numpy().round(decimals)
+            for i, row in enumerate(rows):
+                row["keypoints"] = {"x": xy[i, :, 0].tolist(), "y": xy[i, :, 1].tolist()}
+                if points.has_visible:
+                    row["keypoints"]["visible"] = points.conf[i].double().numpy().round(decimals).tolist()
         return rows
 
     def to_json(self, normalize=False, decimals=5):
@@ -186,14 +232,23 @@ class Results:
             Path(path).write_text("".join(f"{row['confidence']:.2f} {row['name']}\n" for row in self.summary()))
             return path
         lines, detections = [], self._cpu_boxes()
-        for (cx, cy, w, h), conf, cls in zip(detections.xywhn.tolist(), detections.conf.tolist(),
-                                             detections.cls.tolist()):
-            values = [int(cls), cx, cy, w, h] + ([conf] if save_conf else [])
+        points = self._keypoint_columns()
+        for i, ((cx, cy, w, h), conf, cls) in enumerate(zip(detections.xywhn.tolist(), detections.conf.tolist(),
+                                                            detections.cls.tolist())):
+            values = [int(cls), cx, cy, w, h] + points[i] + ([conf] if save_conf else [])
             lines.append(" ".join(str(v) if isinstance(v, int) else f"{v:.6g}" for v in values))
         if lines:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text("\n".join(lines) + "\n")
         return path
+
+    def _keypoint_columns(self):
+        """Per detection the YOLO pose label values of its keypoints (x y [visibility], normalised), or []."""
+        if self.keypoints is None:
+            return [[] for _ in range(len(self))]
+        points = self._cpu_keypoints()
+        columns = points.xyn if not points.has_visible else torch.cat((points.xyn, points.conf[..., None]), -1)
+        return columns.flatten(1).tolist()
 
     # ------------------------------------------------------------------ images
     def plot(self, line_width=None, labels=True, conf=True):
@@ -215,6 +270,8 @@ class Results:
                                           f"{score:.2f}" if conf else ""]))
             if text:
                 self._draw_label(image, text, (x1, y1), colour, line)
+        if self.keypoints is not None:
+            draw_keypoints(image, self._cpu_keypoints().data.numpy(), line)
         return image
 
     @staticmethod
@@ -259,3 +316,4 @@ class Results:
             path = Path(save_dir) / name / f"{file_stem}{'' if count == 1 else f'_{count}'}.jpg"
             path.parent.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(path), self.orig_img[y1:y2, x1:x2])
+

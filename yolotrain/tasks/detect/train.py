@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from yolotrain.cfg import DEFAULT_MODEL
+from yolotrain.cfg import DEFAULT_MODELS
 from yolotrain.engine.trainer import BaseTrainer
 from yolotrain.loss.detection import loss_item_names
 from yolotrain.utils import dist
@@ -47,14 +47,20 @@ class DetectionTrainer(BaseTrainer):
 
     def get_dataset(self):
         """Check the data yaml (or generate the built-in dataset) and return the resolved data dict."""
-        from yolotrain.data.builtin import builtin_data_yaml
         from yolotrain.data.data_yaml import check_det_dataset
 
         data = self.args.data
         if not data:
-            data = builtin_data_yaml()
+            data = self.builtin_data()
             LOGGER.info(f"data: no data= given, using the built-in shapes dataset at {data}")
         return check_det_dataset(data)
+
+    @staticmethod
+    def builtin_data():
+        """The data yaml trained on when no `data` is given: the built-in shapes dataset."""
+        from yolotrain.data.builtin import builtin_data_yaml
+
+        return builtin_data_yaml()
 
     def build_dataset(self, img_path, mode="train", batch=None):
         """A `YOLODataset` for `mode`: augmented for training, letterboxed with rect batches for validation.
@@ -79,6 +85,7 @@ class DetectionTrainer(BaseTrainer):
             data=self.data,
             prefix=mode,
             augment_hook=self._augment_hook() if training else None,
+            task=self.task,
         )
 
     def _augment_hook(self):
@@ -124,8 +131,9 @@ class DetectionTrainer(BaseTrainer):
             batch = self.train_loader.dataset.device_augment.preprocess(batch, self.device)
         else:
             batch["img"] = batch["img"].to(self.device, non_blocking=True).float() / 255
-            for key in ("cls", "bboxes", "batch_idx"):
-                batch[key] = batch[key].to(self.device, non_blocking=True)
+            for key in ("cls", "bboxes", "batch_idx", "keypoints"):
+                if key in batch:
+                    batch[key] = batch[key].to(self.device, non_blocking=True)
         if self.args.multi_scale:
             batch["img"] = self._random_rescale(batch["img"])
         self.last_batch_shape = tuple(batch["img"].shape)
@@ -155,18 +163,23 @@ class DetectionTrainer(BaseTrainer):
 
     def get_model(self, cfg=None, weights=None, verbose=True):
         """Build the model from a yaml (or a checkpoint's stored yaml) with the dataset's class count."""
-        from yolotrain.nn.model import DetectionModel
         from yolotrain.utils.checkpoint import is_weights_file, load_checkpoint
 
-        cfg = cfg or DEFAULT_MODEL
+        cfg = cfg or DEFAULT_MODELS[self.task]
         if is_weights_file(cfg):
             cfg = load_checkpoint(cfg)["model_yaml"]
-        model = DetectionModel(cfg, nc=len(self.class_names()), verbose=verbose and dist.is_main())
+        model = self.new_model(cfg, verbose=verbose and dist.is_main())
         if weights:
             checkpoint = load_checkpoint(weights)
             model.load(checkpoint.get("ema") or checkpoint["model"])
             LOGGER.info(f"pretrained: weights transferred from {weights}")
         return model
+
+    def new_model(self, cfg, verbose=True):
+        """A new model of this task from a model yaml (or its dict), sized for the dataset."""
+        from yolotrain.nn.model import DetectionModel
+
+        return DetectionModel(cfg, nc=len(self.class_names()), verbose=verbose)
 
     def set_model_attributes(self):
         """Give the model its classes, hyperparameters (read by the loss) and optional class weights."""
@@ -251,6 +264,7 @@ class DetectionTrainer(BaseTrainer):
                 paths=batch.get("im_file"),
                 fname=self.save_dir / f"train_batch{self._plotted_batches}.jpg",
                 names=self.class_names(),
+                keypoints=batch["keypoints"].cpu() if "keypoints" in batch else None,
             )
         except Exception as e:
             self._warn_once("plot_images", f"training batch plot failed: {e}")

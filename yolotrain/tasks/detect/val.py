@@ -48,7 +48,6 @@ CONFUSION_IOU = 0.45
 PER_CLASS_ROWS_MAX_NC = 50  # below this class count the per-class table is always logged
 PLOT_MAX_DET = 15  # predictions drawn per image on val_batch{i}_pred.jpg
 TABLE_HEADER = ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
-STAT_KEYS = ("tp", "conf", "pred_cls", "target_cls", "target_img")
 # Elements of the (T, B, N, M) matching tensors handled at once; larger batches are matched in chunks of images.
 MATCH_CHUNK_ELEMENTS = 1 << 24
 
@@ -60,34 +59,39 @@ def boxes_to_original(boxes, gain, pad, shape):
     return ((boxes - offset) / scale).clamp(min=0).minimum(limit)
 
 
-def padded_match(detections, pred_image, gt_boxes, gt_cls, gt_image, num_images, max_preds, max_boxes, iouv):
-    """COCO matching of a whole batch at once: tp (P, T) bool for the detections (P, 6) of images `pred_image`.
+def padded_match(detections, pred_image, gt_boxes, gt_cls, gt_image, num_images, max_preds, max_boxes, iouv,
+                 pred_values=None, gt_values=None, similarity=batched_box_iou):
+    """COCO matching of a whole batch at once: tp (P, T) bool for the detections (P, 6+) of images `pred_image`.
 
     Predictions and labels are laid out per image in (B, max_preds) / (B, max_boxes) slots (absent predictions get
     class -2 and absent labels -1, so padding never matches) and matched with one `match_predictions` call per
-    chunk of images, the chunk sized so the (T, B, N, M) working tensors stay small.
+    chunk of images, the chunk sized so the (T, B, N, M) working tensors stay small. What is compared is the boxes
+    by IoU, or `gt_values` (G, ...) with `pred_values` (P, ...) by `similarity(gt (b, M, ...), pred (b, N, ...))`
+    -> (b, M, N) (a pose validator's keypoints by OKS).
     """
     num_thresholds, device = len(iouv), detections.device
     tp = torch.zeros(len(detections), num_thresholds, dtype=torch.bool, device=device)
     if len(detections) == 0 or len(gt_cls) == 0:
         return tp
+    pred_values = detections[:, :4] if pred_values is None else pred_values
+    gt_values = gt_boxes if gt_values is None else gt_values
     pred_slot = _slots(pred_image)
     gt_slot = _slots(gt_image)
-    pred_boxes = torch.zeros(num_images, max_preds, 4, device=device)
+    pred_padded = pred_values.new_zeros((num_images, max_preds, *pred_values.shape[1:]))
     pred_cls = torch.full((num_images, max_preds), -2.0, device=device)
-    pred_boxes[pred_image, pred_slot] = detections[:, :4]
+    pred_padded[pred_image, pred_slot] = pred_values
     pred_cls[pred_image, pred_slot] = detections[:, 5]
-    true_boxes = torch.zeros(num_images, max_boxes, 4, device=device)
+    true_padded = gt_values.new_zeros((num_images, max_boxes, *gt_values.shape[1:]))
     true_cls = torch.full((num_images, max_boxes), -1.0, device=device)
-    true_boxes[gt_image, gt_slot] = gt_boxes
+    true_padded[gt_image, gt_slot] = gt_values
     true_cls[gt_image, gt_slot] = gt_cls
     per_image = max(max_preds * max_boxes * num_thresholds, 1)
     chunk = max(MATCH_CHUNK_ELEMENTS // per_image, 1)
     matched = []
     for start in range(0, num_images, chunk):  # usually one chunk; more only for crowded, many-detection batches
         part = slice(start, start + chunk)
-        iou = batched_box_iou(true_boxes[part], pred_boxes[part])  # (b, M, N)
-        matched.append(match_predictions(pred_cls[part], true_cls[part], iou, iouv))  # (b, N, T)
+        scores = similarity(true_padded[part], pred_padded[part])  # (b, M, N)
+        matched.append(match_predictions(pred_cls[part], true_cls[part], scores, iouv))  # (b, N, T)
     return torch.cat(matched)[pred_image, pred_slot]
 
 
@@ -123,8 +127,11 @@ class DetectionValidator(BaseValidator):
     images containing each class).
     """
 
+    task = "detect"
     loss_names = loss_item_names()
     primary_metric = "metrics/mAP50-95(B)"
+    stat_keys = ("tp", "conf", "pred_cls", "target_cls", "target_img")  # per-batch statistics joined in `compute`
+    coco_parts = (("bbox", "B"),)  # what pycocotools scores of predictions.json: (its iouType, our metric suffix)
     rect_pad = 0.5  # margin of the rectangular batch shapes, in strides (as the reference validator pads)
 
     def __init__(self, dataloader=None, save_dir=None, args=None, _callbacks=None):
@@ -154,9 +161,7 @@ class DetectionValidator(BaseValidator):
         if self.args.data:
             data = self.args.data
         else:
-            from yolotrain.data.builtin import builtin_data_yaml
-
-            data = builtin_data_yaml()
+            data = self.builtin_data()
             LOGGER.info(f"data: no data= given, validating on the built-in shapes dataset at {data}")
         self.data = check_det_dataset(data)
         split = self.args.split
@@ -183,8 +188,16 @@ class DetectionValidator(BaseValidator):
             data=self.data,
             prefix=f"{split}: ",
             workers=self.args.workers,
+            task=self.task,
         )
         return build_dataloader(dataset, batch, self.args.workers, shuffle=False, rank=-1, seed=self.args.seed)
+
+    @staticmethod
+    def builtin_data():
+        """The data yaml validated on when no `data` is given: the built-in shapes dataset."""
+        from yolotrain.data.builtin import builtin_data_yaml
+
+        return builtin_data_yaml()
 
     def _evaluates_single_class(self, model):
         """single_cls, or a one-class model (as `single_cls` training makes) on a dataset of several classes: every
@@ -232,8 +245,9 @@ class DetectionValidator(BaseValidator):
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)  # uint8: the cheapest copy to make
         batch["img"] = images.float().div_(255)  # in place: one float copy of the batch, not two
-        for key in ("cls", "bboxes", "batch_idx"):
-            batch[key] = batch[key].to(self.device, non_blocking=True)
+        for key in ("cls", "bboxes", "batch_idx", "keypoints"):
+            if key in batch:
+                batch[key] = batch[key].to(self.device, non_blocking=True)
         return batch
 
     def postprocess(self, preds):
@@ -277,6 +291,8 @@ class DetectionValidator(BaseValidator):
         self.stats.append({
             "position": self.batch_position, "tp": tp, "conf": detections[:, 4], "pred_cls": detections[:, 5],
             "target_cls": gt_cls, "target_img": classes_per_image(gt_image, gt_cls), "seen": num_images,
+            **self.part_stats(BatchLabels(detections, pred_image, gt_boxes, gt_cls, gt_image, num_images, max_preds,
+                                          max_boxes, gain, pad, shape), batch),
         })  # fmt: skip
         counts = [len(p) for p in preds]
         if self.plot_stats:  # the plotted confusion matrix only (last epoch): image by image, confident detections
@@ -286,10 +302,16 @@ class DetectionValidator(BaseValidator):
         if self.args.save_json:
             self.json_records.append((self.batch_position, list(batch["im_file"]), counts, detections))
 
+    def part_stats(self, labels, batch):
+        """Statistics of the parts a task adds to the boxes (a pose model's keypoints), kept per batch beside the
+        box statistics: {name: tensor}. Detection has none."""
+        return {}
+
     def _batch_detections(self, preds, device):
-        """All images' detections (P, 6) in one new tensor (batch pixels), and each one's image index (P,)."""
+        """All images' detections (P, 6+) in one new tensor (batch pixels), and each one's image index (P,)."""
         counts = torch.tensor([len(p) for p in preds], device=device)
-        detections = torch.cat([p.detach().float() for p in preds]) if preds else torch.zeros(0, 6, device=device)
+        width = preds[0].shape[1] if preds else 6
+        detections = torch.cat([p.detach().float() for p in preds]) if preds else torch.zeros(0, width, device=device)
         pred_image = torch.repeat_interleave(torch.arange(len(preds), device=device), counts)
         if self.args.single_cls:
             detections[:, 5] = 0
@@ -310,8 +332,8 @@ class DetectionValidator(BaseValidator):
         records = [{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in r.items()} for r in self.stats]
         records = sorted((r for part in self.gathered(records) for r in part), key=lambda r: r["position"])
         self.seen = sum(r["seen"] for r in records)
-        stats = {key: torch.cat([r[key] for r in records]).numpy() if records else np.zeros(0) for key in STAT_KEYS}
-        tp = stats["tp"].reshape(-1, len(self.iouv)).astype(bool)
+        stats = {key: torch.cat([r[key] for r in records]).numpy() if records else np.zeros(0)
+                 for key in self.stat_keys}
         target_cls = stats["target_cls"].astype(np.int64)
         self.nt_per_class = np.bincount(target_cls, minlength=self.nc)
         self.nt_per_image = np.bincount(stats["target_img"].astype(np.int64), minlength=self.nc)
@@ -324,7 +346,12 @@ class DetectionValidator(BaseValidator):
         if len(target_cls) == 0:
             LOGGER.warning(f"no labels found in the {self.args.split} set, so no metrics can be computed")
         self.metrics.speed = dict(self.speed)
-        return self.metrics.process(tp, stats["conf"], stats["pred_cls"], target_cls)
+        return self.process_metrics(stats)
+
+    def process_metrics(self, stats):
+        """The metrics object's results from the joined statistics (numpy arrays named by `stat_keys`)."""
+        tp = stats["tp"].reshape(-1, len(self.iouv)).astype(bool)
+        return self.metrics.process(tp, stats["conf"], stats["pred_cls"], stats["target_cls"].astype(np.int64))
 
     # ------------------------------------------------------------------ reporting
     def progress_description(self):
@@ -350,6 +377,7 @@ class DetectionValidator(BaseValidator):
             plot_images(
                 batch["img"], batch["batch_idx"], batch["cls"].reshape(-1), batch["bboxes"],
                 paths=batch.get("im_file"), fname=self.save_dir / f"val_batch{batch_i}_labels.jpg", names=self.names,
+                keypoints=batch["keypoints"].cpu() if "keypoints" in batch else None,
             )  # fmt: skip
             shown = [p[:PLOT_MAX_DET].detach().float().cpu() for p in preds]
             image_index = torch.cat([torch.full((len(p),), i) for i, p in enumerate(shown)])
@@ -357,9 +385,14 @@ class DetectionValidator(BaseValidator):
             plot_images(
                 batch["img"], image_index, detections[:, 5], detections[:, :5],
                 paths=batch.get("im_file"), fname=self.save_dir / f"val_batch{batch_i}_pred.jpg", names=self.names,
+                keypoints=self.predicted_keypoints(detections),
             )  # fmt: skip
         except Exception as e:  # a plot must never stop a validation (or the training around it)
             LOGGER.warning(f"validation batch plot failed: {e}")
+
+    def predicted_keypoints(self, detections):
+        """The keypoints (n, K, D) of detections (n, 6+) for plots; a detector has none."""
+        return None
 
     def plot_metrics(self):
         """The normalised confusion matrix (the PR and confidence curves are drawn by DetMetrics.process)."""
@@ -385,7 +418,8 @@ class DetectionValidator(BaseValidator):
             self.coco_stats = self._pycocotools_eval(coco.annotations, path)
 
     def _pycocotools_eval(self, annotations, predictions_path):
-        """pycocotools' mAP50-95 / mAP50 of predictions.json, logged beside ours; {} without pycocotools."""
+        """pycocotools' mAP50-95 / mAP50 of predictions.json for each of `coco_parts` (its iouType and our figures),
+        logged beside ours; {} without pycocotools."""
         try:
             from pycocotools.coco import COCO
             from pycocotools.cocoeval import COCOeval
@@ -394,26 +428,36 @@ class DetectionValidator(BaseValidator):
             return {}
         if not self.json_records or not any(counts for _, _, counts, _ in self.json_records):
             return {}  # pycocotools cannot load an empty results list
+        stats = {}
         try:
             with contextlib.redirect_stdout(io.StringIO()) as printed:
                 ground_truth = COCO(str(annotations))
                 detections = ground_truth.loadRes(str(predictions_path))
-                evaluation = COCOeval(ground_truth, detections, "bbox")
                 seen = {i for i in self._image_ids_seen() if isinstance(i, int)}  # a val set may be a subset
-                evaluation.params.imgIds = sorted(seen & set(ground_truth.getImgIds()))
-                evaluation.evaluate()
-                evaluation.accumulate()
-                evaluation.summarize()
+                for iou_type, suffix in self.coco_parts:
+                    evaluation = COCOeval(ground_truth, detections, iou_type)
+                    evaluation.params.imgIds = sorted(seen & set(ground_truth.getImgIds()))
+                    self.configure_coco_evaluation(evaluation)
+                    evaluation.evaluate()
+                    evaluation.accumulate()
+                    evaluation.summarize()
+                    stats[suffix] = (float(evaluation.stats[0]), float(evaluation.stats[1]))
         except Exception as e:  # a broken annotation file must not end a validation that has its own metrics
             LOGGER.warning(f"pycocotools evaluation of {predictions_path} failed: {e}")
             return {}
         LOGGER.info(printed.getvalue().rstrip())
-        ours = {"mAP50-95": self.metrics.box.map, "mAP50": self.metrics.box.map50}
-        theirs = {"mAP50-95": float(evaluation.stats[0]), "mAP50": float(evaluation.stats[1])}
         LOGGER.info("%22s%11s%13s" % ("", "yolotrain", "pycocotools"))
-        for key in ours:
-            LOGGER.info("%22s%11.4g%13.4g" % (key, ours[key], theirs[key]))
-        return {f"coco/{key}(B)": value for key, value in theirs.items()}
+        results = {}
+        for suffix, (theirs_map, theirs_map50) in stats.items():
+            ours = {key: self.metrics[f"metrics/{key}({suffix})"] for key in ("mAP50-95", "mAP50")}
+            theirs = {"mAP50-95": theirs_map, "mAP50": theirs_map50}
+            for key in ours:
+                LOGGER.info("%22s%11.4g%13.4g" % (f"{key}({suffix})", ours[key], theirs[key]))
+                results[f"coco/{key}({suffix})"] = theirs[key]
+        return results
+
+    def configure_coco_evaluation(self, evaluation):
+        """Set up a pycocotools `COCOeval` before it runs (the pose validator gives it the keypoint sigmas)."""
 
     def _image_ids_seen(self):
         return [image_id for _, files, _, _ in self.json_records for image_id in self._image_ids(files)]
@@ -452,6 +496,25 @@ class DetectionValidator(BaseValidator):
                 for i, b, sc, c in zip(image_ids.tolist(), boxes, scores, classes.tolist())
             )
         return records
+
+
+@dataclass
+class BatchLabels:
+    """One validation batch matched in original-image pixels: detections (P, 6+) and their image index (P,), label
+    boxes (G, 4), classes (G,) and image index (G,), the batch's image count and most detections / labels of one
+    image, and each image's letterbox gain (w, h), pad (w, h) and original size (w, h) as (B, 2) tensors."""
+
+    detections: torch.Tensor
+    pred_image: torch.Tensor
+    gt_boxes: torch.Tensor
+    gt_cls: torch.Tensor
+    gt_image: torch.Tensor
+    num_images: int
+    max_preds: int
+    max_boxes: int
+    gain: torch.Tensor
+    pad: torch.Tensor
+    shape: torch.Tensor
 
 
 @dataclass

@@ -1,0 +1,135 @@
+"""Same pose weights, both validators: box and keypoint mAP of yolotrain's validation against the reference's.
+
+    python benchmarks/pose_parity.py --weights REF.pt [--data DATA.yaml] [--imgsz 160] [--batch 16]
+
+REF.pt is a pose checkpoint written by the reference trainer (Ultralytics, set up with
+`../shared/anchor/setup-ultralytics.sh`; `benchmarks/train_speed.py --task pose --keep DIR` leaves one in
+DIR/reference/train/weights/best.pt). The reference validates it in its own virtualenv; yolotrain imports the same
+file (read without running its pickle code) and validates it with the same settings (conf 0.001, IoU 0.7,
+save_json). Both predictions.json files are then scored by pycocotools' `keypoints` evaluation against the labels
+(object area = 0.53 x box area, sigmas 1/K or COCO's for 17 person keypoints, as both validators use). Prints
+box and pose mAP50-95 of each validator, pycocotools' keypoint figures for both, validation time and images/s.
+Default data: the built-in pose set.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ANCHOR = Path(__file__).resolve().parents[2] / "shared" / "anchor"
+
+REFERENCE_VAL = r"""
+import json, sys, time
+from ultralytics import YOLO
+weights, data, imgsz, batch, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+started = time.perf_counter()
+metrics = YOLO(weights).val(data=data, imgsz=imgsz, batch=batch, conf=0.001, iou=0.7, device="cpu", workers=2,
+                            save_json=True, plots=False, project=out, name="val", exist_ok=True, verbose=False)
+print("RESULT " + json.dumps({"box": float(metrics.box.map), "pose": float(metrics.pose.map),
+                              "seconds": time.perf_counter() - started, "json": f"{out}/val/predictions.json"}))
+"""
+
+
+def reference_val(weights, data, imgsz, batch, out):
+    command = [str(ANCHOR / "ultralytics-python"), "-c", REFERENCE_VAL, str(weights), str(data), str(imgsz),
+               str(batch), str(out)]
+    answer = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(next(line for line in answer.splitlines() if line.startswith("RESULT "))[7:])
+
+
+def yolotrain_val(weights, data, imgsz, batch, out):
+    from yolotrain import YOLO
+
+    started = time.perf_counter()
+    metrics = YOLO(str(weights)).val(data=str(data), imgsz=imgsz, batch=batch, conf=0.001, iou=0.7, device="cpu",
+                                     workers=2, save_json=True, plots=False, project=str(out), name="val",
+                                     exist_ok=True)
+    return {"box": metrics.box.map, "pose": metrics.pose.map, "seconds": time.perf_counter() - started,
+            "json": str(Path(out) / "val" / "predictions.json")}
+
+
+def keypoint_ground_truth(image_files, kpt_shape, nc):
+    """The val labels as a COCO keypoint ground truth (image ids as both validators write them)."""
+    count, dims = kpt_shape
+    images, annotations = [], []
+    for image_file in image_files:
+        height, width = cv2.imread(str(image_file)).shape[:2]
+        image_id = int(image_file.stem) if image_file.stem.isnumeric() else image_file.stem
+        images.append({"id": image_id, "width": width, "height": height})
+        label_file = Path(str(image_file.with_suffix(".txt")).replace("/images/", "/labels/"))
+        rows = np.loadtxt(label_file, ndmin=2) if label_file.exists() and label_file.read_text().strip() else []
+        for row in rows:
+            cls, cx, cy, w, h = row[:5]
+            points = row[5:].reshape(count, dims) * ([width, height, 1][:dims])
+            if dims == 2:
+                points = np.concatenate([points, np.full((count, 1), 2.0)], 1)
+            box = [(cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height]
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(cls),
+                                "bbox": box, "area": box[2] * box[3] * 0.53, "iscrowd": 0,
+                                "keypoints": points.reshape(-1).tolist(),
+                                "num_keypoints": int((points[:, 2] > 0).sum())})
+    return {"images": images, "annotations": annotations, "categories": [{"id": i} for i in range(nc)]}
+
+
+def pycocotools_keypoint_map(ground_truth, predictions, sigmas):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO()
+        truth.dataset = ground_truth
+        truth.createIndex()
+        evaluation = COCOeval(truth, truth.loadRes(predictions), "keypoints")
+        evaluation.params.kpt_oks_sigmas = sigmas
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return float(evaluation.stats[0])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--weights", required=True, help="a pose checkpoint written by the reference trainer")
+    parser.add_argument("--data", help="data yaml (default: the built-in pose set)")
+    parser.add_argument("--imgsz", type=int, default=160)
+    parser.add_argument("--batch", type=int, default=16)
+    options = parser.parse_args()
+    from yolotrain.data.builtin import builtin_pose_data_yaml
+    from yolotrain.data.data_yaml import check_det_dataset
+    from yolotrain.utils.metrics import keypoint_sigmas
+
+    data = Path(options.data or builtin_pose_data_yaml()).resolve()
+    work = Path(tempfile.mkdtemp(prefix="yolotrain-pose-parity-"))
+    ref = reference_val(Path(options.weights).resolve(), data, options.imgsz, options.batch, work / "ref")
+    ours = yolotrain_val(options.weights, data, options.imgsz, options.batch, work / "ours")
+
+    dataset = check_det_dataset(data)
+    image_files = sorted(p for p in Path(dataset["val"]).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    truth = keypoint_ground_truth(image_files, dataset["kpt_shape"], dataset["nc"])
+    sigmas = keypoint_sigmas(dataset["kpt_shape"], dataset.get("kpt_sigmas"))
+    ref_predictions = json.loads(Path(ref["json"]).read_text())
+    if min((p["category_id"] for p in ref_predictions), default=0) >= 1:  # the reference counts classes from 1
+        ref_predictions = [{**p, "category_id": p["category_id"] - 1} for p in ref_predictions]
+    ref_coco = pycocotools_keypoint_map(truth, ref_predictions, sigmas)
+    our_coco = pycocotools_keypoint_map(truth, json.loads(Path(ours["json"]).read_text()), sigmas)
+
+    count = len(image_files)
+    print(f"data {data} ({count} val images), imgsz {options.imgsz}, batch {options.batch}, weights {options.weights}")
+    print(f"{'':12s} {'box mAP50-95':>13s} {'pose mAP50-95':>14s} {'coco pose':>10s} {'val s':>7s} {'img/s':>7s}")
+    for name, result, coco in (("reference", ref, ref_coco), ("yolotrain", ours, our_coco)):
+        print(f"{name:12s} {result['box']:13.4f} {result['pose']:14.4f} {coco:10.4f} {result['seconds']:7.2f} "
+              f"{count / result['seconds']:7.1f}")
+    print(f"pose mAP50-95 yolotrain - reference: {ours['pose'] - ref['pose']:+.4f} (goal within 0.01); "
+          f"validation speed yolotrain / reference: {ref['seconds'] / ours['seconds']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

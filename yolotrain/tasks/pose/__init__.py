@@ -1,0 +1,1 @@
+"""Pose estimation: boxes plus a fixed set of keypoints per object (trainer, validator, predictor)."""
