@@ -34,6 +34,7 @@ CONVERT_USAGE = "yolotrain convert coco SRC.json IMAGES_DIR OUT_DIR"
 CONVERT_ULTRALYTICS_USAGE = "yolotrain convert ultralytics yolov8n.pt yolov8n.safetensors"
 SYNC_USAGE = "yolotrain sync RUN_DIR"
 EXPORT_USAGE = "yolotrain export model=best.pt format=onnx"
+WEIGHTS_MODES = ("val", "predict", "export")  # modes that run trained weights: `model=` must name them
 PREDICT_USAGE = "yolotrain predict model=best.pt source=images/"
 TUNE_USAGE = "yolotrain tune data=data.yaml epochs=10 iterations=100 space=tune.yaml"
 MODE_HELP = (
@@ -119,6 +120,9 @@ def _run_mode(mode: str, overrides: dict) -> int:
     """train, val, predict or export, through the `YOLO` facade with the user's arguments as given."""
     given = user_args(overrides)  # the user's arguments only (cfg file merged under key=value), checked
     args = get_cfg({**given, "mode": mode})  # every value checked before the heavy import below
+    if mode in WEIGHTS_MODES and not args.model:  # a yaml's untrained weights would give meaningless results
+        raise CfgError(f"{mode} needs model=: trained weights (.pt) or an exported file, e.g. "
+                       f"yolotrain {mode} model=runs/detect/train/weights/best.pt")
     _configure_logging()
     from yolotrain.engine.model import YOLO  # imports torch
     from yolotrain.utils import dist

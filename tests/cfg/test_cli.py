@@ -121,14 +121,20 @@ def test_train_passes_the_users_arguments_as_given(fake_yolo, tmp_path):
     assert fake_yolo.calls == [("yolo-s.yaml", "train", {"lr0": 0.02, "epochs": 3, "data": "x.yaml", "device": "0"})]
 
 
-def test_val_uses_the_default_model_when_none_given(fake_yolo):
-    assert main(["val", "data=x.yaml"]) == 0
-    assert fake_yolo.calls == [("yolo-n.yaml", "val", {"data": "x.yaml"})]
+@pytest.mark.parametrize("mode", ["val", "predict", "export"])
+def test_a_mode_that_runs_weights_without_a_model_is_a_one_line_error(fake_yolo, mode, capsys, tmp_path,
+                                                                    monkeypatch):
+    """Untrained weights would give meaningless results (and a run folder): nothing runs, nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    assert main([mode, "data=x.yaml"]) == 2
+    assert capsys.readouterr().err == (f"yolotrain: error: {mode} needs model=: trained weights (.pt) or an exported "
+                                       f"file, e.g. yolotrain {mode} model=runs/detect/train/weights/best.pt\n")
+    assert fake_yolo.calls == [] and not any(tmp_path.iterdir())
 
 
 def test_a_task_before_the_mode_reaches_the_model_and_not_its_arguments(fake_yolo):
-    assert main(["detect", "val", "data=x.yaml"]) == 0
-    assert fake_yolo.calls == [("yolo-n.yaml", "val", {"data": "x.yaml"})] and fake_yolo.tasks == ["detect"]
+    assert main(["detect", "train", "data=x.yaml"]) == 0
+    assert fake_yolo.calls == [("yolo-n.yaml", "train", {"data": "x.yaml"})] and fake_yolo.tasks == ["detect"]
 
 
 def test_bad_arguments_never_reach_the_model(fake_yolo):

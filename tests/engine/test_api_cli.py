@@ -325,3 +325,19 @@ def test_help_into_a_closed_pipe_ends_quietly():
     process.stdout.close()  # before the child has written a byte (it is still importing)
     errors = process.stderr.read().decode()
     assert process.wait(timeout=60) == 141 and "Traceback" not in errors and "BrokenPipe" not in errors
+
+
+def test_a_run_that_fails_before_training_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
+    """A mistake found while setting up (a missing data yaml, missing weights) stops with one line and no
+    runs/detect/trainN, so the folder numbers of the next runs stay as README says."""
+    from yolotrain.cli import main as cli_main
+
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["train", "data=does_not_exist.yaml", "epochs=1"]) != 0
+    assert cli_main(["train", "model=missing.pt", "epochs=1", "imgsz=32"]) != 0
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "runs" / "detect" / "train").mkdir(parents=True)  # an earlier run's folder stays as it was
+    assert cli_main(["train", "data=does_not_exist.yaml", "epochs=1"]) != 0
+    assert sorted(p.name for p in (tmp_path / "runs" / "detect").iterdir()) == ["train"]
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("yolotrain: error:")]
+    assert len(errors) == 3

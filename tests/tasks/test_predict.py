@@ -145,7 +145,8 @@ def test_video_gives_an_annotated_video_with_the_same_frame_count_and_fps(detect
     assert [r.frame for r in strided] == [0, 3, 6]
 
 
-def test_bad_sources_are_one_line_errors_or_named_skips(detector, val_images, tmp_path, yolotrain_log, capsys):
+def test_bad_sources_are_one_line_errors_or_named_skips(detector, val_images, tmp_path, yolotrain_log, capsys,
+                                                        monkeypatch):
     model = YOLO(str(detector))
     with pytest.raises(SourceError, match="does not exist"):
         model.predict(str(tmp_path / "missing.jpg"), **common(tmp_path, save=False))
@@ -162,9 +163,28 @@ def test_bad_sources_are_one_line_errors_or_named_skips(detector, val_images, tm
     results = model.predict(str(folder), **common(tmp_path, save=False, verbose=True))
     assert [Path(r.path).name for r in results] == ["good.jpg"]
     assert any("skipped" in m and "bad.jpg" in m for m in yolotrain_log)
+    monkeypatch.chdir(tmp_path)
     assert cli_main(["predict", f"model={detector}", f"source={tmp_path / 'missing.jpg'}", "imgsz=64"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "missing.jpg" in error[0] and error[0].startswith("yolotrain: error:")
+    assert not (tmp_path / "runs").exists()  # the source failed before any run folder was made
+
+
+def test_a_folder_of_unreadable_images_names_a_few_counts_the_rest_and_fails(detector, tmp_path, yolotrain_log,
+                                                                           capsys, monkeypatch):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"{i:02d}.jpg").write_text("not an image")
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["predict", f"model={detector}", f"source={folder}", "imgsz=64"]) == 2
+    skipped = [m for m in yolotrain_log if m.startswith("predict: skipped")]
+    assert len(skipped) == 6 and "00.jpg" in skipped[0]
+    assert "12 unreadable files in all (7 not named above)" in skipped[-1]
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("yolotrain: error:")]
+    assert errors == [f"yolotrain: error: no file of source '{folder}' could be read: 12 skipped (first: image "
+                      f"'{folder / '00.jpg'}' cannot be read (corrupt or not an image))"]
+    assert not (tmp_path / "runs").exists()
 
 
 def test_cli_predict_streams_and_saves(detector, val_images, tmp_path):

@@ -1,8 +1,9 @@
 """What `predict` reads: images and video frames from paths, folders, globs, lists and in-memory arrays.
 
 `iter_frames(source, vid_stride)` yields `Frame`s one at a time, so a long video is never held in memory. Bad input
-is a `SourceError` naming it (one line); inside a folder, glob or list an unreadable image is skipped with a
-warning that names it, and the other files go on.
+is a `SourceError` naming it (one line); inside a folder, glob or list an unreadable image is skipped and the
+other files go on: the first few skips are named, the rest counted in one line at the end, and a source none of
+whose files could be read is a `SourceError`.
 """
 
 import glob
@@ -19,6 +20,7 @@ from yolotrain.errors import YoloTrainError
 
 LOGGER = logging.getLogger(__name__)
 
+SKIPS_NAMED = 5  # unreadable files of a source named one per line; the rest are counted in one line
 VID_FORMATS = frozenset({"asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "ts", "wmv", "webm"})
 
 
@@ -55,17 +57,39 @@ def is_video_file(path):
     return _suffix(path) in VID_FORMATS
 
 
+class _Skips:
+    """The unreadable files of one source: the first SKIPS_NAMED logged by name, all counted."""
+
+    def __init__(self):
+        self.count, self.first = 0, None
+
+    def add(self, error):
+        self.count += 1
+        self.first = self.first or str(error)
+        if self.count <= SKIPS_NAMED:
+            LOGGER.warning(f"predict: skipped {error}")
+
+    def log_total(self):
+        if self.count > SKIPS_NAMED:
+            LOGGER.warning(f"predict: skipped {self.count} unreadable files in all ({self.count - SKIPS_NAMED} not "
+                           f"named above)")
+
+
 def iter_frames(source, vid_stride=1) -> Iterator[Frame]:
     """Frames of `source`: an image or video path, a folder, a glob, a .txt list of paths, a numpy BGR array, a
     PIL image, or a list of any of these."""
-    if isinstance(source, (list, tuple)):
-        for index, item in enumerate(source):
-            yield from _frames_of_item(item, vid_stride, f"image{index}", in_collection=True)
-        return
-    yield from _frames_of_item(source, vid_stride, "image0", in_collection=False)
+    skips, read = _Skips(), False
+    items = enumerate(source) if isinstance(source, (list, tuple)) else [(0, source)]
+    for index, item in items:
+        for frame in _frames_of_item(item, vid_stride, f"image{index}", isinstance(source, (list, tuple)), skips):
+            read = True
+            yield frame
+    skips.log_total()
+    if skips.count and not read:
+        raise SourceError(f"no file of source '{source}' could be read: {skips.count} skipped (first: {skips.first})")
 
 
-def _frames_of_item(item, vid_stride, name, in_collection):
+def _frames_of_item(item, vid_stride, name, in_collection, skips):
     if isinstance(item, np.ndarray):
         yield Frame(_as_bgr(item, name), name)
         return
@@ -75,35 +99,35 @@ def _frames_of_item(item, vid_stride, name, in_collection):
     if not isinstance(item, (str, Path)):
         raise SourceError(f"source of type {type(item).__name__} is not supported; expected a path, a folder, a "
                           f"glob, a .txt list, a numpy BGR array or a PIL image")
-    yield from _frames_of_path(str(item), vid_stride, in_collection)
+    yield from _frames_of_path(str(item), vid_stride, in_collection, skips)
 
 
-def _frames_of_path(path, vid_stride, in_collection):
+def _frames_of_path(path, vid_stride, in_collection, skips):
     if any(c in path for c in "*?[") and not Path(path).exists():
         files = sorted(glob.glob(path, recursive=True))
         if not files:
             raise SourceError(f"source glob '{path}' matches no file")
-        yield from _frames_of_files(files, vid_stride)
+        yield from _frames_of_files(files, vid_stride, skips)
     elif Path(path).is_dir():
         files = sorted(str(p) for p in Path(path).iterdir() if p.is_file())
         supported = [f for f in files if has_image_suffix(f) or is_video_file(f)]
         if not supported:
             raise SourceError(f"source folder '{path}' holds no image or video file")
-        yield from _frames_of_files(supported, vid_stride)
+        yield from _frames_of_files(supported, vid_stride, skips)
     elif not Path(path).exists():
         raise SourceError(f"source '{path}' does not exist")
     elif _suffix(path) == "txt":
-        yield from _frames_of_files(read_image_list(Path(path)), vid_stride)
+        yield from _frames_of_files(read_image_list(Path(path)), vid_stride, skips)
     else:
-        yield from _frames_of_file(path, vid_stride, in_collection)
+        yield from _frames_of_file(path, vid_stride, in_collection, skips)
 
 
-def _frames_of_files(files, vid_stride):
+def _frames_of_files(files, vid_stride, skips):
     for file in files:
-        yield from _frames_of_file(file, vid_stride, in_collection=True)
+        yield from _frames_of_file(file, vid_stride, True, skips)
 
 
-def _frames_of_file(path, vid_stride, in_collection):
+def _frames_of_file(path, vid_stride, in_collection, skips):
     """An image or a video file; inside a folder, glob or list an unreadable file is a named skip."""
     try:
         if is_video_file(path):
@@ -116,7 +140,7 @@ def _frames_of_file(path, vid_stride, in_collection):
     except SourceError as error:
         if not in_collection:
             raise
-        LOGGER.warning(f"predict: skipped {error}")
+        skips.add(error)
 
 
 def _read_image(path):

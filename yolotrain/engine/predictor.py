@@ -10,6 +10,7 @@ annotated videos as .mp4 with the source's frame count and fps (`save`), YOLO la
 `save_conf`), crops in `crops/<class>/` (`save_crop`).
 """
 
+import itertools
 import logging
 import time
 from pathlib import Path
@@ -91,10 +92,12 @@ class BasePredictor:
         """Yield one `Results` per image or video frame of `source`."""
         if self.model is None or model is not self.model:
             self.setup_model(model)
+        frames = iter_frames(source, self.args.vid_stride)
+        first = next(frames, None)  # a source that cannot be read fails here, before a run folder is made
         self.save_dir = self._setup_save_dir()
         try:
-            for frames in self._batches(iter_frames(source, self.args.vid_stride)):
-                yield from self._predict_batch(frames)
+            for batch in self._batches(itertools.chain([first] if first is not None else [], frames)):
+                yield from self._predict_batch(batch)
         finally:
             for writer in self._videos.values():
                 writer.release()

@@ -60,7 +60,7 @@ from yolotrain.utils.checkpoint import (
     save_checkpoint,
     strip_optimizer,
 )
-from yolotrain.utils.files import ensure_writable_dir, run_dir
+from yolotrain.utils.files import ensure_writable_dir, missing_root, remove_unstarted_run, run_dir
 from yolotrain.utils.threads import start_thread_governor
 from yolotrain.utils.torch_utils import de_parallel, init_seeds
 
@@ -160,9 +160,15 @@ class BaseTrainer:
     def train(self):
         """Train and return the final validation metrics (a dict)."""
         joined_group = self._join_process_group()
+        created = missing_root(self.save_dir) if dist.is_main() and not self.resume_path else None
         try:
             with self.interrupt:
-                self._setup()
+                try:
+                    self._setup()
+                except YoloTrainError:  # a user mistake found before training: no run folder is left behind
+                    if created is not None:
+                        remove_unstarted_run(created)
+                    raise
                 self._fit()
             return self.metrics
         finally:

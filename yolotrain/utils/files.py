@@ -1,6 +1,7 @@
 """Files and folders: atomic writes, run folders (numbering), writability checks."""
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -83,6 +84,25 @@ def run_dir(args, default_name):
     """The next free run folder: `project/name` (default `runs/<task>/<default_name>`), numbered 2, 3, ... unless
     `exist_ok`."""
     return increment_path(project_dir(args) / (args.name or default_name), exist_ok=args.exist_ok)
+
+
+def missing_root(path):
+    """The outermost folder that creating `path` would create (`runs` for `runs/detect/train` on a fresh checkout),
+    None when `path` exists."""
+    path = Path(path).absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def remove_unstarted_run(folder):
+    """Delete the folders made for a run that stopped before training (a user mistake found while setting up):
+    they hold args.yaml and perhaps plots, never weights; folders holding a checkpoint are kept."""
+    folder = Path(folder)
+    if folder.is_dir() and not any(folder.rglob("*.pt")):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def ensure_writable_dir(path):
