@@ -133,6 +133,7 @@ def _run_mode(mode: str, overrides: dict) -> int:
     # The model, task and mode are already given by the call itself; the rest goes through exactly as the user set it.
     kwargs = {key: value for key, value in given.items() if key not in ("model", "mode", "task")}
     if mode == "predict":
+        kwargs.setdefault("save", True)  # the command line writes annotated images unless save=False
         for _ in model.predict(stream=True, **kwargs):  # streamed: a long video never sits in memory
             pass
     elif mode == "export":

@@ -173,7 +173,7 @@ def test_wrong_type_names_key_value_and_expected_type(key, value, expected):
         ("fraction", 0.0, "in (0, 1]"),
         ("epochs", -1, ">= 0"),
         ("batch", 0, ">= 1 or -1"),
-        ("imgsz", 0, ">= 1"),
+        ("imgsz", 0, "in [1, 8192]"),
     ],
 )
 def test_out_of_range_values(key, value, expected_range):

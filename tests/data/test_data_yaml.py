@@ -71,6 +71,11 @@ def test_names_with_string_keys_and_nc_only(root):
         ({"train": "images/train", "val": "images/val", "names": ["a"], "nc": 2}, "'nc' is 2"),
         ({"train": "images/train", "val": "images/val", "names": {0: "a", 2: "c"}}, "without gaps"),
         ({"path": "nowhere", "train": "images/train", "val": "images/val", "names": ["a"]}, "'path'"),
+        ({"train": "images/train", "val": "images/val", "names": ["a", ["b"]]}, "class 1 name ['b'] is not a text"),
+        ({"train": "images/train", "val": "images/val", "names": ["a", None]}, "class 1 name None is not a text"),
+        ({"train": "images/train", "val": "images/val", "names": [True]}, "class 0 name True is not a text"),
+        ({"train": "images/train", "val": "images/val", "names": {0: {"x": 1}}}, "class 0 name {'x': 1} is not"),
+        ({"train": "images/train", "val": "images/val", "names": ["lol" * 100_000]}, "300,000 characters long"),
     ],
 )
 def test_bad_yaml_raises_one_line_naming_yaml_and_key(root, content, expected):

@@ -75,6 +75,12 @@ def test_coordinates_just_outside_range_are_clipped(yolo_split):
     assert report.counts["clipped"] == 2 and report.counts["out_of_range"] == 0
 
 
+def test_a_label_file_saved_with_a_byte_order_mark_keeps_its_first_row(yolo_split):
+    """Editors on Windows save UTF-8 with a BOM: it is not part of the first row's class id."""
+    record, report = scan_one_label(yolo_split, "\ufeff1 0.5 0.5 0.2 0.2\n0 0.3 0.3 0.1 0.1\n")
+    assert record["cls"][:, 0].tolist() == [1, 0] and report.counts.get("non_numeric", 0) == 0
+
+
 def test_duplicate_rows_are_removed_keeping_file_order(yolo_split):
     record, report = scan_one_label(yolo_split, "2 0.3 0.3 0.1 0.1\n0 0.5 0.5 0.2 0.2\n2 0.3 0.3 0.1 0.1\n")
     assert record["cls"][:, 0].tolist() == [2, 0]
@@ -175,7 +181,7 @@ class TestCache:
     def test_cache_is_written_beside_labels_then_reused_without_verification(self, yolo_split, monkeypatch):
         images = yolo_split({"a": (32, 32, GOOD_ROW), "b": (32, 48, "9 0.5 0.5 0.1 0.1\n" + GOOD_ROW)})
         first, first_report = self.scan(images)
-        assert (images.parent.parent / "labels" / "train.cache").is_file()
+        assert (images.parent.parent / "labels" / "train.yolotrain.cache").is_file()
 
         def must_not_run(job):
             raise AssertionError(f"verification re-run for {job[0]}")
@@ -197,6 +203,22 @@ class TestCache:
         (record,), report = self.scan(images)
         assert not report.from_cache and record["cls"][:, 0].tolist() == [1, 0]
 
+    def test_a_label_replaced_with_the_same_size_and_mtime_invalidates_the_cache(self, yolo_split):
+        """`cp -p`, `rsync -a` and `tar` keep the mtime of an edited file: its status-change time still differs."""
+        import os
+        import time
+
+        images = yolo_split({"a": (32, 32, GOOD_ROW)})
+        self.scan(images)
+        label = images.parent.parent / "labels" / "train" / "a.txt"
+        before = os.stat(label)
+        time.sleep(0.01)
+        label.write_text(GOOD_ROW.replace("0 ", "2 ", 1))  # same length, another class
+        os.utime(label, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert os.stat(label).st_size == before.st_size and os.stat(label).st_mtime_ns == before.st_mtime_ns
+        (record,), report = self.scan(images)
+        assert not report.from_cache and record["cls"][:, 0].tolist() == [2]
+
     def test_different_nc_invalidates_the_cache(self, yolo_split):
         images = yolo_split({"a": (32, 32, GOOD_ROW + "2 0.5 0.5 0.1 0.1\n")})
         (record,), _ = self.scan(images, nc=3)
@@ -207,9 +229,20 @@ class TestCache:
     def test_damaged_cache_is_rebuilt(self, yolo_split):
         images = yolo_split({"a": (32, 32, GOOD_ROW)})
         self.scan(images)
-        (images.parent.parent / "labels" / "train.cache").write_bytes(b"not a cache")
+        (images.parent.parent / "labels" / "train.yolotrain.cache").write_bytes(b"not a cache")
         (record,), report = self.scan(images)
         assert not report.from_cache and len(record["cls"]) == 1
+
+    def test_another_trainers_cache_beside_ours_is_neither_read_nor_touched(self, yolo_split):
+        """The reference names its cache `labels/train.cache` (a pickle in its own format): ours has its own name,
+        so a dataset folder shared by both tools keeps both caches."""
+        images = yolo_split({"a": (32, 32, GOOD_ROW)})
+        theirs = images.parent.parent / "labels" / "train.cache"
+        theirs.write_bytes(b"\x80\x04another trainer's cache")
+        (record,), report = self.scan(images)
+        assert len(record["cls"]) == 1 and theirs.read_bytes() == b"\x80\x04another trainer's cache"
+        (record,), report = self.scan(images)
+        assert report.from_cache and theirs.read_bytes() == b"\x80\x04another trainer's cache"
 
     def test_unwritable_cache_folder_only_warns(self, yolo_split, caplog):
         images = yolo_split({"a": (32, 32, GOOD_ROW)})

@@ -183,3 +183,51 @@ def test_pretrained_safetensors_weights_are_loaded(train_overrides, tmp_path):
 def test_export_rejects_unknown_format(capsys):
     assert cli_main(["export", "model=x.pt", "format=tflite"]) == 2
     assert "format=tflite" in capsys.readouterr().err
+
+
+def test_a_checkpoint_cannot_choose_the_server_or_the_code_of_the_run_that_resumes_it(train_overrides, tmp_path,
+                                                                                       monkeypatch, yolotrain_log):
+    """A last.pt whose saved arguments name a server (remote=) and a code hook (augment=module:name) is resumed
+    with this environment's token: no request reaches that server, the module is never imported, and one warning
+    says what was not used. What the resuming command gives is used."""
+    import http.server
+    import sys
+    import threading
+
+    requests = []
+
+    class Listener(http.server.BaseHTTPRequestHandler):
+        def _record(self):
+            requests.append((self.command, self.path, self.headers.get("Authorization")))
+            self.send_response(200)
+            self.end_headers()
+
+        do_GET = do_POST = do_PUT = _record
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Listener)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    hook_dir = tmp_path / "hooks"
+    hook_dir.mkdir()
+    (hook_dir / "planted_hook.py").write_text(f"open({str(tmp_path / 'imported')!r}, 'w').close()\n"
+                                              "def run(*args):\n    return args\n")
+    monkeypatch.syspath_prepend(str(hook_dir))
+    monkeypatch.setenv("YOLOTRAIN_REMOTE_TOKEN", "secret-token")
+    try:
+        first = DetectionTrainer(overrides={**train_overrides, "epochs": 1})
+        first.train()
+        checkpoint = torch.load(first.last, weights_only=True)
+        checkpoint["train_args"].update(remote=f"http://127.0.0.1:{server.server_port}", augment="planted_hook:run")
+        torch.save(checkpoint, first.last)
+        resumed = DetectionTrainer(overrides={"resume": str(first.last), "epochs": 2})
+        resumed.train()
+    finally:
+        server.shutdown()
+    assert requests == [] and not (tmp_path / "imported").exists() and "planted_hook" not in sys.modules
+    assert resumed.args.remote is None and resumed.args.augment is None
+    warned = [message for message in yolotrain_log if "not used" in message]
+    assert len(warned) == 1 and "remote=http://127.0.0.1" in warned[0] and "augment=planted_hook:run" in warned[0]
+    again = DetectionTrainer(overrides={"resume": str(resumed.last), "epochs": 3, "tensorboard": True})
+    assert again.args.tensorboard is True  # what the resuming command gives is used

@@ -324,3 +324,14 @@ def test_resume_names_only_the_arguments_it_really_ignores(train_overrides, yolo
     args_for_resume(last, {"resume": str(last), "mode": "train", "lr0": 0.5})
     assert [m for m in yolotrain_log if m.startswith("resume: ignoring")] == [
         "resume: ignoring ['lr0']; these come from the checkpoint when resuming"]
+
+
+def test_the_log_names_the_run_folder_when_training_starts_and_when_it_ends(train_overrides, yolotrain_log):
+    """Someone reading a log file (nohup, CI, a cluster job) learns where the run writes before the first epoch and
+    where its results are at the end."""
+    trainer = DetectionTrainer(overrides={**train_overrides, "epochs": 1})
+    trainer.train()
+    starts = [i for i, m in enumerate(yolotrain_log) if m.startswith(f"run folder: {trainer.save_dir}")]
+    ends = [i for i, m in enumerate(yolotrain_log) if m == f"Results saved to {trainer.save_dir}"]
+    assert len(starts) == 1 and len(ends) == 1 and starts[0] < ends[0]
+    assert ends[0] > max(i for i, m in enumerate(yolotrain_log) if "all" in m.split())  # after the final table

@@ -191,7 +191,8 @@ def test_plots_are_written_and_json_boxes_equal_the_ground_truth_in_original_pix
     _run_oracle(data_yaml, save_dir, plots=True, save_json=True)
 
     images = ["val_batch0_labels.jpg", "val_batch0_pred.jpg", "val_batch1_labels.jpg", "val_batch1_pred.jpg"]
-    curves = ["PR_curve.png", "F1_curve.png", "P_curve.png", "R_curve.png", "confusion_matrix_normalized.png"]
+    curves = ["PR_curve.png", "F1_curve.png", "P_curve.png", "R_curve.png", "confusion_matrix.png",
+              "confusion_matrix_normalized.png"]  # the matrix as counts and normalised per true class
     for name in images + curves:
         path = save_dir / name
         assert path.is_file() and path.stat().st_size > 0, name

@@ -181,3 +181,18 @@ def test_an_end_to_end_onnx_returns_final_detections_equal_to_pytorch(tiny_famil
     assert output.shape == (3, 20, 6)
     for got, expected_rows in zip(output, reference):  # near-equal scores may leave the top-k in either order
         assert_same_detections(got, expected_rows, atol=RUNTIME_ATOL, rtol=RUNTIME_RTOL, cut_off=True)
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".torchscript"])
+def test_a_damaged_exported_file_is_a_one_line_error(tmp_path, capsys, yolotrain_log, suffix):
+    if suffix == ".onnx":
+        pytest.importorskip("onnxruntime")
+    damaged = tmp_path / f"best{suffix}"
+    damaged.write_bytes(b"\x00\x01 not a model " * 64)
+    assert cli_main(["predict", f"model={damaged}", f"source={tmp_path}"]) == CheckpointError.exit_code
+    output = capsys.readouterr().err
+    errors = [line for line in output.splitlines() if line.startswith("yolotrain: error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"yolotrain: error: {damaged} is not a readable")
+    # A TorchScript file is a program: loading one says so (an ONNX graph is data).
+    said = any("TorchScript runs the code inside the file" in message for message in yolotrain_log)
+    assert said == (suffix == ".torchscript")

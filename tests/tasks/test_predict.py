@@ -45,7 +45,7 @@ def common(tmp_path, **extra):
 
 
 def test_predict_on_a_folder_writes_one_annotated_image_and_label_file_per_image(detector, val_images, tmp_path):
-    results = YOLO(str(detector)).predict(str(val_images[0].parent), save_txt=True, save_conf=True,
+    results = YOLO(str(detector)).predict(str(val_images[0].parent), save=True, save_txt=True, save_conf=True,
                                           **common(tmp_path))
     save_dir = tmp_path / "runs" / "predict"
     assert [Path(r.path).name for r in results] == [p.name for p in val_images]
@@ -137,7 +137,7 @@ def count_frames(path):
 
 def test_video_gives_an_annotated_video_with_the_same_frame_count_and_fps(detector, tmp_path):
     video = write_video(tmp_path / "clip.mp4")
-    results = YOLO(str(detector)).predict(str(video), save_txt=True, **common(tmp_path))
+    results = YOLO(str(detector)).predict(str(video), save=True, save_txt=True, **common(tmp_path))
     assert [r.frame for r in results] == list(range(7))
     out = tmp_path / "runs" / "predict" / "clip.mp4"
     assert count_frames(out) == (7, pytest.approx(10.0))
@@ -193,3 +193,27 @@ def test_cli_predict_streams_and_saves(detector, val_images, tmp_path):
                      f"conf={CONF}", f"project={project}", "save_txt=True"]) == 0
     assert len(list((project / "predict").glob("*.jpg"))) == len(val_images)
     assert len(list((project / "predict" / "labels").glob("*.txt"))) == len(val_images)
+
+
+def test_a_url_or_a_named_pipe_as_source_is_a_one_line_error(detector, tmp_path):
+    import os
+
+    model = YOLO(str(detector))
+    with pytest.raises(SourceError, match="is a URL: predict reads local files only"):
+        model.predict("http://example.com/image.jpg", **common(tmp_path, save=False))
+    if not hasattr(os, "mkfifo"):
+        return
+    pipe = tmp_path / "frames"
+    os.mkfifo(pipe)
+    with pytest.raises(SourceError, match="not a regular file or folder"):  # reading it would block for ever
+        model.predict(str(pipe), **common(tmp_path, save=False))
+
+
+def test_python_predict_writes_nothing_unless_asked(detector, val_images, tmp_path, monkeypatch):
+    """As with the reference: a script predicting in a loop fills no runs/detect/predictN folders (the command line
+    saves by default, see above)."""
+    monkeypatch.chdir(tmp_path)
+    results = YOLO(str(detector)).predict(str(val_images[0]), imgsz=64, conf=CONF, verbose=False)
+    assert len(results) == 1 and not (tmp_path / "runs").exists()
+    YOLO(str(detector)).predict(str(val_images[0]), imgsz=64, conf=CONF, verbose=False, save=True)
+    assert len(list((tmp_path / "runs" / "detect" / "predict").glob("*.jpg"))) == 1

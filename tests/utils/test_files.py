@@ -44,3 +44,43 @@ def test_files_are_created_with_the_users_umask(tmp_path, umask, mode):
     finally:
         os.umask(previous)
     assert stat.S_IMODE(written.stat().st_mode) == mode
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_an_oserror_and_keeps_the_old_file(tmp_path, monkeypatch):
+    """torch.save reports a failed write as a RuntimeError of its own; the writer raises the OSError (ENOSPC) it
+    hides, so callers that keep the previous checkpoint on OSError do, and no temporary file is left."""
+    import builtins
+    import errno
+
+    import torch
+
+    from yolotrain.utils import files
+
+    target = tmp_path / "last.pt"
+    files.write_atomic_stream(target, lambda f: torch.save({"w": torch.zeros(4)}, f))
+    before = target.read_bytes()
+
+    class FullDisk:
+        def __init__(self, file):
+            self.file, self.written = file, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 2000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    monkeypatch.setattr(files, "open", lambda *a, **k: FullDisk(builtins.open(*a, **k)), raising=False)
+    with pytest.raises(OSError) as info:
+        files.write_atomic_stream(target, lambda f: torch.save({"w": torch.zeros(100_000)}, f))
+    assert info.value.errno == errno.ENOSPC
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]

@@ -138,3 +138,22 @@ def test_plot_labels(tmp_path):
     assert_real_image(path)
     empty_dir = tmp_path / "empty"
     assert_real_image(plot_labels(np.zeros(0), np.zeros((0, 4)), {0: "only"}, empty_dir))
+
+
+@pytest.mark.parametrize("side, corner", [(160, (150, 5)), (160, (2, 80)), (640, (630, 600))])
+def test_a_box_label_stays_whole_inside_the_image_and_small_on_small_images(side, corner):
+    """At the right edge or the top a label moves inside the image instead of being cut; on a 160 px image its
+    text is smaller than a small object (10 px), on a 640 px one it is the usual size."""
+    from yolotrain.utils.plotting import draw_label, label_font_scale
+
+    image = np.zeros((side, side, 3), np.uint8)
+    scale = label_font_scale(image.shape)
+    draw_label(image, "circle 0.93", corner, (0, 0, 255), scale)
+    painted = image.any(-1)
+    columns, rows = np.flatnonzero(painted.any(0)), np.flatnonzero(painted.any(1))
+    (width, height), baseline = cv2.getTextSize("circle 0.93", cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    assert columns[-1] < side and columns[-1] - columns[0] + 1 == width + 2  # the whole label box, not cut
+    assert rows[-1] - rows[0] + 1 == height + baseline + 3
+    assert (height < 10) == (side == 160)
+    background = image[rows[0], columns[0]]
+    assert tuple(background) == (0, 0, 255)  # text on a filled box: legible whatever the image colours

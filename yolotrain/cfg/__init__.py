@@ -124,13 +124,14 @@ _BOUNDS = types.MappingProxyType(
         "multi_scale": Bound(0.0, 1.0, high_open=True),  # the +/- share of imgsz; 0 is off
         # Counts and sizes.
         **dict.fromkeys(("epochs", "patience", "close_mosaic", "workers", "seed"), _NON_NEGATIVE),
-        **dict.fromkeys(("imgsz", "val_period", "max_det", "nbs", "vid_stride", "line_width"), _AT_LEAST_ONE),
+        **dict.fromkeys(("val_period", "max_det", "nbs", "vid_stride", "line_width"), _AT_LEAST_ONE),
+        "imgsz": Bound(1.0, 8192.0),  # larger is a typo, not a model input: one image would need gigabytes
         "save_period": Bound(1.0, extra=(-1,)),
         "freeze": _NON_NEGATIVE,  # a layer count; a list holds layer indices and name prefixes
         # Rates, gains and durations.
         **dict.fromkeys(("lr0", "time", "dist_timeout"), _POSITIVE),
         **dict.fromkeys(("lrf", "weight_decay", "warmup_epochs", "warmup_bias_lr"), _NON_NEGATIVE),
-        **dict.fromkeys(("box", "cls", "dfl", "cls_pw", "scale", "perspective"), _NON_NEGATIVE),
+        **dict.fromkeys(("box", "cls", "dfl", "pose", "kobj", "cls_pw", "scale", "perspective"), _NON_NEGATIVE),
         **dict.fromkeys(
             (
                 "remote_metrics_period",

@@ -18,6 +18,7 @@ IMG_FORMATS = frozenset({"bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff
 SPLITS = ("train", "val", "test")
 REQUIRED_SPLITS = ("train", "val")
 
+MAX_CLASS_NAME_CHARS = 200  # a name is shown in tables and plots; longer is a mistake (or an expanded YAML alias)
 SplitSpec = Union[str, Path, Iterable[Union[str, Path]]]
 
 
@@ -166,7 +167,19 @@ def _check_names(names, nc, where: str) -> dict[int, str]:
         raise DatasetError(f"{where}: 'names' indices must be {expected} without gaps, got {sorted(mapping)}")
     if nc is not None and nc != len(mapping):
         raise DatasetError(f"{where}: 'nc' is {nc} but 'names' lists {len(mapping)} classes")
+    for index, name in mapping.items():
+        _check_class_name(index, name, where)
     return {i: str(mapping[i]) for i in range(len(mapping))}
+
+
+def _check_class_name(index, name, where: str) -> None:
+    """A class name is a short text (a number is read as its text): not a list, a mapping, null or a yes/no."""
+    if isinstance(name, bool) or not isinstance(name, (str, int, float)):
+        shown = repr(name)[:60]
+        raise DatasetError(f"{where}: class {index} name {shown} is not a text; expected a name such as 'person'")
+    if len(str(name)) > MAX_CLASS_NAME_CHARS:
+        raise DatasetError(f"{where}: class {index} name is {len(str(name)):,} characters long; expected at most "
+                           f"{MAX_CLASS_NAME_CHARS}")
 
 
 def _int_keyed(names: dict, where: str) -> dict[int, str]:
@@ -205,7 +218,7 @@ def read_image_list(txt: Path, root: str | Path | None = None) -> list[str]:
     """The paths a .txt list names, one per line (# comments skipped); relative ones beside the .txt, else
     relative to `root`."""
     listed = []
-    for line in txt.read_text(encoding="utf-8").splitlines():
+    for line in txt.read_text(encoding="utf-8-sig").splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue

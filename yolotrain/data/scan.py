@@ -17,8 +17,10 @@ What happens to bad input (each kind is counted in the ScanReport, and every off
 - a label file with rows but none usable: the image is skipped rather than kept as a background, because
   its objects exist but cannot be located, and a background would teach the model that they are not there.
 
-The result is cached as `<labels folder>.cache` (an .npz without pickled objects), keyed by a hash of every image
-and label path, size and modification time plus `nc`; any change re-verifies the split. Every bad entry is listed
+The result is cached as `<labels folder>.yolotrain.cache` (an .npz without pickled objects), keyed by a hash of
+every image and label path, size and modification time plus `nc`; any change re-verifies the split. The name is
+our own: another trainer's `<labels folder>.cache` beside it is never read or overwritten, so both tools can share
+a dataset folder without rebuilding each other's cache. Every bad entry is listed
 beside it in `<labels folder>.bad.txt`, one `path<TAB>reason` line per file; a split without bad entries has none.
 """
 
@@ -48,6 +50,7 @@ LOGGER = logging.getLogger(__name__)
 CACHE_VERSION = "yolotrain-labels-3"  # 2: the report keeps every offender; 3: rows per task, with their points
 MIN_IMAGE_SIZE = 10
 BAD_ENTRIES_SUFFIX = ".bad.txt"
+LABEL_CACHE_SUFFIX = ".yolotrain.cache"
 JPEG_START = b"\xff\xd8\xff"
 JPEG_END = b"\xff\xd9"
 
@@ -145,13 +148,17 @@ def img2label_paths(img_paths: Sequence[str]) -> list[str]:
 
 
 def label_cache_path(label_files: Sequence[str]) -> Path:
-    """Where a split's label cache lives: `<labels folder>.cache`, beside the first label file's folder."""
-    return Path(label_files[0]).parent.with_suffix(".cache")
+    """Where a split's label cache lives: `<labels folder>.yolotrain.cache`, beside the first label file's folder."""
+    folder = Path(label_files[0]).parent
+    return folder.with_name(folder.name + LABEL_CACHE_SUFFIX)
 
 
 def bad_entries_path(cache_path: str | Path) -> Path:
     """Where a split's bad entries are listed: `<labels folder>.bad.txt`, beside its label cache."""
-    return Path(cache_path).with_suffix(BAD_ENTRIES_SUFFIX)
+    cache_path = Path(cache_path)
+    stem = cache_path.name.removesuffix(LABEL_CACHE_SUFFIX) if cache_path.name.endswith(LABEL_CACHE_SUFFIX) \
+        else cache_path.stem
+    return cache_path.with_name(stem + BAD_ENTRIES_SUFFIX)
 
 
 def write_bad_entries(report: ScanReport, path: str | Path) -> None:
@@ -217,12 +224,14 @@ def scan_labels(
 
 
 def files_hash(files: Sequence[str], extra: str = "") -> str:
-    """Hash of paths, sizes and modification times: any added, removed or changed file changes it."""
+    """Hash of paths, sizes, modification and status-change times: any added, removed or changed file changes it,
+    also one replaced by a copy that kept the old size and mtime (`cp -p`, `rsync -a`, `tar` set the mtime but cannot
+    set the ctime)."""
     h = hashlib.sha256(f"{CACHE_VERSION}|{extra}".encode())
     for f in files:
         try:
             st = os.stat(f)
-            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}\n".encode())
         except OSError:
             h.update(f"{f}|-\n".encode())
     return h.hexdigest()
@@ -290,7 +299,7 @@ def read_label_file(label_file: str, nc: int, report: ScanReport, layout: LabelL
     (unreadable label file, or rows present but none usable).
     """
     try:
-        text = Path(label_file).read_text(encoding="utf-8")
+        text = Path(label_file).read_text(encoding="utf-8-sig")  # utf-8-sig: a byte order mark is not part of row 1
     except FileNotFoundError:
         report.add("backgrounds")
         return layout.empty()

@@ -103,6 +103,10 @@ def _frames_of_item(item, vid_stride, name, in_collection, skips):
 
 
 def _frames_of_path(path, vid_stride, in_collection, skips):
+    if "://" in path:
+        raise SourceError(f"source '{path}' is a URL: predict reads local files only (download it first)")
+    if Path(path).exists() and not (Path(path).is_file() or Path(path).is_dir()):
+        raise SourceError(f"source '{path}' is not a regular file or folder (a pipe or device would block)")
     if any(c in path for c in "*?[") and not Path(path).exists():
         files = sorted(glob.glob(path, recursive=True))
         if not files:

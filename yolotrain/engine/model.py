@@ -219,11 +219,12 @@ class YOLO:
 
     def predict(self, source=None, stream=False, **overrides):
         """Detections for `source` (see `yolotrain.data.sources`): a list of `Results`, or with `stream=True` a
-        generator that reads, predicts and yields one frame at a time."""
+        generator that reads, predicts and yields one frame at a time. Nothing is written unless asked (`save=True`,
+        `save_txt`, `save_crop`): a script predicting in a loop fills no run folders (`yolotrain predict` saves)."""
         source = source if source is not None else overrides.pop("source", None)
         if source is None:
             raise CfgError("predict needs a source: an image, a video, a folder, a glob, a .txt list or an array")
-        args = self._mode_args("predict", overrides, remembered=("imgsz",))
+        args = self._mode_args("predict", overrides, remembered=("imgsz",), defaults={"save": False})
         if self.predictor is None or self.predictor.args != args:
             self.predictor = task_classes(self.task).predictor(args)
         model = self.predictor.model if self.predictor.model is not None else self._model_for_val()

@@ -1,7 +1,9 @@
 """Resume: which checkpoint a `resume=` run continues, with which arguments, and from which batch.
 
 A resumed run is a fresh set-up followed by loading the checkpoint's state (`Checkpointer.load_state_dict`). Its
-arguments come from the checkpoint, except the few in `RESUME_OVERRIDABLE` that a user may change when continuing.
+arguments come from the checkpoint, except the few in `RESUME_OVERRIDABLE` that a user may change when continuing,
+and those in `RUN_OWNED`, which only the resuming command sets: a checkpoint is data, and a last.pt from anywhere
+must not decide where this run's metrics, weights and credentials go or which code it imports.
 A checkpoint written mid-epoch (after a signal) also holds the position inside the epoch: `MidEpochPosition`.
 """
 
@@ -20,6 +22,11 @@ LOGGER = logging.getLogger(__name__)
 
 # Arguments that may change when a run is resumed; everything else comes from the checkpoint.
 RESUME_OVERRIDABLE = ("epochs", "patience", "time", "save_period", "workers", "device", "batch_timeout")
+# Arguments that belong to the command that resumes, never to the checkpoint: the integrations and the remote server
+# (destinations of the run's data and of the credentials in this environment) and `augment` (a module to import and
+# call). Given on the command line they are used; otherwise their defaults (off), whatever the checkpoint says.
+RUN_OWNED = ("augment", "tensorboard", "mlflow", "wandb", "dvclive", "remote", "remote_metrics_period",
+             "remote_ckpt_period", "remote_heartbeat_period", "remote_timeout", "remote_final_timeout")
 
 
 def find_resume_checkpoint(args):
@@ -46,9 +53,10 @@ def args_for_resume(path, overrides):
     args = dict(checkpoint["train_args"])
     changed = {k: overrides[k] for k in RESUME_OVERRIDABLE if k in overrides and overrides[k] != args.get(k)}
     # What the caller passes that equals the checkpoint's own (the facade always passes mode and task) is no news.
-    ignored = sorted(k for k in overrides if k not in RESUME_OVERRIDABLE and k not in ("resume", "model", "cfg")
+    ignored = sorted(k for k in overrides if k not in (*RESUME_OVERRIDABLE, *RUN_OWNED, "resume", "model", "cfg")
                      and overrides[k] != args.get(k))
     args.update(changed)
+    args.update(_run_owned(args, overrides, path))
     args.update(resume=str(path), exist_ok=True)
     if changed:
         LOGGER.info(f"resume: using the new values {changed}")
@@ -61,6 +69,20 @@ def args_for_resume(path, overrides):
             f"'{path}' already finished its {epochs} epochs; resume with epochs=N (N > {epochs}) to train further"
         )
     return get_cfg(args)
+
+
+def _run_owned(saved, overrides, path):
+    """The `RUN_OWNED` arguments of a resumed run: the resuming command's, else the defaults. A value the checkpoint
+    holds and the command does not repeat is named in one line (it is not used)."""
+    defaults = vars(get_cfg())
+    owned = {key: overrides.get(key, defaults[key]) for key in RUN_OWNED}
+    dropped = {key: saved[key] for key in RUN_OWNED
+               if key not in overrides and saved.get(key) not in (None, "", defaults[key])}
+    if dropped:
+        listed = ", ".join(f"{key}={value}" for key, value in dropped.items())
+        LOGGER.warning(f"resume: {listed} from {path} not used: integrations, remote servers and augment hooks "
+                       f"come from the resuming command (give them again to keep them)")
+    return owned
 
 
 class MidEpochPosition:

@@ -203,6 +203,8 @@ class BaseTrainer:
             epoch += 1
         self._final_eval()
         self.run_callbacks("on_train_end")
+        if dist.is_main():
+            LOGGER.info(f"Results saved to {self.save_dir}")
 
     def _train_epoch(self, epoch):
         self._begin_epoch(epoch)
@@ -300,6 +302,7 @@ class BaseTrainer:
         if dist.is_main():
             ensure_writable_dir(self.wdir)
             save_atomic_text(yaml.safe_dump(vars(self.args), sort_keys=False), self.save_dir / "args.yaml")
+            LOGGER.info(f"run folder: {self.save_dir} (args.yaml, results.csv, weights/, plots)")
         init_seeds(self.args.seed, self.args.deterministic)
         self.governor = start_thread_governor(self.args.threads)
         self.resolved.threads = self.governor.budget

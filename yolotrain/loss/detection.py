@@ -166,7 +166,7 @@ class DetectionLoss:
         classes = batch["cls"].to(device).float().view(-1, 1)  # (N, 1)
         boxes = batch["bboxes"].to(device).float().view(-1, 4)  # (N, 4)
         counts = torch.bincount(batch_idx, minlength=batch_size)  # (B,)
-        num_max_boxes = _most_boxes_per_image(batch, counts)
+        num_max_boxes = most_boxes_per_image(batch, counts)
 
         height, width = image_hw
         scale = torch.tensor([width, height, width, height], device=device, dtype=torch.float32)
@@ -364,7 +364,7 @@ def class_weights_from_labels(labels_cls, nc, power):
     return torch.from_numpy(weights / weights.mean()).float()
 
 
-def _most_boxes_per_image(batch, counts):
+def most_boxes_per_image(batch, counts):
     """M, the padded ground-truth count: from the collated batch's `max_boxes` (counted on the CPU by the loader,
     so no device read), else from `counts` (B,)."""
     if "max_boxes" in batch:

@@ -11,7 +11,7 @@ of this process's batch, as the reference method computes them. Shapes: B images
 import torch
 from torch.nn import functional as F
 
-from yolotrain.loss.detection import DetectionLoss, _most_boxes_per_image, padded_per_image
+from yolotrain.loss.detection import DetectionLoss, most_boxes_per_image, padded_per_image
 from yolotrain.utils.boxes import xyxy2xywh
 from yolotrain.utils.metrics import keypoint_sigmas
 
@@ -79,7 +79,7 @@ class PoseLoss(DetectionLoss):
         keypoints = keypoints * torch.tensor([width, height, 1.0], device=device)  # pixels
         batch_idx = batch["batch_idx"].to(device).long().view(-1)
         counts = torch.bincount(batch_idx, minlength=a.batch_size)
-        slots = max(_most_boxes_per_image(batch, counts), 1)  # one zero slot for a batch without objects
+        slots = max(most_boxes_per_image(batch, counts), 1)  # one zero slot for a batch without objects
         padded = padded_per_image(keypoints, batch_idx, counts, slots)  # (B, M, K, 3)
         index = a.target_gt_idx[..., None, None].expand(-1, -1, *padded.shape[2:])
         gathered = padded.gather(1, index)  # (B, A, K, 3)

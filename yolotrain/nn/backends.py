@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from yolotrain.errors import CfgError, CheckpointError
+from yolotrain.errors import CfgError, CheckpointError, one_line
 
 LOGGER = logging.getLogger(__name__)
 
@@ -132,8 +132,11 @@ class OnnxModel(ExportedModel):
             raise CheckpointError(f"running {path} needs onnxruntime: pip install 'yolotrain[export]'") from None
         available = onnxruntime.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        session = onnxruntime.InferenceSession(str(path), providers=providers)
-        metadata = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+        try:
+            session = onnxruntime.InferenceSession(str(path), providers=providers)
+            metadata = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+        except Exception as error:  # onnxruntime's own error types; a damaged file is a user's mistake to name
+            raise CheckpointError(f"{path} is not a readable ONNX model: {one_line(error)[:200]}") from None
         super().__init__(metadata, path)
         self.session = session
         self.input_name = session.get_inputs()[0].name
@@ -149,8 +152,13 @@ class TorchScriptModel(ExportedModel):
 
     def __init__(self, path):
         extra = {EXPORT_METADATA_FILE: ""}
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-        metadata = json.loads(extra[EXPORT_METADATA_FILE] or "{}")
+        # A TorchScript file is a program: its forward may call any TorchScript operation (files included).
+        LOGGER.info(f"{path}: TorchScript runs the code inside the file; load only files you trust (ONNX is data)")
+        try:
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            metadata = json.loads(extra[EXPORT_METADATA_FILE] or "{}")
+        except Exception as error:  # torch's RuntimeError for a file that is not TorchScript, or bad metadata
+            raise CheckpointError(f"{path} is not a readable TorchScript model: {one_line(error)[:200]}") from None
         super().__init__(metadata, path)
         self.module = module
 

@@ -47,13 +47,39 @@ def current_umask():
 
 
 def write_atomic_stream(path, write, durable=True):
-    """`write_atomic` for a writer of an open binary file: `write(file)`."""
+    """`write_atomic` for a writer of an open binary file: `write(file)`. A failed write (a full disk) is raised as
+    the OSError it is, also from writers that report it as an error of their own (torch.save's RuntimeError)."""
 
     def fill(temp):
         with open(temp, "wb") as file:
-            write(file)
+            keeper = _WriteErrorKeeper(file)
+            try:
+                write(keeper)
+            except Exception:
+                if keeper.error is not None:
+                    raise keeper.error from None
+                raise
 
     return write_atomic(path, fill, durable)
+
+
+class _WriteErrorKeeper:
+    """A binary file that remembers the first OSError of its `write`: torch's checkpoint writer turns it into
+    `RuntimeError: [enforce fail at inline_container.cc] unexpected pos`, which says nothing of the full disk."""
+
+    def __init__(self, file):
+        self.file = file
+        self.error = None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def __getattr__(self, name):  # everything else (seek, tell, flush, ...) is the file's own
+        return getattr(self.file, name)
 
 
 def _fsync(path, flags):

@@ -30,6 +30,30 @@ MAX_LEGEND_CLASSES = 20
 PLOT_CONF_THRES = 0.25
 
 
+LABEL_FONT_MIN = 0.3  # smallest legible OpenCV font scale
+LABEL_FONT_REFERENCE_PX = 640  # image side at which box labels use font scale 0.5
+LABEL_BOLD_FROM = 0.6  # font scales from here on are drawn 2 px thick
+
+
+def label_font_scale(image_shape):
+    """OpenCV font scale for box labels on an image of (h, w, ...): 0.5 at 640 px, never below 0.3, so a label on a
+    small image stays about the size of a small object instead of covering it."""
+    return max(LABEL_FONT_MIN, min(image_shape[:2]) / LABEL_FONT_REFERENCE_PX * 0.5)
+
+
+def draw_label(image, text, corner, colour, scale):
+    """Write `text` in white on a filled `colour` box at `corner` (x, y): above the point when there is room, else
+    below it, and shifted left to stay inside the image (legible on any colour, never cut at the edge)."""
+    thickness = 1 if scale < LABEL_BOLD_FROM else 2
+    (width, height), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    x, y = int(corner[0]), int(corner[1])
+    x = max(min(x, image.shape[1] - width - 2), 0)  # the box spans x .. x + width + 1
+    top = y - height - baseline - 2 if y - height - baseline - 2 >= 0 else y
+    cv2.rectangle(image, (x, top), (x + width + 1, top + height + baseline + 2), colour, -1)
+    cv2.putText(image, text, (x + 1, top + height + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness,
+                cv2.LINE_AA)
+
+
 def class_colour(class_id, bgr=False):
     """(r, g, b) ints for a class id, or (b, g, r) for OpenCV."""
     hex_code = CLASS_COLOURS_HEX[int(class_id) % len(CLASS_COLOURS_HEX)]
@@ -213,11 +237,12 @@ def _draw_boxes(tile, cls, bboxes, image_shape, scale, names, line, conf_thres):
         cls, conf, corners = cls[keep], bboxes[keep, 4], bboxes[keep, :4] * scale
     else:
         conf, corners = None, xywhn2xyxy(bboxes[:, :4].astype(np.float64), image_shape[1], image_shape[0]) * scale
+    scale = label_font_scale(tile.shape) * 0.8  # tiles are small: labels a little smaller still
     for j, (box, class_id) in enumerate(zip(corners.round().astype(int), cls)):
         colour = class_colour(class_id, bgr=True)
         cv2.rectangle(tile, (box[0], box[1]), (box[2], box[3]), colour, line, cv2.LINE_AA)
         label = _class_name(names, class_id) + (f" {conf[j]:.2f}" if conf is not None else "")
-        cv2.putText(tile, label, (box[0], max(box[1] - 2, 8)), 0, line / 3, colour, line, cv2.LINE_AA)
+        draw_label(tile, label, (box[0], box[1]), colour, scale)
 
 
 def _draw_tile_keypoints(tile, keypoints, bboxes, image_shape, scale, line, conf_thres):

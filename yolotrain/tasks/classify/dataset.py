@@ -4,8 +4,8 @@
 
 Class names are the train split's folder names, sorted; class ids follow that order. Every image is verified once
 (as detection's scan does: unreadable, truncated, undecodable or tiny images are skipped with a reason, listed in
-`<split folder>.bad.txt`) and the result is cached in `<split folder>.cache`, keyed by every file's path, size and
-modification time. Files that are not images are ignored.
+`<split folder>.bad.txt`) and the result is cached in `<split folder>.yolotrain.cache`, keyed by every file's path,
+size and modification time. Files that are not images are ignored.
 
 Training transforms (OpenCV and numpy; torchvision only for `auto_augment` policies): random resized crop to
 `imgsz` over a share of the image area in [1 - scale, 1], horizontal / vertical flips, HSV jitter, random erasing.
@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from yolotrain.data.augment import RandomHSV
 from yolotrain.data.data_yaml import has_image_suffix
 from yolotrain.data.samplers import seeded_index
-from yolotrain.data.scan import ScanReport, files_hash, verify_image, write_bad_entries
+from yolotrain.data.scan import LABEL_CACHE_SUFFIX, ScanReport, files_hash, verify_image, write_bad_entries
 from yolotrain.errors import CfgError, DatasetError
 from yolotrain.utils.files import write_atomic_stream
 
@@ -102,7 +102,7 @@ def list_samples(split_dir: Path, names: list[str]) -> list[tuple[str, int]]:
 def scan_split(split_dir: Path, names: list[str], workers: int = 8, prefix: str = "") -> tuple[list, ScanReport]:
     """Verified (image path, class id) samples of a split, from its cache when still valid, and the scan report."""
     samples = list_samples(split_dir, names)
-    cache_path = split_dir.with_suffix(".cache")
+    cache_path = split_dir.with_name(split_dir.name + LABEL_CACHE_SUFFIX)  # another trainer's .cache is left alone
     key = files_hash([path for path, _ in samples], extra=f"names={names}")
     cached = _load_cache(cache_path, key, prefix)
     if cached is not None:

@@ -12,7 +12,7 @@ import torch
 
 from yolotrain.engine.containers import TensorContainer
 from yolotrain.utils.boxes import xyxy2xywh
-from yolotrain.utils.plotting import KEYPOINT_VISIBLE, class_colour, draw_keypoints
+from yolotrain.utils.plotting import KEYPOINT_VISIBLE, class_colour, draw_keypoints, draw_label, label_font_scale
 
 
 class Boxes(TensorContainer):
@@ -255,11 +255,14 @@ class Results:
         """The original image with the boxes drawn (a new BGR array); classify: the top 5 classes written in its
         top-left corner."""
         image = self.orig_img.copy()
-        line = line_width or max(round(sum(image.shape[:2]) / 2 * 0.003), 2)
+        line = line_width or max(round(sum(image.shape[:2]) / 2 * 0.003), 1)
+        scale = label_font_scale(image.shape)
         if self.probs is not None:
+            (_, height), baseline = cv2.getTextSize("Ay", cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+            row_height = height + baseline + 2  # one label box: each row's sits right under the one before
             for row_index, row in enumerate(self.summary()):
                 text = " ".join(filter(None, [row["name"] if labels else "", f"{row['confidence']:.2f}" if conf else ""]))
-                self._draw_label(image, text, (0, (row_index + 1) * (12 * line)), (56, 56, 255), line)
+                draw_label(image, text, (0, (row_index + 1) * row_height), (56, 56, 255), scale)
             return image
         detections = self._cpu_boxes()
         for (x1, y1, x2, y2), score, cls in zip(detections.xyxy.round().int().tolist(), detections.conf.tolist(),
@@ -269,21 +272,10 @@ class Results:
             text = " ".join(filter(None, [self.names.get(int(cls), str(int(cls))) if labels else "",
                                           f"{score:.2f}" if conf else ""]))
             if text:
-                self._draw_label(image, text, (x1, y1), colour, line)
+                draw_label(image, text, (x1, y1), colour, scale)
         if self.keypoints is not None:
             draw_keypoints(image, self._cpu_keypoints().data.numpy(), line)
         return image
-
-    @staticmethod
-    def _draw_label(image, text, corner, colour, line):
-        scale, thickness = line / 3, max(line - 1, 1)
-        (width, height), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
-        x, y = corner
-        above = y - height - 3 >= 0  # inside the box when there is no room above it
-        top = y - height - 3 if above else y
-        cv2.rectangle(image, (x, top), (x + width, top + height + 3), colour, -1, cv2.LINE_AA)
-        cv2.putText(image, text, (x, top + height + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
-                    thickness, cv2.LINE_AA)
 
     def save(self, filename=None, **plot_args):
         """Write the annotated image to `filename` (default `results_<image file name>` in the working folder);

@@ -395,9 +395,11 @@ class DetectionValidator(BaseValidator):
         return None
 
     def plot_metrics(self):
-        """The normalised confusion matrix (the PR and confidence curves are drawn by DetMetrics.process)."""
+        """The confusion matrix as counts and normalised per true class (the PR and confidence curves are drawn by
+        DetMetrics.process)."""
         try:
-            self.confusion_matrix.plot(normalize=True, save_dir=self.save_dir, names=self.names)
+            for normalize in (False, True):
+                self.confusion_matrix.plot(normalize=normalize, save_dir=self.save_dir, names=self.names)
         except Exception as e:
             LOGGER.warning(f"confusion matrix plot failed: {e}")
 
