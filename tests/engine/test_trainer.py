@@ -335,3 +335,30 @@ def test_the_log_names_the_run_folder_when_training_starts_and_when_it_ends(trai
     ends = [i for i, m in enumerate(yolotrain_log) if m == f"Results saved to {trainer.save_dir}"]
     assert len(starts) == 1 and len(ends) == 1 and starts[0] < ends[0]
     assert ends[0] > max(i for i, m in enumerate(yolotrain_log) if "all" in m.split())  # after the final table
+
+
+def test_a_resume_rebuilds_the_saved_network_and_takes_a_moved_dataset(train_overrides, tmp_path, yolotrain_log):
+    """The model yaml edited after the run started (a wider layer) does not change what a resume builds: the
+    checkpoint's own network is rebuilt. A dataset moved to another folder is given again with data=."""
+    import shutil
+
+    import yaml
+
+    model_file = tmp_path / "mine-t.yaml"
+    shutil.copy(train_overrides["model"], model_file)
+    data_dir = tmp_path / "data"
+    shutil.copytree(os.path.dirname(train_overrides["data"]), data_dir)
+    first = DetectionTrainer(overrides={**train_overrides, "model": str(model_file), "epochs": 1,
+                                        "data": str(data_dir / "data.yaml")})
+    first.train()
+    edited = yaml.safe_load(model_file.read_text())
+    edited["backbone"][0][3][0] *= 16  # a much wider first conv: its weights no longer fit the checkpoint
+    model_file.write_text(yaml.safe_dump(edited))
+    moved = tmp_path / "moved"
+    shutil.move(data_dir, moved)
+    resumed = DetectionTrainer(overrides={"resume": str(first.last), "epochs": 2, "data": str(moved / "data.yaml")})
+    resumed.train()
+    saved, trained = load_checkpoint(first.last)["model"], load_checkpoint(resumed.last)["model"]
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in trained.items()}
+    assert resumed.args.data == str(moved / "data.yaml") and load_checkpoint(resumed.last)["epoch"] == 1
+    assert any("resume: using the new values" in m and "data" in m for m in yolotrain_log)

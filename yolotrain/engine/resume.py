@@ -21,7 +21,8 @@ from yolotrain.utils.files import project_dir
 LOGGER = logging.getLogger(__name__)
 
 # Arguments that may change when a run is resumed; everything else comes from the checkpoint.
-RESUME_OVERRIDABLE = ("epochs", "patience", "time", "save_period", "workers", "device", "batch_timeout")
+# `data` may name the same dataset at its new place (a moved folder, another machine).
+RESUME_OVERRIDABLE = ("epochs", "patience", "time", "save_period", "workers", "device", "batch_timeout", "data")
 # Arguments that belong to the command that resumes, never to the checkpoint: the integrations and the remote server
 # (destinations of the run's data and of the credentials in this environment) and `augment` (a module to import and
 # call). Given on the command line they are used; otherwise their defaults (off), whatever the checkpoint says.

@@ -308,7 +308,10 @@ class BaseTrainer:
         self.resolved.threads = self.governor.budget
         with dist.main_process_first(self._wait_group):
             self.data = self.get_dataset()
-        self.model = self.get_model(cfg=self.args.model, weights=self._pretrained_weights())
+        resumed = load_checkpoint(self.resume_path) if self.resume_path else None
+        # A resumed run rebuilds the network it saved, whatever its yaml file says today.
+        model_cfg = resumed.get("model_yaml") if resumed is not None else None
+        self.model = self.get_model(cfg=model_cfg or self.args.model, weights=self._pretrained_weights())
         self.model.to(self.device)
         self._use_channels_last()
         self._freeze_layers()
@@ -327,8 +330,8 @@ class BaseTrainer:
         self.stopper = EarlyStopping(self.args.patience)
         self.train_model = self._wrap_model()
         self.checkpointer = self._build_checkpointer()
-        if self.resume_path:
-            self._load_state(load_checkpoint(self.resume_path))
+        if resumed is not None:
+            self._load_state(resumed)
         elif dist.is_main():
             self.results.reset()  # a fresh run in an existing folder (exist_ok=True) starts a new results.csv
         # NaN recovery falls back to where this process started when last.pt is missing or mid-epoch.
