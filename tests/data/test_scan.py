@@ -81,6 +81,17 @@ def test_a_label_file_saved_with_a_byte_order_mark_keeps_its_first_row(yolo_spli
     assert record["cls"][:, 0].tolist() == [1, 0] and report.counts.get("non_numeric", 0) == 0
 
 
+def test_a_label_file_with_more_objects_than_an_image_holds_keeps_the_first_and_says_so(yolo_split):
+    """50,000 rows would make the loss pair each with every anchor (gigabytes): the first MAX_OBJECTS_PER_IMAGE stay,
+    the rest are counted and named."""
+    from yolotrain.data.label_rows import MAX_OBJECTS_PER_IMAGE
+
+    rows = "".join(f"0 {0.1 + 0.8 * i / 5000:.6f} 0.5 0.01 0.01\n" for i in range(MAX_OBJECTS_PER_IMAGE + 50))
+    record, report = scan_one_label(yolo_split, rows)
+    assert len(record["cls"]) == MAX_OBJECTS_PER_IMAGE and report.counts["too_many_objects"] == 50
+    assert "only the first" in " ".join(reason for _, reason in report.offenders)
+
+
 def test_duplicate_rows_are_removed_keeping_file_order(yolo_split):
     record, report = scan_one_label(yolo_split, "2 0.3 0.3 0.1 0.1\n0 0.5 0.5 0.2 0.2\n2 0.3 0.3 0.1 0.1\n")
     assert record["cls"][:, 0].tolist() == [2, 0]

@@ -170,8 +170,9 @@ def test_torchrun_two_cpu_processes_write_like_one_process(tiny_model_yaml, tiny
 
     single = DetectionTrainer(overrides=run_args(tiny_model_yaml, tiny_data, tmp_path / "single"))
     single.train()
-    # Rank 1 wrote nothing: the run folder holds exactly the files of a one-process run.
-    assert files_under(ddp_dir) == files_under(single.save_dir)
+    # Rank 1 wrote nothing: the run folder holds the files of a one-process run, plus the torchrun job's id by
+    # which a restarted group finds this run.
+    assert files_under(ddp_dir) == sorted([*files_under(single.save_dir), ".torchelastic_run_id"])
     assert len(epoch_losses(rows)) == len(epoch_losses(read_rows(single.save_dir / "results.csv")))
 
 

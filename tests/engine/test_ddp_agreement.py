@@ -238,3 +238,54 @@ def test_accumulation_micro_steps_skip_the_gradient_all_reduce(tiny_model_yaml, 
         increments = [b - a for a, b in zip([0, *counts], counts)]
         assert all(inc == 0 for inc, step in zip(increments, stepped) if not step)
         assert all(inc > 0 for inc, step in zip(increments, stepped) if step)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_group_torchrun_restarts_after_a_killed_worker_continues_the_same_run(tiny_model_yaml, tiny_data, tmp_path,
+                                                                              victim):
+    """Preemption: kill -9 of one worker (rank 1, or rank 0, the one that saves) once epoch 1 is saved. torchrun
+    restarts the group (--max-restarts), the restarted workers find the run by the job's id and resume its last.pt:
+    exit 0, one run folder, one results.csv row per epoch, and the weights of an uninterrupted run."""
+    from test_ddp import torchrun
+
+    args = run_args(tiny_model_yaml, tiny_data, tmp_path / "runs", epochs=3)
+    straight = torchrun({**args, "project": str(tmp_path / "straight")})
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "--max-restarts=2", "-m", "yolotrain", "train", *(f"{k}={v}" for k, v in args.items())]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=worker_env())
+    try:
+        worker = torchrun_worker_of_rank(psutil.Process(launcher.pid), rank=victim)
+        last = tmp_path / "runs" / "train" / "weights" / "last.pt"
+        deadline = time.monotonic() + 120
+        while not last.exists() and launcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        worker.send_signal(signal.SIGKILL)
+        output, _ = launcher.communicate(timeout=240)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 0, output[-3000:]
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["train"]
+    rows = (tmp_path / "runs" / "train" / "results.csv").read_text().splitlines()[1:]
+    assert [int(row.split(",")[0]) for row in rows] == [1, 2, 3]
+    resumed = load_checkpoint(last)["model"]
+    expected = load_checkpoint(tmp_path / "straight" / "train" / "weights" / "last.pt")["model"]
+    assert all(torch.allclose(resumed[k].float(), expected[k].float(), atol=1e-5) for k in expected)
+
+
+def test_a_first_start_never_continues_an_older_run_of_the_same_job_id(train_overrides, monkeypatch):
+    """Only a restart (TORCHELASTIC_RESTART_COUNT > 0) looks for the job's run folder."""
+    from yolotrain.engine.resume import elastic_restart_folder, mark_elastic_run
+
+    first = DetectionTrainer(overrides={**train_overrides, "epochs": 1})
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-42")
+    first.save_dir.mkdir(parents=True)
+    mark_elastic_run(first.save_dir)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert elastic_restart_folder(first.args) is None
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert elastic_restart_folder(first.args) == first.save_dir
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "another-job")
+    assert elastic_restart_folder(first.args) is None

@@ -345,6 +345,7 @@ def _pycocotools_pose_map(images, count):
     return evaluation.stats[0], evaluation.stats[1]
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_keypoint_map_equals_pycocotools(seed):
     pytest.importorskip("pycocotools")
@@ -381,6 +382,7 @@ def test_the_keypoint_loss_is_zero_for_perfect_keypoints(tiny_pose_yaml):
 
 
 # --------------------------------------------------------------------------------------------------------- runs
+@pytest.mark.numeric
 def test_a_pose_run_writes_what_users_read(pose_overrides, tmp_path):
     model = YOLO(pose_overrides["model"])
     metrics = model.train(**{k: v for k, v in pose_overrides.items() if k != "model"})

@@ -25,6 +25,9 @@ COORD_TOLERANCE = 0.01
 BOX_COLUMNS = 5  # class x y w h
 CORNER_COLUMNS = 9  # class and 4 corners
 MIN_POLYGON_COLUMNS = 7  # class and 3 points
+# Objects one image may hold: dense scenes have hundreds; far more is a broken file, and the loss pairs every object
+# with every anchor (50,000 objects would need gigabytes). The rows past it are dropped and reported.
+MAX_OBJECTS_PER_IMAGE = 3000
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,11 @@ def clean_label_rows(numbered: list, layout: LabelLayout, nc: int, label_file: s
     duplicates = int((~zero_area).sum()) - len(keep)
     if duplicates:
         report.add("duplicates", duplicates, label_file, f"{duplicates} duplicate rows removed")
+    if len(keep) > MAX_OBJECTS_PER_IMAGE:
+        extra = len(keep) - MAX_OBJECTS_PER_IMAGE
+        report.add("too_many_objects", extra, label_file, f"{len(keep)} objects: only the first "
+                                                          f"{MAX_OBJECTS_PER_IMAGE} are kept ({extra} rows dropped)")
+        keep = keep[:MAX_OBJECTS_PER_IMAGE]
     return _take(objects, keep)
 
 

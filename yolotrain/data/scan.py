@@ -65,6 +65,7 @@ SUMMARY_PHRASES = {
     "out_of_range": "boxes dropped (out of range)",
     "zero_area": "boxes dropped (zero area)",
     "duplicates": "duplicate rows removed",
+    "too_many_objects": "rows dropped (past the objects one image may hold)",
     "clipped": "boxes clipped to the image",
 }
 

@@ -16,6 +16,7 @@ from yolotrain.cfg import get_cfg
 from yolotrain.engine.checkpointer import check_format_version
 from yolotrain.errors import CheckpointError, YoloTrainError
 from yolotrain.utils.checkpoint import find_latest_checkpoint, load_checkpoint, set_rng_state
+from yolotrain.utils import dist
 from yolotrain.utils.files import project_dir
 
 LOGGER = logging.getLogger(__name__)
@@ -28,6 +29,32 @@ RESUME_OVERRIDABLE = ("epochs", "patience", "time", "save_period", "workers", "d
 # call). Given on the command line they are used; otherwise their defaults (off), whatever the checkpoint says.
 RUN_OWNED = ("augment", "tensorboard", "mlflow", "wandb", "dvclive", "remote", "remote_metrics_period",
              "remote_ckpt_period", "remote_heartbeat_period", "remote_timeout", "remote_final_timeout")
+
+
+ELASTIC_RUN_FILE = ".torchelastic_run_id"  # in a run folder started by torchrun: the job id, to find it on a restart
+
+
+def elastic_restart_folder(args):
+    """The run folder this torchrun job started, when torchrun's agent has restarted its group after a failure
+    (TORCHELASTIC_RESTART_COUNT > 0): the folder whose ELASTIC_RUN_FILE holds this job's id. None on a first start
+    (which never continues an older run) or when no folder of the project holds the id."""
+    run_id = dist.elastic_run_id()
+    if dist.restart_count() < 1 or run_id is None:
+        return None
+    for marker in sorted(project_dir(args).glob(f"**/{ELASTIC_RUN_FILE}")):
+        try:
+            if marker.read_text(encoding="utf-8").strip() == run_id:
+                return marker.parent
+        except OSError:
+            continue
+    return None
+
+
+def mark_elastic_run(save_dir):
+    """Record this torchrun job's id in its run folder, so a restarted group finds the run it continues."""
+    run_id = dist.elastic_run_id()
+    if run_id is not None:
+        (Path(save_dir) / ELASTIC_RUN_FILE).write_text(run_id, encoding="utf-8")
 
 
 def find_resume_checkpoint(args):

@@ -45,7 +45,8 @@ from yolotrain.engine.optim import (
 )
 from yolotrain.engine.progress import progress_bar
 from yolotrain.engine.results import ResultsCSV
-from yolotrain.engine.resume import MidEpochPosition, args_for_resume, find_resume_checkpoint
+from yolotrain.engine.resume import (MidEpochPosition, args_for_resume, elastic_restart_folder,
+                                     find_resume_checkpoint, mark_elastic_run)
 from yolotrain.engine.schedule import TrainSchedule
 from yolotrain.engine.stopping import EarlyStopping
 from yolotrain.engine.time_budget import TimeBudget
@@ -92,6 +93,10 @@ class BaseTrainer:
         # Its own registry: integrations a run adds must not stay registered on the caller's (the YOLO object's).
         self.callbacks = _callbacks.copy() if _callbacks is not None else Callbacks()
         self.resume_path = find_resume_checkpoint(self.args) if self.args.resume else None
+        self._restarted_in = None if self.resume_path else elastic_restart_folder(self.args)
+        if self._restarted_in is not None and (self._restarted_in / "weights" / "last.pt").is_file():
+            self.resume_path = self._restarted_in / "weights" / "last.pt"  # torchrun restarted the group: continue
+            LOGGER.info(f"torchrun restarted the group (restart {dist.restart_count()}): resuming {self.resume_path}")
         if self.resume_path:
             self.args = args_for_resume(self.resume_path, overrides)
         self.device = dist.rank_device(self.args.device)  # cuda:LOCAL_RANK (or cpu) in a DDP worker
@@ -302,6 +307,7 @@ class BaseTrainer:
         if dist.is_main():
             ensure_writable_dir(self.wdir)
             save_atomic_text(yaml.safe_dump(vars(self.args), sort_keys=False), self.save_dir / "args.yaml")
+            mark_elastic_run(self.save_dir)
             LOGGER.info(f"run folder: {self.save_dir} (args.yaml, results.csv, weights/, plots)")
         init_seeds(self.args.seed, self.args.deterministic)
         self.governor = start_thread_governor(self.args.threads)
@@ -741,6 +747,8 @@ class BaseTrainer:
     def _resolve_save_dir(self):
         if self.resume_path:  # a resumed run continues in its own folder: <save_dir>/weights/last.pt
             return Path(self.resume_path).resolve().parent.parent
+        if self._restarted_in is not None:  # restarted before its first save: start again in the same folder
+            return self._restarted_in
         return dist.broadcast_object(run_dir(self.args, self.args.mode))
 
     def _pretrained_weights(self):

@@ -187,6 +187,17 @@ def default_backend(device: Optional[Any] = None) -> str:
     return "nccl" if cuda and torch_dist.is_nccl_available() else "gloo"
 
 
+def restart_count() -> int:
+    """How many times torchrun's elastic agent has restarted this job's group (0 on the first start)."""
+    return _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+
+
+def elastic_run_id() -> Optional[str]:
+    """The id torchrun gives the whole job (its `--rdzv-id`, or a fresh one per `--standalone` run), which stays the
+    same across the restarts of its group; None outside torchrun."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") or None
+
+
 def launched_distributed() -> bool:
     """True in a worker started by a distributed launcher (torchrun, ``yolotrain.engine.launch``) for a run of
     more than one process: the environment names a rendezvous and a world size above 1."""
@@ -206,7 +217,12 @@ def init_process_group(backend: Optional[str] = None, timeout_s: float = 600, de
     backend = backend or default_backend(device)
     if backend == "nccl":
         torch.cuda.set_device(device if device is not None else max(local_rank(), 0))
-    torch_dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, group_rank, group_size = next(torch_dist.rendezvous("env://", timeout=timeout))
+    # Keys of this attempt only: after torchrun restarts a failed group, the store may still hold the addresses of
+    # the dead workers, and a group built from them waits for peers that are gone (gloo: "connectFullMesh failed").
+    store = torch_dist.PrefixStore(f"yolotrain/attempt{restart_count()}", store)
+    torch_dist.init_process_group(backend=backend, store=store, rank=group_rank, world_size=group_size, timeout=timeout)
     LOGGER.debug("joined process group: backend=%s rank=%d world_size=%d", backend, rank(), world_size())
     return True
 
