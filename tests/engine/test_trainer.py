@@ -362,3 +362,23 @@ def test_a_resume_rebuilds_the_saved_network_and_takes_a_moved_dataset(train_ove
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in trained.items()}
     assert resumed.args.data == str(moved / "data.yaml") and load_checkpoint(resumed.last)["epoch"] == 1
     assert any("resume: using the new values" in m and "data" in m for m in yolotrain_log)
+
+
+def test_a_resume_from_another_folder_says_how_to_point_at_a_relative_dataset(train_overrides, tmp_path, monkeypatch):
+    import shutil
+
+    from yolotrain.errors import DatasetError
+
+    start = tmp_path / "start"
+    shutil.copytree(os.path.dirname(train_overrides["data"]), start / "data")
+    monkeypatch.chdir(start)
+    first = DetectionTrainer(overrides={**train_overrides, "epochs": 1, "data": "data/data.yaml",
+                                        "project": str(tmp_path / "runs")})
+    first.train()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetError, match=r"resume: the dataset 'data/data.yaml' saved in .* is not found from .*; "
+                                           r"give data=<its path now>"):
+        DetectionTrainer(overrides={"resume": str(first.last), "epochs": 2})
+    resumed = DetectionTrainer(overrides={"resume": str(first.last), "epochs": 2, "data": "start/data/data.yaml"})
+    resumed.train()
+    assert load_checkpoint(resumed.last)["epoch"] == 1

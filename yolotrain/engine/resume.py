@@ -14,7 +14,7 @@ import torch
 
 from yolotrain.cfg import get_cfg
 from yolotrain.engine.checkpointer import check_format_version
-from yolotrain.errors import CheckpointError, YoloTrainError
+from yolotrain.errors import CheckpointError, DatasetError, YoloTrainError
 from yolotrain.utils.checkpoint import find_latest_checkpoint, load_checkpoint, set_rng_state
 from yolotrain.utils import dist
 from yolotrain.utils.files import project_dir
@@ -85,6 +85,7 @@ def args_for_resume(path, overrides):
                      and overrides[k] != args.get(k))
     args.update(changed)
     args.update(_run_owned(args, overrides, path))
+    _check_saved_data(args.get("data"), path)
     args.update(resume=str(path), exist_ok=True)
     if changed:
         LOGGER.info(f"resume: using the new values {changed}")
@@ -97,6 +98,14 @@ def args_for_resume(path, overrides):
             f"'{path}' already finished its {epochs} epochs; resume with epochs=N (N > {epochs}) to train further"
         )
     return get_cfg(args)
+
+
+def _check_saved_data(data, path):
+    """The dataset a resume trains on must still be where the checkpoint says (a relative path is read from the
+    current folder); if not, say how to point at it instead of failing later on a path the user never typed."""
+    if isinstance(data, str) and data and not Path(data).expanduser().exists():
+        raise DatasetError(f"resume: the dataset '{data}' saved in {path} is not found from {Path.cwd()}; give "
+                           f"data=<its path now> (a relative path is read from the folder the run started in)")
 
 
 def _run_owned(saved, overrides, path):
