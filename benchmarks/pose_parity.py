@@ -13,8 +13,6 @@ Default data: the built-in pose set.
 """
 
 import argparse
-import contextlib
-import io
 import json
 import subprocess
 import tempfile
@@ -23,6 +21,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from val_parity import pycocotools_map  # this folder's scripts: run as `python benchmarks/pose_parity.py`
 
 ANCHOR = Path(__file__).resolve().parents[2] / "shared" / "anchor"
 
@@ -79,22 +78,6 @@ def keypoint_ground_truth(image_files, kpt_shape, nc):
     return {"images": images, "annotations": annotations, "categories": [{"id": i} for i in range(nc)]}
 
 
-def pycocotools_keypoint_map(ground_truth, predictions, sigmas):
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        truth = COCO()
-        truth.dataset = ground_truth
-        truth.createIndex()
-        evaluation = COCOeval(truth, truth.loadRes(predictions), "keypoints")
-        evaluation.params.kpt_oks_sigmas = sigmas
-        evaluation.evaluate()
-        evaluation.accumulate()
-        evaluation.summarize()
-    return float(evaluation.stats[0])
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--weights", required=True, help="a pose checkpoint written by the reference trainer")
@@ -118,8 +101,8 @@ def main():
     ref_predictions = json.loads(Path(ref["json"]).read_text())
     if min((p["category_id"] for p in ref_predictions), default=0) >= 1:  # the reference counts classes from 1
         ref_predictions = [{**p, "category_id": p["category_id"] - 1} for p in ref_predictions]
-    ref_coco = pycocotools_keypoint_map(truth, ref_predictions, sigmas)
-    our_coco = pycocotools_keypoint_map(truth, json.loads(Path(ours["json"]).read_text()), sigmas)
+    ref_coco = pycocotools_map(truth, ref_predictions, "keypoints", sigmas)[1]
+    our_coco = pycocotools_map(truth, json.loads(Path(ours["json"]).read_text()), "keypoints", sigmas)[1]
 
     count = len(image_files)
     print(f"data {data} ({count} val images), imgsz {options.imgsz}, batch {options.batch}, weights {options.weights}")

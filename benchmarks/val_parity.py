@@ -85,8 +85,9 @@ def coco_ground_truth(image_files, names):
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
-def pycocotools_map(ground_truth, predictions):
-    """(mAP50, mAP50-95) of a COCO results list against a COCO ground-truth dict."""
+def pycocotools_map(ground_truth, predictions, iou_type="bbox", keypoint_sigmas=None):
+    """(mAP50, mAP50-95) of a COCO results list against a COCO ground-truth dict, by `iou_type` ("bbox", or
+    "keypoints" with the per-keypoint OKS `keypoint_sigmas`)."""
     import contextlib
     import io
 
@@ -97,7 +98,9 @@ def pycocotools_map(ground_truth, predictions):
         gt = COCO()
         gt.dataset = ground_truth
         gt.createIndex()
-        evaluation = COCOeval(gt, gt.loadRes(predictions), "bbox")
+        evaluation = COCOeval(gt, gt.loadRes(predictions), iou_type)
+        if keypoint_sigmas is not None:
+            evaluation.params.kpt_oks_sigmas = keypoint_sigmas
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()

@@ -30,6 +30,7 @@ import numpy as np
 import yaml
 
 from yolotrain.data.data_yaml import REQUIRED_SPLITS
+from yolotrain.utils.boxes import xyxy2xywhn
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,12 @@ def builtin_pose_data_yaml(root: str | Path | None = None) -> Path:
     return _generated_once(root, POSE_VERSION, generate_shapes_pose_dataset) / "data.yaml"
 
 
+def builtin_data_yaml_for(task: str) -> Path:
+    """The built-in data yaml a `task` trains and validates on when no `data=` is given: the shapes with boxes
+    (detect) or with their keypoints (pose)."""
+    return builtin_pose_data_yaml() if task == "pose" else builtin_data_yaml()
+
+
 def builtin_classify_root(root: str | Path | None = None) -> Path:
     """Return the folder of the built-in classification set, generating it on first use (as `builtin_data_yaml`):
     `<root>/shapes-cls-v1/{train,val}/<shape name>/*.jpg`, each image one shape cut from a shapes scene."""
@@ -139,11 +146,12 @@ def generate_shapes_dataset(
     seed: int = DEFAULT_SEED,
     label_text=None,
     yaml_extra: dict | None = None,
+    version: str = DATASET_VERSION,
 ) -> Path:
     """Write a shapes dataset into `out_dir` (images/{train,val}, labels/{train,val}, data.yaml); return the yaml.
 
     `label_text(scene)` writes a scene's label file (default: boxes, `yolo_label_text`); `yaml_extra` adds keys to
-    the data yaml. Not atomic on its own (see `builtin_data_yaml`). The same arguments always produce the same files.
+    the data yaml, whose header names `version`. Not atomic on its own (see `builtin_data_yaml`). The same arguments always produce the same files.
     """
     label_text = label_text or yolo_label_text
     out_dir = Path(out_dir)
@@ -156,14 +164,15 @@ def generate_shapes_dataset(
             stem = f"{split}_{index:05d}"
             _write_jpeg(image_dir / f"{stem}.jpg", scene.image)
             (label_dir / f"{stem}.txt").write_text(label_text(scene))
-    return _write_data_yaml(out_dir, yaml_extra)
+    return _write_data_yaml(out_dir, version, yaml_extra)
 
 
 def generate_shapes_pose_dataset(out_dir: str | Path, **kwargs) -> Path:
     """Write the pose set into `out_dir`: the scenes of `generate_shapes_dataset` with keypoint labels
     (`yolo_pose_label_text`) and `kpt_shape`, `flip_idx` in the data yaml."""
     extra = {"kpt_shape": [len(SHAPE_KEYPOINTS), 3], "flip_idx": list(SHAPE_FLIP_IDX)}
-    return generate_shapes_dataset(out_dir, label_text=yolo_pose_label_text, yaml_extra=extra, **kwargs)
+    return generate_shapes_dataset(out_dir, label_text=yolo_pose_label_text, yaml_extra=extra, version=POSE_VERSION,
+                                   **kwargs)
 
 
 def generate_shape_crops(
@@ -257,8 +266,7 @@ def shape_keypoints(scene: ShapesScene) -> np.ndarray:
 def _normalised_boxes(scene: ShapesScene) -> np.ndarray:
     """(n, 4) normalised xywh of the scene's boxes."""
     height, width = scene.image.shape[:2]
-    x1, y1, x2, y2 = scene.boxes.T
-    return np.stack([(x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height], 1)
+    return xyxy2xywhn(scene.boxes, width, height)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -301,7 +309,7 @@ def _write_jpeg(path: Path, image: np.ndarray) -> None:
     path.write_bytes(encoded.tobytes())
 
 
-def _write_data_yaml(out_dir: Path, extra: dict | None = None) -> Path:
+def _write_data_yaml(out_dir: Path, version: str, extra: dict | None = None) -> Path:
     # No `path:` key: split folders resolve relative to this file's folder, so the cache can be moved.
     content = {
         "train": "images/train",
@@ -311,7 +319,6 @@ def _write_data_yaml(out_dir: Path, extra: dict | None = None) -> Path:
         **(extra or {}),
     }
     yaml_path = out_dir / "data.yaml"
-    version = POSE_VERSION if extra and "kpt_shape" in extra else DATASET_VERSION
     header = f"# yolotrain built-in {version} dataset (generated); paths are relative to this file\n"
     yaml_path.write_text(header + yaml.safe_dump(content, sort_keys=False))
     return yaml_path

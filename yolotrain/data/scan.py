@@ -157,9 +157,10 @@ def label_cache_path(label_files: Sequence[str]) -> Path:
 def bad_entries_path(cache_path: str | Path) -> Path:
     """Where a split's bad entries are listed: `<labels folder>.bad.txt`, beside its label cache."""
     cache_path = Path(cache_path)
-    stem = cache_path.name.removesuffix(LABEL_CACHE_SUFFIX) if cache_path.name.endswith(LABEL_CACHE_SUFFIX) \
-        else cache_path.stem
-    return cache_path.with_name(stem + BAD_ENTRIES_SUFFIX)
+    folder_name = cache_path.name.removesuffix(LABEL_CACHE_SUFFIX)
+    if folder_name == cache_path.name:  # a cache path of the caller's own naming: drop its one suffix
+        folder_name = cache_path.stem
+    return cache_path.with_name(folder_name + BAD_ENTRIES_SUFFIX)
 
 
 def write_bad_entries(report: ScanReport, path: str | Path) -> None:

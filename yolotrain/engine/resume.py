@@ -15,8 +15,8 @@ import torch
 from yolotrain.cfg import get_cfg
 from yolotrain.engine.checkpointer import check_format_version
 from yolotrain.errors import CheckpointError, DatasetError, YoloTrainError
-from yolotrain.utils.checkpoint import find_latest_checkpoint, load_checkpoint, set_rng_state
 from yolotrain.utils import dist
+from yolotrain.utils.checkpoint import find_latest_checkpoint, load_checkpoint, set_rng_state
 from yolotrain.utils.files import project_dir
 
 LOGGER = logging.getLogger(__name__)

@@ -18,7 +18,8 @@ class DetectionPredictor(BasePredictor):
         set_max_det(model, self.args.max_det)
 
     def postprocess(self, output):
-        """The model's output -> per image (n, 6) x1, y1, x2, y2, conf, cls in input pixels, descending conf."""
+        """The model's output -> per image (n, 6 + extra) x1, y1, x2, y2, conf, cls (then `nms_extra_columns`
+        values) in input pixels, descending conf."""
         output = (output[0] if isinstance(output, (list, tuple)) else output).float()
         conf = self.args.conf if self.args.conf is not None else DEFAULT_PREDICT_CONF
         if self.end2end:
@@ -31,7 +32,13 @@ class DetectionPredictor(BasePredictor):
             agnostic=self.args.agnostic_nms,
             multi_label=bool(self.args.multi_label),  # one label per box unless asked
             max_det=self.args.max_det,
+            num_extra=self.nms_extra_columns(),
         )
+
+    def nms_extra_columns(self):
+        """Values per anchor that follow the class scores and each detection keeps through NMS (a pose model's
+        keypoints); a detector has none."""
+        return 0
 
     def construct_result(self, frame, sample, prediction):
         boxes = prediction.float().clone()

@@ -63,8 +63,6 @@ class Keypoints(TensorContainer):
     predicts it, each point's visibility in [0, 1]. `xy` and `xyn` read a point whose visibility is below 0.5 as
     (0, 0), as the YOLO family reports points it does not see; `data` keeps the predicted positions."""
 
-    VISIBLE = KEYPOINT_VISIBLE
-
     def __init__(self, data, orig_shape):
         super().__init__(data[None] if data.ndim == 2 else data, orig_shape)
 
@@ -84,7 +82,7 @@ class Keypoints(TensorContainer):
         xy = self.data[..., :2]
         if not self.has_visible:
             return xy
-        return xy * ~(self.data[..., 2:3] < self.VISIBLE)
+        return xy * ~(self.data[..., 2:3] < KEYPOINT_VISIBLE)
 
     @property
     def xyn(self):
@@ -127,8 +125,8 @@ class Results:
 
     Attributes: `path` (file, or "image0" for an in-memory image), `orig_img` (BGR uint8), `orig_shape` (h, w),
     `names` ({class id: name}), `boxes` (`Boxes`, detect and pose), `keypoints` (`Keypoints`, pose), `probs`
-    (`Probs`, classify), `masks`, `obb` (None: their tasks come later), `speed` ({"preprocess", "inference", "postprocess"}: ms), `frame` (0-based
-    frame index in its video, None for images).
+    (`Probs`, classify), `masks`, `obb` (None: their tasks come later), `speed` ({"preprocess", "inference",
+    "postprocess"}: ms), `frame` (0-based frame index in its video, None for images).
     """
 
     def __init__(self, orig_img, path, names, boxes=None, speed=None, frame=None, probs=None, keypoints=None):

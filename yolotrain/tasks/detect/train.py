@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from yolotrain.cfg import DEFAULT_MODELS
+from yolotrain.data.instances import PER_OBJECT_KEYS
 from yolotrain.engine.trainer import BaseTrainer
 from yolotrain.loss.detection import loss_item_names
 from yolotrain.utils import dist
@@ -47,20 +48,14 @@ class DetectionTrainer(BaseTrainer):
 
     def get_dataset(self):
         """Check the data yaml (or generate the built-in dataset) and return the resolved data dict."""
+        from yolotrain.data.builtin import builtin_data_yaml_for
         from yolotrain.data.data_yaml import check_det_dataset
 
         data = self.args.data
         if not data:
-            data = self.builtin_data()
+            data = builtin_data_yaml_for(self.task)
             LOGGER.info(f"data: no data= given, using the built-in shapes dataset at {data}")
         return check_det_dataset(data)
-
-    @staticmethod
-    def builtin_data():
-        """The data yaml trained on when no `data` is given: the built-in shapes dataset."""
-        from yolotrain.data.builtin import builtin_data_yaml
-
-        return builtin_data_yaml()
 
     def build_dataset(self, img_path, mode="train", batch=None):
         """A `YOLODataset` for `mode`: augmented for training, letterboxed with rect batches for validation.
@@ -131,7 +126,7 @@ class DetectionTrainer(BaseTrainer):
             batch = self.train_loader.dataset.device_augment.preprocess(batch, self.device)
         else:
             batch["img"] = batch["img"].to(self.device, non_blocking=True).float() / 255
-            for key in ("cls", "bboxes", "batch_idx", "keypoints"):
+            for key in ("batch_idx", *PER_OBJECT_KEYS):  # the labels the task's samples carry
                 if key in batch:
                     batch[key] = batch[key].to(self.device, non_blocking=True)
         if self.args.multi_scale:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from yolotrain.cfg import check_class_ids
+from yolotrain.data.instances import PER_OBJECT_KEYS
 from yolotrain.engine.validator import BaseValidator
 from yolotrain.errors import CfgError, DatasetError
 from yolotrain.utils import dist
@@ -154,6 +155,7 @@ class DetectionValidator(BaseValidator):
 
     def build_dataloader(self, model):
         """Rect-batched loader of `args.split` of `args.data` (the built-in dataset when `data` is empty)."""
+        from yolotrain.data.builtin import builtin_data_yaml_for
         from yolotrain.data.data_yaml import check_det_dataset
         from yolotrain.data.dataset import YOLODataset
         from yolotrain.data.loader import build_dataloader
@@ -161,7 +163,7 @@ class DetectionValidator(BaseValidator):
         if self.args.data:
             data = self.args.data
         else:
-            data = self.builtin_data()
+            data = builtin_data_yaml_for(self.task)
             LOGGER.info(f"data: no data= given, validating on the built-in shapes dataset at {data}")
         self.data = check_det_dataset(data)
         split = self.args.split
@@ -191,13 +193,6 @@ class DetectionValidator(BaseValidator):
             task=self.task,
         )
         return build_dataloader(dataset, batch, self.args.workers, shuffle=False, rank=-1, seed=self.args.seed)
-
-    @staticmethod
-    def builtin_data():
-        """The data yaml validated on when no `data` is given: the built-in shapes dataset."""
-        from yolotrain.data.builtin import builtin_data_yaml
-
-        return builtin_data_yaml()
 
     def _evaluates_single_class(self, model):
         """single_cls, or a one-class model (as `single_cls` training makes) on a dataset of several classes: every
@@ -245,13 +240,14 @@ class DetectionValidator(BaseValidator):
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)  # uint8: the cheapest copy to make
         batch["img"] = images.float().div_(255)  # in place: one float copy of the batch, not two
-        for key in ("cls", "bboxes", "batch_idx", "keypoints"):
+        for key in ("batch_idx", *PER_OBJECT_KEYS):  # the labels the task's samples carry
             if key in batch:
                 batch[key] = batch[key].to(self.device, non_blocking=True)
         return batch
 
     def postprocess(self, preds):
-        """NMS -> per image (n, 6) x1, y1, x2, y2, conf, cls in batch-image pixels, descending conf."""
+        """NMS -> per image (n, 6 + extra) x1, y1, x2, y2, conf, cls (then `nms_extra_columns` values, a pose
+        model's keypoints) in batch-image pixels, descending conf."""
         y = preds[0] if isinstance(preds, (list, tuple)) else preds
         conf = self.args.conf if self.args.conf is not None else DEFAULT_VAL_CONF
         if self.end2end:
@@ -266,6 +262,7 @@ class DetectionValidator(BaseValidator):
             classes=self.nms_classes,
             agnostic=self.args.agnostic_nms or self.args.single_cls,
             multi_label=multi_label,
+            num_extra=self.nms_extra_columns(),
         )
 
     def update(self, preds, batch):
@@ -302,6 +299,11 @@ class DetectionValidator(BaseValidator):
         if self.args.save_json:
             self.json_records.append((self.batch_position, list(batch["im_file"]), counts, detections))
 
+    def nms_extra_columns(self):
+        """Values per anchor that follow the class scores in the model's output and each detection keeps through
+        NMS (a pose model's keypoints); a detector has none."""
+        return 0
+
     def part_stats(self, labels, batch):
         """Statistics of the parts a task adds to the boxes (a pose model's keypoints), kept per batch beside the
         box statistics: {name: tensor}. Detection has none."""
@@ -310,8 +312,7 @@ class DetectionValidator(BaseValidator):
     def _batch_detections(self, preds, device):
         """All images' detections (P, 6+) in one new tensor (batch pixels), and each one's image index (P,)."""
         counts = torch.tensor([len(p) for p in preds], device=device)
-        width = preds[0].shape[1] if preds else 6
-        detections = torch.cat([p.detach().float() for p in preds]) if preds else torch.zeros(0, width, device=device)
+        detections = torch.cat([p.detach().float() for p in preds]) if preds else torch.zeros(0, 6, device=device)
         pred_image = torch.repeat_interleave(torch.arange(len(preds), device=device), counts)
         if self.args.single_cls:
             detections[:, 5] = 0

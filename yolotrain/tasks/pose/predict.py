@@ -1,9 +1,8 @@
 """PosePredictor: boxes and their keypoints from a trained pose model, in original-image pixels."""
 
-from yolotrain.tasks.detect.predict import DEFAULT_PREDICT_CONF, DetectionPredictor
+from yolotrain.tasks.detect.predict import DetectionPredictor
 from yolotrain.tasks.detect.results import Results
 from yolotrain.utils.boxes import scale_boxes_to_original
-from yolotrain.utils.nms import non_max_suppression
 from yolotrain.utils.torch_utils import de_parallel
 
 
@@ -14,15 +13,9 @@ class PosePredictor(DetectionPredictor):
         super().setup_task(model)
         self.kpt_shape = tuple(de_parallel(model).kpt_shape)  # a PoseModel's, or an export's metadata
 
-    def postprocess(self, output):
-        """NMS keeping each box's keypoints: per image (n, 6 + K * D) in input pixels."""
-        output = (output[0] if isinstance(output, (list, tuple)) else output).float()
-        conf = self.args.conf if self.args.conf is not None else DEFAULT_PREDICT_CONF
-        return non_max_suppression(
-            output, conf_thres=conf, iou_thres=self.args.iou, classes=self.args.classes,
-            agnostic=self.args.agnostic_nms, multi_label=bool(self.args.multi_label), max_det=self.args.max_det,
-            num_extra=self.kpt_shape[0] * self.kpt_shape[1],
-        )
+    def nms_extra_columns(self):
+        """Each box keeps its K * D keypoint values."""
+        return self.kpt_shape[0] * self.kpt_shape[1]
 
     def construct_result(self, frame, sample, prediction):
         prediction = prediction.float()

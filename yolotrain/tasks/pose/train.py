@@ -22,13 +22,6 @@ class PoseTrainer(DetectionTrainer):
         super().__init__(cfg, overrides, _callbacks)
         self.loss_names = pose_loss_item_names()
 
-    @staticmethod
-    def builtin_data():
-        """The built-in pose set: the shapes with five keypoints each."""
-        from yolotrain.data.builtin import builtin_pose_data_yaml
-
-        return builtin_pose_data_yaml()
-
     def get_dataset(self):
         """The data dict, which must name `kpt_shape` (checked with `flip_idx` and `kpt_sigmas`)."""
         from yolotrain.data.data_yaml import require_kpt_shape

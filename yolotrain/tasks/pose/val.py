@@ -18,10 +18,8 @@ import numpy as np
 import torch
 
 from yolotrain.loss.pose import pose_loss_item_names
-from yolotrain.tasks.detect.val import (DEFAULT_VAL_CONF, LOGGER, PER_CLASS_ROWS_MAX_NC, DetectionValidator,
-                                        padded_match)
+from yolotrain.tasks.detect.val import LOGGER, PER_CLASS_ROWS_MAX_NC, DetectionValidator, padded_match
 from yolotrain.utils.metrics import OKS_AREA_FROM_BOX, PoseMetrics, keypoint_oks, keypoint_sigmas
-from yolotrain.utils.nms import non_max_suppression
 from yolotrain.utils.torch_utils import de_parallel
 
 KEYPOINT_MAX_DETS = 20  # detections per image and class that COCO's keypoint evaluation scores
@@ -44,13 +42,6 @@ class PoseValidator(DetectionValidator):
         self.sigmas = None
         self.metrics = PoseMetrics(names={})
 
-    @staticmethod
-    def builtin_data():
-        """The built-in pose set (the shapes with five keypoints each)."""
-        from yolotrain.data.builtin import builtin_pose_data_yaml
-
-        return builtin_pose_data_yaml()
-
     def init_metrics(self, model, dataloader):
         """Detection's set-up, then the keypoint shape (the model's, else the dataset's) and the OKS sigmas."""
         super().init_metrics(model, dataloader)
@@ -62,16 +53,9 @@ class PoseValidator(DetectionValidator):
         self.metrics = PoseMetrics(names=self.names, plot=self.plots, save_dir=self.save_dir,
                                    confusion_matrix=self.confusion_matrix)
 
-    def postprocess(self, preds):
-        """NMS keeping each detection's keypoints: per image (n, 6 + K * D) in batch-image pixels."""
-        y = preds[0] if isinstance(preds, (list, tuple)) else preds
-        conf = self.args.conf if self.args.conf is not None else DEFAULT_VAL_CONF
-        multi_label = self.args.multi_label if self.args.multi_label is not None else True
-        return non_max_suppression(
-            y.float(), conf_thres=conf, iou_thres=self.args.iou, max_det=self.args.max_det, classes=self.nms_classes,
-            agnostic=self.args.agnostic_nms or self.args.single_cls, multi_label=multi_label,
-            num_extra=self.kpt_shape[0] * self.kpt_shape[1],
-        )
+    def nms_extra_columns(self):
+        """Each detection keeps its K * D keypoint values (batch-image pixels)."""
+        return self.kpt_shape[0] * self.kpt_shape[1]
 
     def part_stats(self, labels, batch):
         """Keypoint matches by OKS at the 10 thresholds, in original-image pixels: `tp_pose` and `pose_ignored`
