@@ -7,13 +7,15 @@ against the compute floor of the model (forward + backward + optimizer step on r
     python benchmarks/train_speed.py --keep runs/speed                   # keep both runs (last.pt, results.csv)
     python benchmarks/train_speed.py --task pose --model yolo11n-pose.yaml --reference-model yolo11n-pose.yaml \
         --imgsz 160 --batch 8          # pose, on the built-in pose set unless --data names one
+    python benchmarks/train_speed.py --task segment --model yolo11n-seg.yaml --reference-model yolo11n-seg.yaml \
+        --imgsz 160 --batch 8          # segmentation, on the built-in segmentation set unless --data names one
 
 Each trainer runs in its own subprocess, one after the other, with run folders in a temporary directory; the
 reference twice: at its default (it sets OMP_NUM_THREADS=1 for itself) and with as many threads as yolotrain's
 budget, and the ratios are against the faster of the two. Printed:
 train images/s (epoch time only), validation images/s (every validation, the final one included), wall time,
 peak RSS (main process plus its data workers), final mAP50 and mAP50-95 (of the boxes; for pose also of the
-keypoints), and the ratios. The reference runs with
+keypoints, for segmentation of the masks), and the ratios. The reference runs with
 `/work/shared/anchor/ultralytics-python` (see setup-ultralytics.sh there) or `--reference-python`.
 """
 
@@ -56,7 +58,7 @@ _TIMING = textwrap.dedent(
             "train_images": train_images, "val_images": val_images, "peak_rss_mb": peak_rss_mb(),
             "map50": float(metrics.get("metrics/mAP50(B)", float("nan"))),
             "map50_95": float(metrics.get("metrics/mAP50-95(B)", float("nan"))),
-            "pose_map50_95": float(metrics.get("metrics/mAP50-95(P)", float("nan"))),
+            "part_map50_95": float(metrics.get("metrics/mAP50-95(P)", metrics.get("metrics/mAP50-95(M)", float("nan")))),
         }), flush=True)
     """
 )
@@ -110,10 +112,9 @@ _FLOOR_CHILD = textwrap.dedent(
     def step():
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             output = model(images)
-        maps, keypoints = output if isinstance(output, tuple) else (output, None)  # a pose head adds keypoints
-        loss = sum(m.float().square().mean() for m in maps)
-        if keypoints is not None:
-            loss = loss + keypoints.float().square().mean()
+        parts = output if isinstance(output, tuple) else (output,)  # pose adds keypoints, segment masks
+        tensors = [t for part in parts for t in (part if isinstance(part, list) else [part])]
+        loss = sum(t.float().square().mean() for t in tensors)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -167,7 +168,8 @@ def print_report(results, floor, args):
     print(f"\n{args.model} vs {args.reference_model}, {Path(args.data).parent.name}, device={args.device}, "
           f"amp={args.amp}, imgsz={args.imgsz}, batch={args.batch}, epochs={args.epochs}, workers={args.workers}")
     header = f"{'trainer':<12}{'train img/s':>12}{'val img/s':>11}{'wall s':>9}{'peak RSS MB':>13}{'mAP50':>8}{'mAP50-95':>10}"
-    print(header + ("  pose mAP50-95" if args.task == "pose" else ""))
+    part = {"pose": "pose", "segment": "mask"}.get(args.task)
+    print(header + (f"{part + ' mAP50-95':>16}" if part else ""))
     for name, result in results.items():
         if result is None:
             print(f"{name:<12}{'failed':>12}")
@@ -175,7 +177,7 @@ def print_report(results, floor, args):
         print(f"{name:<12}{throughput(result, 'train_images', 'train_s'):>12.2f}"
               f"{throughput(result, 'val_images', 'val_s'):>11.2f}{result['wall_s']:>9.1f}"
               f"{result['peak_rss_mb']:>13.0f}{result['map50']:>8.4f}{result['map50_95']:>10.4f}"
-              + (f"{result['pose_map50_95']:>16.4f}" if args.task == "pose" else ""))
+              + (f"{result['part_map50_95']:>16.4f}" if part else ""))
     if floor:
         print(f"{'floor':<12}{floor['images_per_s']:>12.2f}  (forward+backward+step on random input, amp="
               f"{floor['amp']}, channels_last={floor['channels_last']})")
@@ -199,11 +201,12 @@ def main():
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or a GPU index (0)")
-    parser.add_argument("--task", default="detect", choices=("detect", "pose"))
+    parser.add_argument("--task", default="detect", choices=("detect", "segment", "pose"))
     parser.add_argument("--amp", action="store_true", help="mixed precision for both trainers (and the floor)")
     parser.add_argument("--model", default="yolo-n.yaml", help="yolotrain model yaml")
     parser.add_argument("--reference-model", default="yolov8n.yaml", help="the reference's model of the same layout")
-    parser.add_argument("--data", default="", help="data yaml (default: COCO128; for pose the built-in pose set)")
+    parser.add_argument("--data", default="", help="data yaml (default: COCO128; for pose and segment the built-in "
+                        "set of the task)")
     parser.add_argument("--imgsz", type=int, default=320)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16)
@@ -214,9 +217,9 @@ def main():
     parser.add_argument("--keep", help="write both runs under this folder and keep them (weights for val_speed.py)")
     args = parser.parse_args()
     if not args.data:
-        from yolotrain.data.builtin import builtin_pose_data_yaml
+        from yolotrain.data.builtin import builtin_data_yaml_for
 
-        args.data = str(builtin_pose_data_yaml()) if args.task == "pose" else DEFAULT_DATA
+        args.data = str(builtin_data_yaml_for(args.task)) if args.task != "detect" else DEFAULT_DATA
 
     with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
         ours, reference = trainer_settings(args, Path(args.keep or tmp))

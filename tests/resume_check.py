@@ -9,7 +9,8 @@ import torch
 from yolotrain.utils.checkpoint import load_checkpoint
 
 
-def _rows(path):
+def read_rows(path):
+    """The rows of a results.csv, keys and values stripped."""
     with open(path, newline="") as f:
         return [{k.strip(): v.strip() for k, v in row.items()} for row in csv.DictReader(f)]
 
@@ -29,4 +30,4 @@ def assert_resumes_exactly(trainer_class, overrides, loss_column):
     resumed.train()
     a, b = load_checkpoint(straight.last), load_checkpoint(resumed.last)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert [r[loss_column] for r in _rows(straight.csv)] == [r[loss_column] for r in _rows(resumed.csv)]
+    assert [r[loss_column] for r in read_rows(straight.csv)] == [r[loss_column] for r in read_rows(resumed.csv)]

@@ -21,6 +21,7 @@ from yolotrain.cfg import (
     get_cfg,
     load_arg_specs,
     parse_cli_args,
+    parse_cli_value,
     user_args,
 )
 from yolotrain.engine.tune_space import TUNE_ARGS, load_space, split_tune_args
@@ -30,7 +31,9 @@ LOGGER = logging.getLogger(__name__)
 
 USAGE = (f"usage: yolotrain [TASK] MODE [key=value ...]  (TASK: {', '.join(TASKS)}; MODE: train, val, predict, "
          f"export, tune, help, convert, sync, version)")
-CONVERT_USAGE = "yolotrain convert coco SRC.json IMAGES_DIR OUT_DIR"
+CONVERT_USAGE = "yolotrain convert coco SRC.json IMAGES_DIR OUT_DIR [segments=True] [include_crowd=True]"
+CONVERT_MASKS_USAGE = ("yolotrain convert masks MASKS_DIR IMAGES_DIR OUT_DIR names=cat,dog [pixel_classes=1:0,2:1] "
+                       "[min_area=16] [split_regions=False]")
 CONVERT_ULTRALYTICS_USAGE = "yolotrain convert ultralytics yolov8n.pt yolov8n.safetensors"
 SYNC_USAGE = "yolotrain sync RUN_DIR"
 EXPORT_USAGE = "yolotrain export model=best.pt format=onnx"
@@ -44,6 +47,7 @@ MODE_HELP = (
     ("export", "write a checkpoint as onnx, torchscript or safetensors", EXPORT_USAGE),
     ("tune", "search hyperparameters: many short training runs", TUNE_USAGE),
     ("convert", "convert COCO json labels to YOLO txt labels", CONVERT_USAGE),
+    ("convert", "trace mask images into YOLO polygon labels", CONVERT_MASKS_USAGE),
     ("convert", "write an Ultralytics .pt as a plain safetensors file", CONVERT_ULTRALYTICS_USAGE),
     ("sync", "upload a run folder to the remote tracking server", SYNC_USAGE),
     ("help", "show this help", "yolotrain help"),
@@ -183,19 +187,79 @@ def _run_tune(overrides: dict) -> int:
     return 0
 
 
-def _run_convert(positional: list) -> int:
-    if positional[:1] == ["ultralytics"]:
-        return _run_convert_ultralytics(positional[1:])
-    if len(positional) != 4 or "=" in "".join(positional):
+def _run_convert(words: list) -> int:
+    if words[:1] == ["ultralytics"]:
+        return _run_convert_ultralytics(words[1:])
+    positional = [word for word in words if "=" not in word]
+    options = [word for word in words if "=" in word]
+    if positional[:1] == ["masks"]:
+        return _run_convert_masks(positional[1:], options)
+    if len(positional) != 4:
         raise CfgError(f"convert takes 4 arguments, got {len(positional)}: usage: {CONVERT_USAGE}")
     source_format, src_json, images_dir, out_dir = positional
     if source_format != "coco":
-        raise CfgError(f"'convert {source_format}' is not supported: coco or ultralytics, usage: {CONVERT_USAGE}")
+        raise CfgError(f"'convert {source_format}' is not supported: coco, masks or ultralytics, usage: "
+                       f"{CONVERT_USAGE}")
+    kwargs = _convert_options(options, {"segments": _bool_option, "include_crowd": _bool_option}, CONVERT_USAGE)
     _configure_logging()
     from yolotrain.data.convert import convert_coco
 
-    convert_coco(src_json, images_dir, out_dir)
+    convert_coco(src_json, images_dir, out_dir, **kwargs)
     return 0
+
+
+def _run_convert_masks(positional: list, options: list) -> int:
+    if len(positional) != 3:
+        raise CfgError(f"convert masks takes 3 folders, got {len(positional)}: usage: {CONVERT_MASKS_USAGE}")
+    parsers = {"names": _names_option, "pixel_classes": _pixel_classes_option, "min_area": _count_option,
+               "split_regions": _bool_option}
+    kwargs = _convert_options(options, parsers, CONVERT_MASKS_USAGE)
+    if "names" not in kwargs:
+        raise CfgError(f"convert masks needs names= (the class names in class order): usage: {CONVERT_MASKS_USAGE}")
+    _configure_logging()
+    from yolotrain.data.convert import convert_masks
+
+    convert_masks(*positional, **kwargs)
+    return 0
+
+
+def _convert_options(words: list, parsers: dict, usage: str) -> dict:
+    """The `key=value` words of a convert command, each value read by its key's parser."""
+    options = {}
+    for word in words:
+        key, _, text = word.partition("=")
+        if key not in parsers:
+            raise CfgError(f"'{key}' is not an option of this convert command ({', '.join(parsers)}): usage: {usage}")
+        options[key] = parsers[key](key, text)
+    return options
+
+
+def _bool_option(key: str, text: str) -> bool:
+    value = parse_cli_value(text)
+    if not isinstance(value, bool):
+        raise CfgError(f"{key}={text}: expected True or False")
+    return value
+
+
+def _count_option(key: str, text: str) -> int:
+    value = parse_cli_value(text)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise CfgError(f"{key}={text}: expected a whole number of at least 1")
+    return value
+
+
+def _names_option(key: str, text: str) -> list:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise CfgError(f"{key}={text}: expected the class names in class order, e.g. {key}=cat,dog")
+    return names
+
+
+def _pixel_classes_option(key: str, text: str) -> dict:
+    pairs = [pair.split(":") for pair in text.split(",") if pair.strip()]
+    if not pairs or any(len(pair) != 2 or not all(part.strip().isdigit() for part in pair) for pair in pairs):
+        raise CfgError(f"{key}={text}: expected pixel value:class pairs, e.g. {key}=255:0 or {key}=1:0,2:1")
+    return {int(value): int(class_index) for value, class_index in pairs}
 
 
 def _run_convert_ultralytics(paths: list) -> int:

@@ -212,3 +212,92 @@ def test_concurrent_finisher_wins_and_our_copy_is_discarded(tmp_path, monkeypatc
     yaml_path = builtin_data_yaml(tmp_path)
     assert (yaml_path.parent / "from_winner").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shapes-v1"]
+
+
+# --- segmentation set ---------------------------------------------------------------------------------------------
+
+
+def rasterise_normalised(polygon: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Bool mask of a normalised label polygon (continuous coordinates: pixel x spans [x, x + 1)), filled even-odd."""
+    return builtin._rasterise(polygon * (width, height) - 0.5, height, width)
+
+
+def read_polygons(path: Path) -> list:
+    rows = [np.array(line.split(), float) for line in path.read_text().splitlines()]
+    return [(int(row[0]), row[1:].reshape(-1, 2)) for row in rows]
+
+
+@pytest.fixture(scope="module")
+def tiny_seg_dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shapes_seg")
+    builtin.generate_shapes_seg_dataset(out, **TINY)
+    return out
+
+
+def test_seg_set_has_the_detection_set_images_and_a_versioned_yaml(tiny_seg_dataset, tiny_dataset):
+    seg_files = sorted(p.relative_to(tiny_seg_dataset) for p in tiny_seg_dataset.rglob("*") if p.is_file())
+    det_files = sorted(p.relative_to(tiny_dataset) for p in tiny_dataset.rglob("*") if p.is_file())
+    assert seg_files == det_files
+    for relative in seg_files:
+        if relative.suffix == ".jpg":
+            assert (tiny_seg_dataset / relative).read_bytes() == (tiny_dataset / relative).read_bytes(), relative
+    text = (tiny_seg_dataset / "data.yaml").read_text()
+    assert builtin.SEG_VERSION in text.splitlines()[0]
+    assert yaml.safe_load(text) == yaml.safe_load((tiny_dataset / "data.yaml").read_text())
+
+
+def test_seg_generation_is_deterministic(tiny_seg_dataset, tmp_path):
+    builtin.generate_shapes_seg_dataset(tmp_path / "again", **TINY)
+    for path in tiny_seg_dataset.rglob("*"):
+        if path.is_file():
+            relative = path.relative_to(tiny_seg_dataset)
+            assert (tmp_path / "again" / relative).read_bytes() == path.read_bytes(), relative
+
+
+def test_every_seg_polygon_fills_its_shape_visible_pixels(tiny_seg_dataset):
+    """Each written polygon, filled, covers what the image shows of its shape (IoU > 0.9), compactly."""
+    for split, count in (("train", TINY["n_train"]), ("val", TINY["n_val"])):
+        for index in range(count):
+            scene = render_scene(image_rng(TINY["seed"], split, index), TINY["imgsz"])
+            height, width = scene.object_ids.shape
+            rows = read_polygons(tiny_seg_dataset / "labels" / split / f"{split}_{index:05d}.txt")
+            assert [c for c, _ in rows] == scene.classes.tolist()
+            for shape_id, (_, polygon) in enumerate(rows):
+                assert len(polygon) >= 3 and np.all((polygon >= 0) & (polygon <= 1))
+                assert len(polygon) <= 64  # simplified: a 48-gon circle does not become its pixel staircase
+                filled, visible = rasterise_normalised(polygon, width, height), scene.object_ids == shape_id
+                assert (filled & visible).sum() / (filled | visible).sum() > 0.9, (split, index, shape_id)
+
+
+def test_seg_polygon_of_an_occluded_shape_follows_what_is_visible():
+    """A square with a smaller square drawn inside it (a hole) and another over its corner: the label is the
+    visible pixels, not the drawn square."""
+    object_ids = np.full((40, 40), -1, dtype=np.int16)
+    object_ids[5:30, 5:30] = 0
+    object_ids[12:20, 12:20] = 1  # inside: a hole in shape 0
+    object_ids[24:36, 24:36] = 2  # over the bottom-right corner
+    drawn = [np.array([(5, 5), (30, 5), (30, 30), (5, 30)], float)]
+    scene = builtin.ShapesScene(np.zeros((40, 40, 3), np.uint8), object_ids, np.array([1, 0, 4]),
+                                builtin._visible_boxes(object_ids, 3), drawn * 3)
+    rows = [np.array(line.split(), float) for line in builtin.yolo_seg_label_text(scene).splitlines()]
+    assert [int(row[0]) for row in rows] == [1, 0, 4]
+    for shape_id, row in enumerate(rows):
+        filled, visible = rasterise_normalised(row[1:].reshape(-1, 2), 40, 40), object_ids == shape_id
+        assert (filled & visible).sum() / (filled | visible).sum() > 0.95
+    assert not rasterise_normalised(rows[0][1:].reshape(-1, 2), 40, 40)[14:18, 14:18].any()  # the hole stays open
+
+
+def test_segment_task_trains_on_the_seg_set(tmp_path, monkeypatch):
+    calls, full_size = [], builtin.generate_shapes_seg_dataset
+
+    def generate(out_dir):
+        calls.append(Path(out_dir))
+        return full_size(out_dir, n_train=2, n_val=1, imgsz=64, seed=0)
+
+    monkeypatch.setattr(builtin, "generate_shapes_seg_dataset", generate)
+    monkeypatch.setenv("YOLOTRAIN_CACHE", str(tmp_path))
+    yaml_path = builtin.builtin_data_yaml_for("segment")
+    assert yaml_path == tmp_path / "shapes-seg-v1" / "data.yaml" and len(calls) == 1
+    assert builtin.builtin_data_yaml_for("segment") == yaml_path and len(calls) == 1
+    label = next((yaml_path.parent / "labels" / "train").glob("*.txt"))
+    assert all(len(line.split()) % 2 == 1 and len(line.split()) >= 7 for line in label.read_text().splitlines())

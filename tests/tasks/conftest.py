@@ -25,6 +25,21 @@ TINY_MODEL_YAML = {
     "head": [[[4, 6, 8], 1, "Detect", ["nc"]]],
 }
 
+
+
+@pytest.fixture(scope="module")
+def tiny_yaml_with_head(tmp_path_factory):
+    """A function writing the tiny detector's yaml with another head row (and top-level keys) to a file; returns its
+    path as a string."""
+
+    def write(name, head, **keys):
+        path = tmp_path_factory.mktemp("models") / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**TINY_MODEL_YAML, **keys, "head": [head]}, sort_keys=False))
+        return str(path)
+
+    return write
+
+
 CLASS_COLOURS_BGR = ((40, 40, 230), (230, 160, 30), (40, 200, 40))
 
 

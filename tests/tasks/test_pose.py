@@ -2,10 +2,7 @@
 against pycocotools), keypoints through every transform, and a pose run's train / val / predict / export / resume
 through the same `YOLO` object."""
 
-import contextlib
-import csv
 import importlib.util
-import io
 from pathlib import Path
 
 import cv2
@@ -14,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from resume_check import assert_resumes_exactly
+from coco_reference import cocoeval_stats
+from resume_check import assert_resumes_exactly, read_rows
 from yolotrain.cfg import get_cfg
 from yolotrain.data.augment import LetterBox, Mosaic, RandomFlip, RandomPerspective
 from yolotrain.data.builtin import (SHAPE_FLIP_IDX, generate_shapes_pose_dataset, image_rng, render_scene,
@@ -29,29 +27,12 @@ from yolotrain.tasks.pose.val import PoseValidator
 from yolotrain.utils.checkpoint import load_checkpoint
 from yolotrain.utils.metrics import COCO_KEYPOINT_SIGMAS, OKS_AREA_FROM_BOX, PoseMetrics, keypoint_oks, keypoint_sigmas
 
-TINY_POSE_YAML = {
-    "nc": 2,
-    "kpt_shape": [17, 3],
-    "backbone": [
-        [-1, 1, "Conv", [16, 3, 2]],
-        [-1, 1, "Conv", [32, 3, 2]],
-        [-1, 1, "C2f", [32, True]],
-        [-1, 1, "Conv", [32, 3, 2]],
-        [-1, 1, "C2f", [32, True]],  # 4 -> P3
-        [-1, 1, "Conv", [64, 3, 2]],
-        [-1, 1, "C2f", [64, True]],  # 6 -> P4
-        [-1, 1, "Conv", [64, 3, 2]],
-        [-1, 1, "SPPF", [64, 5]],  # 8 -> P5
-    ],
-    "head": [[[4, 6, 8], 1, "Pose", ["nc", "kpt_shape"]]],
-}
+POSE_HEAD = [[4, 6, 8], 1, "Pose", ["nc", "kpt_shape"]]
 
 
 @pytest.fixture(scope="module")
-def tiny_pose_yaml(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pose-models") / "tinypose.yaml"
-    path.write_text(yaml.safe_dump(TINY_POSE_YAML, sort_keys=False))
-    return str(path)
+def tiny_pose_yaml(tiny_yaml_with_head):
+    return tiny_yaml_with_head("tinypose", POSE_HEAD, kpt_shape=[17, 3])
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +47,6 @@ def pose_overrides(tiny_pose_yaml, pose_data, tmp_path):
     return dict(model=tiny_pose_yaml, data=pose_data, epochs=2, imgsz=64, batch=4, workers=0, device="cpu",
                 project=str(tmp_path / "runs"), name="train", plots=False, seed=0, deterministic=True,
                 warmup_epochs=0.5, verbose=False, close_mosaic=1)
-
-
-def read_rows(path):
-    with open(path, newline="") as f:
-        return [{k.strip(): v.strip() for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 # ---------------------------------------------------------------------------------------------------------- models
@@ -316,9 +292,6 @@ def _our_pose_map(images, count, size=200):
 
 
 def _pycocotools_pose_map(images, count):
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     annotations, detections = [], []
     for image_id, (labels, preds) in enumerate(images, start=1):
         for row in labels:
@@ -332,17 +305,9 @@ def _pycocotools_pose_map(images, count):
             keypoints = np.concatenate([row[6:].reshape(count, 2), np.ones((count, 1))], 1)
             detections.append({"image_id": image_id, "category_id": int(row[5]) + 1, "score": float(row[4]),
                                "keypoints": keypoints.reshape(-1).tolist()})
-    with contextlib.redirect_stdout(io.StringIO()):
-        truth = COCO()
-        truth.dataset = {"images": [{"id": i} for i in range(1, len(images) + 1)], "annotations": annotations,
-                         "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
-        truth.createIndex()
-        evaluation = COCOeval(truth, truth.loadRes(detections), "keypoints")
-        evaluation.params.kpt_oks_sigmas = keypoint_sigmas((count, 3))
-        evaluation.evaluate()
-        evaluation.accumulate()
-        evaluation.summarize()
-    return evaluation.stats[0], evaluation.stats[1]
+    ground_truth = {"images": [{"id": i} for i in range(1, len(images) + 1)], "annotations": annotations,
+                    "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    return cocoeval_stats(ground_truth, detections, "keypoints", keypoint_sigmas((count, 3)))
 
 
 @pytest.mark.numeric

@@ -27,10 +27,11 @@ LOGGER = logging.getLogger(__name__)
 
 DEFAULT_CFG_PATH = Path(__file__).resolve().parent / "default.yaml"
 
-TASKS = ("detect", "pose", "classify")
+TASKS = ("detect", "segment", "pose", "classify")
 # The model a run uses when none is named (`model=` empty, `YOLO()`, `yolotrain train`), and per task.
 DEFAULT_MODEL = "yolo-n.yaml"
-DEFAULT_MODELS = types.MappingProxyType({"detect": DEFAULT_MODEL, "pose": "yolo11n-pose.yaml",
+DEFAULT_MODELS = types.MappingProxyType({"detect": DEFAULT_MODEL, "segment": "yolo11n-seg.yaml",
+                                         "pose": "yolo11n-pose.yaml",
                                          "classify": "yolo11n-cls.yaml"})
 MODES = ("train", "val", "predict", "export")
 # Modes of the command line; `convert` and `sync` take positional arguments instead of key=value pairs, `tune` runs
@@ -124,7 +125,7 @@ _BOUNDS = types.MappingProxyType(
         "multi_scale": Bound(0.0, 1.0, high_open=True),  # the +/- share of imgsz; 0 is off
         # Counts and sizes.
         **dict.fromkeys(("epochs", "patience", "close_mosaic", "workers", "seed"), _NON_NEGATIVE),
-        **dict.fromkeys(("val_period", "max_det", "nbs", "vid_stride", "line_width"), _AT_LEAST_ONE),
+        **dict.fromkeys(("val_period", "max_det", "nbs", "vid_stride", "line_width", "mask_ratio"), _AT_LEAST_ONE),
         "imgsz": Bound(1.0, 8192.0),  # larger is a typo, not a model input: one image would need gigabytes
         "save_period": Bound(1.0, extra=(-1,)),
         "freeze": _NON_NEGATIVE,  # a layer count; a list holds layer indices and name prefixes

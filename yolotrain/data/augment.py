@@ -27,6 +27,7 @@ from yolotrain.data.augment_hook import CustomAugment
 from yolotrain.data.instances import PER_OBJECT_KEYS, POINT_KEYS, Instances, concatenated_objects, keep_objects
 from yolotrain.errors import CfgError
 from yolotrain.utils.boxes import clip_boxes, xyxy2xywhn
+from yolotrain.utils.masks import polygons_to_index_mask, polygons_to_masks
 
 LOGGER = logging.getLogger(__name__)
 
@@ -382,11 +383,12 @@ class MixUp:
 
 
 class CopyPaste:
-    """Box-level copy-paste: paste regions of the horizontally flipped image onto free places.
+    """Copy-paste: paste objects of the horizontally flipped image onto free places.
 
     With probability `p`, every mirrored object whose box covers no existing box by more than 30% of that box's
-    area (intersection over area) is pasted as a rectangle from the flipped image and added to the labels, its
-    polygon and keypoints mirrored with it (left and right keypoints swapped by `flip_idx`).
+    area (intersection over area) is pasted from the flipped image and added to the labels, its polygon and
+    keypoints mirrored with it (left and right keypoints swapped by `flip_idx`). An object with an outline
+    (segmentation) is pasted by its own pixels; one with a box only, as the rectangle of its box.
     """
 
     def __init__(self, p=0.0, max_ioa=0.3, flip_idx=None):
@@ -403,7 +405,10 @@ class CopyPaste:
         free = (_box_ioa(mirrored.bboxes, bboxes) <= self.max_ioa).all(1)
         if not free.any():
             return sample
-        mask = _rectangles_mask(mirrored.bboxes[free], h, w)
+        if mirrored.segments is not None:
+            mask = polygons_to_masks(mirrored.segments[free], (h, w)).any(0)
+        else:
+            mask = _rectangles_mask(mirrored.bboxes[free], h, w)
         img = img.copy()
         img[mask] = img[:, ::-1][mask]
         sample["img"] = img
@@ -488,11 +493,24 @@ def _flip_idx_for(sample, flip_idx):
 
 class Format:
     """Final step: RGB CHW contiguous uint8 tensor, normalised xywh float32 boxes (n, 4), float32 cls (n, 1), and
-    segments / keypoints / corners as float32 tensors with x, y normalised by the image's width and height."""
+    segments / keypoints / corners as float32 tensors with x, y normalised by the image's width and height.
+
+    With `mask_ratio` (segmentation) the polygons are also drawn as `masks` at the image size divided by it: with
+    `overlap`, one (h, w) mask per sample whose pixels hold 1 + the index of their object (objects reordered by
+    decreasing area, so a small object on a large one stays visible), else (n, h, w) 0/1 masks. `keep_segments`
+    False drops the polygons once drawn (training needs only the masks; validation measures masks from them).
+    """
+
+    def __init__(self, mask_ratio=None, overlap=True, keep_segments=True):
+        self.mask_ratio = mask_ratio
+        self.overlap = overlap
+        self.keep_segments = keep_segments
 
     def __call__(self, sample):
         img = sample["img"]
         h, w = img.shape[:2]
+        if self.mask_ratio is not None and "segments" in sample:
+            self._draw_masks(sample, h, w)
         chw_rgb = np.ascontiguousarray(img[..., ::-1].transpose(2, 0, 1))
         bboxes = clip_boxes(np.asarray(sample["bboxes"], np.float32).reshape(-1, 4).copy(), (h, w))
         sample["img"] = torch.from_numpy(chw_rgb)
@@ -504,7 +522,18 @@ class Format:
                 sample[key] = torch.from_numpy(getattr(normalised, key))
         sample.pop("mosaic_border", None)  # transient keys a pipeline without their consumer may leave behind
         sample.pop("rect_shape", None)
+        if not self.keep_segments and "masks" in sample:
+            sample.pop("segments", None)
         return sample
+
+    def _draw_masks(self, sample, h, w):
+        segments = np.asarray(sample["segments"], np.float32)
+        if self.overlap:
+            index_mask, order = polygons_to_index_mask(segments, (h, w), self.mask_ratio)
+            keep_objects(sample, order)
+            sample["masks"] = torch.from_numpy(index_mask)
+        else:
+            sample["masks"] = torch.from_numpy(polygons_to_masks(segments, (h, w), self.mask_ratio))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -541,7 +570,7 @@ def build_transforms(dataset, imgsz, hyp, augment):
     (no upscaling; the sample's `rect_shape` overrides the square) -> Format.
     """
     if not augment:
-        return Compose([LetterBox((imgsz, imgsz), scaleup=False), Format()])
+        return Compose([LetterBox((imgsz, imgsz), scaleup=False), _format_for(dataset, hyp, keep_segments=True)])
     mosaic_p, mixup_p = _probability(hyp, "mosaic"), _probability(hyp, "mixup")
     if getattr(dataset, "rect", False) and (mosaic_p > 0 or mixup_p > 0):
         LOGGER.warning("rect=True: mosaic and mixup are off (each rectangular batch has its own shape, square "
@@ -570,6 +599,18 @@ def build_transforms(dataset, imgsz, hyp, augment):
             RandomHSV(_non_negative(hyp, "hsv_h"), _non_negative(hyp, "hsv_s"), _non_negative(hyp, "hsv_v")),
             RandomFlip(p=_probability(hyp, "flipud"), direction="vertical"),
             RandomFlip(p=_probability(hyp, "fliplr"), direction="horizontal", flip_idx=flip_idx),
-            Format(),
+            _format_for(dataset, hyp, keep_segments=False),
         ]
     )
+
+
+def _format_for(dataset, hyp, keep_segments):
+    """The final `Format` of `dataset`'s pipeline: a segmentation dataset's also draws the masks."""
+    if getattr(dataset, "task", "detect") != "segment":
+        return Format()
+    ratio = _hyp_value(hyp, "mask_ratio")
+    if ratio < 1 or ratio != int(ratio):
+        raise CfgError(f"mask_ratio={ratio:g} is invalid: expected a whole number >= 1 (training masks are the image "
+                       "size divided by it)")
+    overlap = hyp.get("overlap_mask", True) if isinstance(hyp, dict) else getattr(hyp, "overlap_mask", True)
+    return Format(mask_ratio=int(ratio), overlap=bool(overlap), keep_segments=keep_segments)

@@ -1,5 +1,5 @@
-"""The built-in "shapes" datasets (detection; keypoints of the same shapes for pose; crops of them for
-classification), generated deterministically on first use.
+"""The built-in "shapes" datasets (detection; keypoints of the same shapes for pose; their outlines for segmentation;
+crops of them for classification), generated deterministically on first use.
 
 With no `data=` the trainer trains on this dataset: coloured shapes of six kinds on textured backgrounds. The class
 of a shape is decided by its geometry only (colour, size, rotation and background are random), so a detector has to
@@ -12,6 +12,11 @@ the shape's *visible* pixels (later shapes may hide a little of earlier ones), w
 The pose set gives every shape five keypoints in a fixed order: the top-most, right-most, bottom-most and left-most
 points of its outline and its centre (`SHAPE_KEYPOINTS`). A horizontal mirror keeps top, bottom and centre and
 swaps right and left (`SHAPE_FLIP_IDX`); a keypoint under another shape is labelled occluded (visibility 1).
+
+The segmentation set gives every shape the outline of its visible pixels, traced from the map of object ids (a
+shape partly hidden by a later one is labelled as it is seen; a part cut off or a hole is joined into the one
+polygon, see `data.convert`), simplified by half a pixel: filled, each label polygon gives back its shape's visible
+pixels to about a pixel.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import cv2
 import numpy as np
 import yaml
 
+from yolotrain.data.convert import SIMPLIFY_EPSILON, mask_outline, polygon_label_line
 from yolotrain.data.data_yaml import REQUIRED_SPLITS
 from yolotrain.utils.boxes import xyxy2xywhn
 
@@ -40,6 +46,7 @@ BUILTIN_NAMES = ("circle", "square", "triangle", "star", "cross", "ellipse")
 DATASET_VERSION = "shapes-v1"  # bump when the rendered content changes, so old caches are not reused
 CLASSIFY_VERSION = "shapes-cls-v1"  # the classification crops of the same scenes
 POSE_VERSION = "shapes-pose-v1"  # the same scenes with five keypoints per shape
+SEG_VERSION = "shapes-seg-v1"  # the same scenes with the outline of each shape's visible pixels
 SHAPE_KEYPOINTS = ("top", "right", "bottom", "left", "centre")
 SHAPE_FLIP_IDX = (0, 3, 2, 1, 4)  # a horizontal mirror swaps right and left
 VISIBLE, OCCLUDED = 2, 1  # COCO's keypoint visibility flags
@@ -104,10 +111,20 @@ def builtin_pose_data_yaml(root: str | Path | None = None) -> Path:
     return _generated_once(root, POSE_VERSION, generate_shapes_pose_dataset) / "data.yaml"
 
 
+def builtin_seg_data_yaml(root: str | Path | None = None) -> Path:
+    """Return the data.yaml of the built-in segmentation set (the shapes with their visible outlines), generating it
+    on first use in `<root>/shapes-seg-v1/` (as `builtin_data_yaml`)."""
+    return _generated_once(root, SEG_VERSION, generate_shapes_seg_dataset) / "data.yaml"
+
+
 def builtin_data_yaml_for(task: str) -> Path:
     """The built-in data yaml a `task` trains and validates on when no `data=` is given: the shapes with boxes
-    (detect) or with their keypoints (pose)."""
-    return builtin_pose_data_yaml() if task == "pose" else builtin_data_yaml()
+    (detect), with their keypoints (pose) or with their outlines (segment)."""
+    if task == "pose":
+        return builtin_pose_data_yaml()
+    if task == "segment":
+        return builtin_seg_data_yaml()
+    return builtin_data_yaml()
 
 
 def builtin_classify_root(root: str | Path | None = None) -> Path:
@@ -173,6 +190,12 @@ def generate_shapes_pose_dataset(out_dir: str | Path, **kwargs) -> Path:
     extra = {"kpt_shape": [len(SHAPE_KEYPOINTS), 3], "flip_idx": list(SHAPE_FLIP_IDX)}
     return generate_shapes_dataset(out_dir, label_text=yolo_pose_label_text, yaml_extra=extra, version=POSE_VERSION,
                                    **kwargs)
+
+
+def generate_shapes_seg_dataset(out_dir: str | Path, **kwargs) -> Path:
+    """Write the segmentation set into `out_dir`: the scenes of `generate_shapes_dataset` (the same image files) with
+    polygon labels (`yolo_seg_label_text`)."""
+    return generate_shapes_dataset(out_dir, label_text=yolo_seg_label_text, version=SEG_VERSION, **kwargs)
 
 
 def generate_shape_crops(
@@ -243,6 +266,26 @@ def yolo_pose_label_text(scene: ShapesScene) -> str:
     keypoints = shape_keypoints(scene) / np.array([width, height, 1.0])  # (n, 5, 3)
     rows = np.concatenate([_normalised_boxes(scene), keypoints.reshape(len(keypoints), -1)], 1)
     return "".join(f"{c} " + " ".join(f"{v:.6f}" for v in r) + "\n" for c, r in zip(scene.classes, rows))
+
+
+def yolo_seg_label_text(scene: ShapesScene) -> str:
+    """YOLO segmentation label file content: `cls x1 y1 x2 y2 ...` per shape, the outline of its visible pixels
+    (`shape_visible_polygons`) normalised by the image size."""
+    height, width = scene.object_ids.shape
+    size = np.array([width, height], dtype=np.float64)
+    return "".join(polygon_label_line(int(c), polygon / size) + "\n"
+                   for c, polygon in zip(scene.classes, shape_visible_polygons(scene)))
+
+
+def shape_visible_polygons(scene: ShapesScene) -> list:
+    """(k, 2) continuous pixel outline of each shape's visible pixels in `scene.object_ids`, simplified by
+    SIMPLIFY_EPSILON; parts and holes left by occlusion are joined into the one polygon. A shape left with fewer
+    than 3 outline points (never, with MIN_OBJECT_SIZE and mild occlusion) keeps its drawn outline."""
+    polygons = []
+    for i, outline in enumerate(scene.outlines):  # a handful of shapes per scene, generated once
+        polygon = mask_outline(scene.object_ids == i, epsilon=SIMPLIFY_EPSILON)
+        polygons.append(outline if polygon is None else polygon)
+    return polygons
 
 
 def shape_keypoints(scene: ShapesScene) -> np.ndarray:

@@ -27,6 +27,7 @@ from yolotrain.data.scan import ScanReport, img2label_paths, label_cache_path, s
 from yolotrain.errors import CfgError, DatasetError
 from yolotrain.utils.boxes import xywhn2xyxy
 from yolotrain.utils.files import write_atomic_stream
+from yolotrain.utils.masks import TRAIN_POLYGON_POINTS, stack_polygons
 from yolotrain.utils.threads import available_cpus
 
 LOGGER = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ class YOLODataset(Dataset):
         data: the dict from `check_det_dataset` (gives `names`, `nc` and the `path` root for .txt lists).
         prefix: a name for messages, e.g. 'train'.
         workers: threads used to verify labels and fill caches.
-        task: what the label rows hold (see `data.label_rows`): "detect" (boxes or polygons), "pose" (boxes and the
+        task: what the label rows hold (see `data.label_rows`): "detect" (boxes or polygons), "segment" (polygons,
+            carried through every transform as `segments` and drawn as `masks` by `Format`), "pose" (boxes and the
             data yaml's `kpt_shape` keypoints, carried through every transform as `keypoints`).
         augment_hook: a user augmentation run in training after mosaic/affine/mixup (a callable or an
             Albumentations Compose, see yolotrain.data.augment_hook); tried once on the first image when built.
@@ -313,6 +315,9 @@ class YOLODataset(Dataset):
             "resized_shape": (h, w),
             "ratio_pad": ((h / h0, w / w0), (0, 0)),
         }
+        if "segments" in label:  # normalised polygons -> one stacked array in pixels of the resized image
+            count = TRAIN_POLYGON_POINTS if self.augment else None  # training clips warped outlines: dense points
+            sample["segments"] = stack_polygons(label["segments"], count) * np.array([w, h], np.float32)
         if "keypoints" in label:  # normalised x, y -> pixels of the resized image; visibility as it is
             sample["keypoints"] = label["keypoints"] * np.array([w, h, 1][: label["keypoints"].shape[-1]], np.float32)
         if self.rect:

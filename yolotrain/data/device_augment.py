@@ -91,8 +91,10 @@ def check_device_augment(args, device: torch.device, augment_hook: bool = False)
 
 
 def _cpu_only_reason(args) -> str | None:
-    if getattr(args, "task", "detect") == "pose":
-        return "task=pose (keypoints are augmented only in the CPU pipeline)"
+    task = getattr(args, "task", "detect")
+    if task in ("pose", "segment"):
+        carried = {"pose": "keypoints", "segment": "masks"}[task]
+        return f"task={task} ({carried} are augmented only in the CPU pipeline)"
     if getattr(args, "rect", False):
         return "rect=True (rectangular batches are letterboxed per batch shape on the CPU)"
     if float(getattr(args, "copy_paste", 0.0) or 0.0) > 0:

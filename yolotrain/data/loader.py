@@ -35,13 +35,18 @@ LOGGER = logging.getLogger(__name__)
 def collate_fn(samples: list[dict]) -> dict:
     """Batch formatted samples: `img` stacked (B, 3, H, W) uint8, every per-object array concatenated in object
     order (`cls` (N, 1), `bboxes` (N, 4), and `segments` (N, S, 2) / `keypoints` (N, K, 2 | 3) / `corners`
-    (N, 4, 2) where the samples have them), `batch_idx` (N,) float giving each object's image index, `max_boxes`
+    (N, 4, 2) where the samples have them; outlines padded to one point count), segmentation `masks` ((B, h, w)
+    index masks or (N, h, w) object masks), `batch_idx` (N,) float giving each object's image index, `max_boxes`
     (int) the most boxes in one image (the loss pads to it without reading the device); every other key becomes
     a list."""
     batch = {"img": torch.stack([torch.as_tensor(s["img"]) for s in samples])}
     for key in PER_OBJECT_KEYS:
         if key in samples[0]:
-            batch[key] = torch.cat([torch.as_tensor(s[key]).float() for s in samples])
+            arrays = [torch.as_tensor(s[key]).float() for s in samples]
+            batch[key] = torch.cat(_same_point_count(arrays) if key == "segments" else arrays)
+    if "masks" in samples[0]:  # one index mask per image (stacked) or one mask per object (joined)
+        masks = [s["masks"] for s in samples]
+        batch["masks"] = torch.stack(masks) if masks[0].ndim == 2 else torch.cat(masks)
     boxes_per_image = torch.tensor([len(s["cls"]) for s in samples])
     batch["batch_idx"] = torch.repeat_interleave(torch.arange(len(samples)), boxes_per_image).float()
     batch["max_boxes"] = int(boxes_per_image.max()) if len(samples) else 0
@@ -49,6 +54,18 @@ def collate_fn(samples: list[dict]) -> dict:
         if key not in batch:
             batch[key] = [s[key] for s in samples]
     return batch
+
+
+def _same_point_count(outlines: list) -> list:
+    """(n_i, S_i, 2) outlines brought to the largest S by repeating each outline's last point (same outline)."""
+    points = max(o.shape[1] for o in outlines)
+
+    def padded(o):
+        if not len(o):
+            return o.new_zeros((0, points, 2))
+        return torch.cat((o, o[:, -1:].expand(-1, points - o.shape[1], -1)), 1)
+
+    return [padded(o) for o in outlines]
 
 
 def seed_worker(worker_id: int) -> None:

@@ -3,7 +3,9 @@
 The exported file sits beside the weights (`best.pt` -> `best.onnx`, `best.torchscript`), is written atomically,
 and carries its metadata (names, stride, imgsz, batch, dynamic, half, task, yolotrain version): ONNX in
 `metadata_props`, TorchScript in `_extra_files["config.json"]`. Its one input is `images` (B, 3, H, W) float in
-[0, 1], its one output `output0` (B, 4 + nc, A): xywh boxes in input pixels and class scores, the input of NMS.
+[0, 1], its output `output0` (B, 4 + nc, A): xywh boxes in input pixels and class scores, the input of NMS (then
+a pose model's keypoints or a segmentation model's nm mask coefficients per anchor); a segmentation model also
+has `output1` (B, nm, H / 4, W / 4), its mask prototypes.
 `yolotrain.nn.backends` runs both again for predict and val.
 """
 
@@ -19,6 +21,7 @@ import torch.nn as nn
 from yolotrain import __version__
 from yolotrain.errors import CfgError, YoloTrainError
 from yolotrain.nn.backends import EXPORT_METADATA_FILE, load_checkpoint_model
+from yolotrain.nn.modules import Segment
 from yolotrain.utils.checkpoint import is_weights_file
 from yolotrain.utils.files import write_atomic
 from yolotrain.utils.nms import set_max_det
@@ -32,14 +35,18 @@ class ExportError(YoloTrainError):
 
 
 class _HeadOutput(nn.Module):
-    """The network with only the tensor NMS needs as output (the eval head also returns its feature maps)."""
+    """The network with only the tensors inference needs as outputs (the eval head also returns its feature maps):
+    the input of NMS and, for a segmentation model, its mask prototypes."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
+        self.with_protos = hasattr(model.model[-1], "proto")
 
     def forward(self, images):
         output = self.model(images)
+        if self.with_protos:
+            return output[0], Segment.eval_prototypes(output)
         return output[0] if isinstance(output, (list, tuple)) else output
 
 
@@ -104,14 +111,17 @@ def _write_onnx(model, example, metadata, path, args):
         import onnx
     except ImportError:
         raise ExportError("format=onnx needs the onnx package: pip install 'yolotrain[export]'") from None
+    output_names = ["output0", "output1"] if model.with_protos else ["output0"]
     dynamic_axes = None
     if args.dynamic:
         outputs = {0: "batch", 1: "detections"} if metadata["end2end"] else {0: "batch", 2: "anchors"}
-        dynamic_axes = {"images": {0: "batch", 2: "height", 3: "width"}, "output0": outputs}
+        dynamic_axes = {"images": {0: "batch", 2: "height", 3: "width"}, "output0": outputs,
+                        "output1": {0: "batch", 2: "mask_height", 3: "mask_width"}}
+        dynamic_axes = {k: v for k, v in dynamic_axes.items() if k in ("images", *output_names)}
     options = {} if args.opset is None else {"opset_version": int(args.opset)}
     with torch.no_grad(), _quiet_tracer():
         # The TorchScript-based exporter: the detector has no data-dependent control flow to need dynamo.
-        torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["output0"],
+        torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=output_names,
                           dynamic_axes=dynamic_axes, dynamo=False, **options)
     graph = onnx.load(str(path))
     if args.simplify:

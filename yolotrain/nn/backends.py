@@ -94,12 +94,18 @@ class ExportedModel(nn.Module):
         outputs = []
         for chunk in images.split(self.batch):
             padding = images.new_zeros(self.batch - len(chunk), *chunk.shape[1:])
-            outputs.append(self.run(torch.cat([chunk, padding]))[: len(chunk)])
-        return torch.cat(outputs)
+            outputs.append([output[: len(chunk)] for output in _as_tuple(self.run(torch.cat([chunk, padding])))])
+        joined = tuple(torch.cat(parts) for parts in zip(*outputs))
+        return joined[0] if len(joined) == 1 else joined
 
     def run(self, images):
-        """The exported graph on one input it accepts: (B, 3, H, W) float in [0, 1]."""
+        """The exported graph on one input it accepts: (B, 3, H, W) float in [0, 1]. Returns its output, or the
+        tuple of its outputs when it has several (a segmentation model's detections and prototypes)."""
         raise NotImplementedError
+
+
+def _as_tuple(output):
+    return tuple(output) if isinstance(output, (list, tuple)) else (output,)
 
 
 def fixed_input_size(model, imgsz):
@@ -143,8 +149,9 @@ class OnnxModel(ExportedModel):
 
     def run(self, images):
         array = images.detach().cpu().numpy().astype("float16" if self.half else "float32")
-        (output,) = self.session.run(None, {self.input_name: array})
-        return torch.from_numpy(output).float().to(images.device)
+        outputs = tuple(torch.from_numpy(output).float().to(images.device)
+                        for output in self.session.run(None, {self.input_name: array}))
+        return outputs[0] if len(outputs) == 1 else outputs
 
 
 class TorchScriptModel(ExportedModel):
@@ -165,4 +172,5 @@ class TorchScriptModel(ExportedModel):
     def run(self, images):
         parameter = next(self.module.parameters(), None)
         dtype = parameter.dtype if parameter is not None else images.dtype
-        return self.module(images.to(dtype)).float()
+        outputs = tuple(output.float() for output in _as_tuple(self.module(images.to(dtype))))
+        return outputs[0] if len(outputs) == 1 else outputs

@@ -1,6 +1,6 @@
 """YOLO models built from a model yaml (`nc`, `scales`, `backbone`, `head`): `DetectionModel` (a `Detect` head),
-`PoseModel` (a `Pose` head, with the yaml's `kpt_shape`) and `ClassificationModel` (a `Classify` head), on one
-`BaseModel`.
+`SegmentationModel` (a `Segment` or `Segment26` head), `PoseModel` (a `Pose` head, with the yaml's `kpt_shape`) and
+`ClassificationModel` (a `Classify` head), on one `BaseModel`.
 
 A model yaml lists layers as `[from, repeats, module, args]`. `from` is -1 (previous layer), a layer index, or a
 list of them; `repeats` is scaled by the depth multiple; the first arg of channel-producing modules is their output
@@ -21,7 +21,7 @@ import yaml
 from yolotrain.cfg import DEFAULT_MODEL
 from yolotrain.errors import CfgError, CheckpointError, one_line
 from yolotrain.nn.modules import (C2PSA, C2f, C3, C3k, C3k2, SPPF, Bottleneck, Classify, Concat, Conv, Detect, DWConv,
-                                  Pose)
+                                  Pose, Segment, Segment26)
 from yolotrain.utils.torch_utils import intersect_dicts, model_info
 
 LOGGER = logging.getLogger(__name__)
@@ -36,12 +36,13 @@ _REPEAT_ARG_MODULES = (C2f, C3, C3k, C3k2, C2PSA)
 # Larger scales of the C3k2 families (YOLO11, YOLO26) always use C3k inner blocks, whatever the row says.
 _C3K_SCALES = ("m", "l", "x")
 # The task a model serves follows from its head (its last layer).
-HEAD_TASKS = {"Detect": "detect", "Pose": "pose", "Classify": "classify"}
+HEAD_TASKS = {"Detect": "detect", "Segment": "segment", "Segment26": "segment", "Pose": "pose", "Classify": "classify"}
 
 
 def _module_table():
     """Module names a yaml may use -> class (built per call: no module-level mutable registry)."""
-    blocks = (Conv, DWConv, Bottleneck, C2f, C3, C3k, C3k2, C2PSA, SPPF, Concat, Detect, Pose, Classify)
+    blocks = (Conv, DWConv, Bottleneck, C2f, C3, C3k, C3k2, C2PSA, SPPF, Concat, Detect, Segment, Segment26, Pose,
+              Classify)
     table = {cls.__name__: cls for cls in blocks}
     for cls in (nn.Upsample, nn.Identity, nn.MaxPool2d):  # shape-preserving in channels
         table[cls.__name__] = cls
@@ -133,8 +134,8 @@ def _validate_model_dict(model_dict, source):
 
 
 def head_task(model_dict):
-    """The task of a (validated) model dict, from its head: 'detect' for Detect, 'pose' for Pose, 'classify' for
-    Classify."""
+    """The task of a (validated) model dict, from its head: 'detect' for Detect, 'segment' for Segment and
+    Segment26, 'pose' for Pose, 'classify' for Classify."""
     return HEAD_TASKS[model_dict["head"][-1][2]]
 
 
@@ -272,6 +273,12 @@ def _build_layer(module_cls, args, repeats, channels_in, width, max_channels, nc
         copies = [module_cls(*args, **head_options)]
     elif module_cls is Pose:
         args = [*args[:2], channels_in]
+        channels_out = None
+        copies = [module_cls(*args, **head_options)]
+    elif module_cls in (Segment, Segment26):
+        # [nc, nm, npr] (a shorter row takes nm 32, npr 256); the prototype width scales as other widths do.
+        nc_arg, masks, proto_width = (list(args) + [nc, 32, 256][len(args):])[:3]
+        args = [nc_arg, masks, make_divisible(min(proto_width, max_channels) * width, 8), channels_in]
         channels_out = None
         copies = [module_cls(*args, **head_options)]
     elif module_cls is Classify:
@@ -481,6 +488,40 @@ class DetectionModel(BaseModel):
             self.criterion = self.init_criterion()
         if hasattr(self.criterion, "set_epoch"):
             self.criterion.set_epoch(epoch, epochs)
+
+
+class SegmentationModel(DetectionModel):
+    """YOLO instance-segmentation model built from a model yaml whose head is `Segment` (`yolo11n-seg.yaml`, ...) or
+    `Segment26` (`yolo26n-seg.yaml`); see `BaseModel` for the arguments and `Segment` for the head's outputs.
+
+    Adds `nm` (mask prototypes per image, coefficients per anchor) and `semantic_branch`. Its loss comes from
+    `yolotrain.loss.segment`: `SegmentationLoss`, or `EndToEndSegmentationLoss` for an end2end head; it is (loss sum *
+    batch size, detached (box, seg, cls, dfl[, sem])).
+    """
+
+    head_type = Segment
+
+    def __init__(self, cfg="yolo11n-seg.yaml", ch=3, nc=None, verbose=True):
+        super().__init__(cfg, ch, nc, verbose)
+
+    @property
+    def nm(self):
+        """Mask prototypes per image (and mask coefficients per anchor)."""
+        return self.head.nm
+
+    @property
+    def semantic_branch(self):
+        """Whether the head also predicts a class per pixel (YOLO26), trained by a fifth loss item (`sem_loss`)."""
+        return isinstance(self.head, Segment26)
+
+    def init_criterion(self):
+        if self.end2end:
+            from yolotrain.loss.segment import EndToEndSegmentationLoss
+
+            return EndToEndSegmentationLoss(self)
+        from yolotrain.loss.segment import SegmentationLoss
+
+        return SegmentationLoss(self)
 
 
 class PoseModel(DetectionModel):

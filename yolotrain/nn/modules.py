@@ -1,5 +1,5 @@
-"""Building blocks of YOLO models: convolutions, CSP blocks, spatial pyramid pooling, the Detect, Pose and Classify
-heads.
+"""Building blocks of YOLO models: convolutions, CSP blocks, spatial pyramid pooling, mask prototypes, the Detect,
+Segment, Pose and Classify heads.
 
 Attribute names (`conv`, `bn`, `cv1`, `cv2`, `m`, ...) follow the YOLO family's conventions so that state dicts
 line up parameter for parameter with other YOLOv8/YOLO11-layout implementations.
@@ -10,6 +10,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from yolotrain.nn.anchors import dist2bbox, make_anchors
 
@@ -243,6 +244,53 @@ class DFL(nn.Module):
         return self.conv(probabilities).view(batch_size, 4, num_anchors)
 
 
+class Proto(nn.Module):
+    """Mask prototypes: a 3x3 conv, a learned 2x upsample (transposed conv), a 3x3 conv and a 1x1 conv to `c2`
+    prototypes. (B, c1, H, W) -> (B, c2, 2H, 2W); on the stride-8 level that is 1/4 of the input size."""
+
+    def __init__(self, c1, c_=256, c2=32):
+        super().__init__()
+        self.cv1 = Conv(c1, c_, 3)
+        self.upsample = nn.ConvTranspose2d(c_, c_, 2, 2, 0, bias=True)
+        self.cv2 = Conv(c_, c_, 3)
+        self.cv3 = Conv(c_, c2)
+
+    def forward(self, x):
+        return self.cv3(self.cv2(self.upsample(self.cv1(x))))
+
+
+class Proto26(Proto):
+    """YOLO26's prototypes, made from every level: each coarser level is projected to the finest level's width
+    (`feat_refine`, 1x1 convs), upsampled to its size and added; a 3x3 conv (`feat_fuse`) then feeds `Proto`'s
+    layers. A semantic branch (`semseg`: two 3x3 convs and a 1x1 conv to nc logits, on the summed features) is a
+    training-only auxiliary task; `fuse()` drops it.
+
+    Output: a tuple, `(proto,)`, or while training (and before `fuse()`) `(proto, semantic)` with semantic
+    (B, nc, H_0, W_0) at the finest level's size.
+    """
+
+    def __init__(self, ch=(), c_=256, c2=32, nc=80):
+        super().__init__(c_, c_, c2)
+        self.feat_refine = nn.ModuleList(Conv(c, ch[0], 1) for c in ch[1:])
+        self.feat_fuse = Conv(ch[0], c_, 3)
+        self.semseg = nn.Sequential(Conv(ch[0], c_, 3), Conv(c_, c_, 3), nn.Conv2d(c_, nc, 1))
+
+    def forward(self, x):
+        features = x[0]
+        for refine, level in zip(self.feat_refine, x[1:]):
+            # Nearest upsampling to the finest level's size (2x, 4x, ... for inputs divisible by the largest stride).
+            features = features + F.interpolate(refine(level), size=features.shape[-2:], mode="nearest")
+        proto = super().forward(self.feat_fuse(features))
+        if self.training and self.semseg is not None:
+            return proto, self.semseg(features)
+        return (proto,)
+
+    def fuse(self):
+        """Inference only: drop the semantic branch, which only training uses."""
+        self.semseg = None
+        return self
+
+
 class Detect(nn.Module):
     """Decoupled anchor-free detection head over several feature levels.
 
@@ -258,6 +306,9 @@ class Detect(nn.Module):
     - eval: `(y, maps)` with y (B, 4 + nc, A): xywh boxes in input pixels and sigmoid class scores (NMS follows);
       end2end: `(y, {"one2many": maps, "one2one": maps})` with y (B, max_det, 6): x1, y1, x2, y2, score, class
       of the best (anchor, class) pairs, descending by score.
+
+    A subclass adds its own outputs through three hooks: `_shared_outputs` (computed once for both branches),
+    `_predict` (one branch's raw output) and `_inference` (its decoded columns, before NMS or the top-k).
     """
 
     def __init__(self, nc=80, ch=(), reg_max=16, end2end=False, depthwise_cls=False):
@@ -298,18 +349,42 @@ class Detect(nn.Module):
         self._anchor_cache = None
 
     def forward(self, x):
+        shared = self._shared_outputs(x)
         if not self.end2end:
-            maps = self._maps(x, self.cv2, self.cv3)
-            return maps if self.training else (self._decode(maps), maps)
-        # The one-to-one branches learn from detached features so their top-1 targets do not steer the backbone.
-        one2one = self._maps([xi.detach() for xi in x] if self.training else x, self.one2one_cv2, self.one2one_cv3)
+            preds = self._predict(x, shared)
+            return preds if self.training else (self._inference(preds), preds)
+        # The one-to-one branches learn from detached features (and get the shared outputs detached) so that their
+        # top-1 targets do not steer the backbone.
+        if self.training:
+            one2one = self._predict([xi.detach() for xi in x], tuple(t.detach() for t in shared), one2one=True)
+        else:
+            one2one = self._predict(x, shared, one2one=True)
         preds = {"one2one": one2one}
         if self.cv2 is not None:  # None after fuse(): inference keeps only the one-to-one branches
-            preds["one2many"] = self._maps(x, self.cv2, self.cv3)
-        return preds if self.training else (self._top_detections(self._decode(one2one, xywh=False)), preds)
+            preds["one2many"] = self._predict(x, shared)
+        return preds if self.training else (self._top_detections(self._inference(one2one, xywh=False)), preds)
+
+    def _shared_outputs(self, x):
+        """Outputs computed once and given to both branches of an end2end head (a subclass's mask prototypes);
+        a tuple, empty for Detect."""
+        return ()
+
+    def _predict(self, x, shared, one2one=False):
+        """One branch's raw output, the form training returns: here its per-level maps."""
+        if one2one:
+            return self._maps(x, self.one2one_cv2, self.one2one_cv3)
+        return self._maps(x, self.cv2, self.cv3)
+
+    def _inference(self, preds, xywh=True):
+        """A branch's raw output -> (B, 4 + nc + extra, A) decoded columns; see `_decode`."""
+        return self._decode(preds, xywh)
 
     def _maps(self, x, box_branch, cls_branch):
         return [torch.cat((box_branch[i](x[i]), cls_branch[i](x[i])), 1) for i in range(self.nl)]
+
+    def _per_anchor(self, x, branch, channels):
+        """A per-level branch's outputs (B, channels, H_i, W_i) concatenated over levels -> (B, channels, A)."""
+        return torch.cat([branch[i](x[i]).view(x[i].shape[0], channels, -1) for i in range(self.nl)], 2)
 
     def _anchors(self, maps):
         """Anchor points and strides as (2, A) and (1, A), recomputed only when the input shape/device/dtype change."""
@@ -330,19 +405,22 @@ class Detect(nn.Module):
         return torch.cat((boxes, cls_logits.sigmoid()), 1)
 
     def _top_detections(self, decoded):
-        """(B, 4 + nc, A) xyxy + scores -> (B, k, 6) the k = min(max_det, A) best (anchor, class) pairs, no NMS.
+        """(B, 4 + nc + E, A) xyxy, scores and E extra values per anchor -> (B, k, 6 + E): the k = min(max_det, A)
+        best (anchor, class) pairs as x1, y1, x2, y2, score, class and their anchor's extra values; no NMS.
 
         Two top-k steps keep it cheap: the k anchors with the best class score, then the k best pairs among them.
         """
-        boxes, scores = decoded.transpose(1, 2).split((4, self.nc), dim=-1)  # (B, A, 4), (B, A, nc)
+        rows = decoded.transpose(1, 2)  # (B, A, 4 + nc + E)
+        scores = rows[..., 4 : 4 + self.nc]  # (B, A, nc)
         k = min(self.max_det, scores.shape[1])
         anchors = scores.amax(-1).topk(k, dim=1).indices  # (B, k)
         candidate_scores = scores.gather(1, anchors.unsqueeze(-1).expand(-1, -1, self.nc))  # (B, k, nc)
         top_scores, pair = candidate_scores.flatten(1).topk(k, dim=1)  # (B, k), descending
         anchor = anchors.gather(1, pair // self.nc)  # (B, k)
-        top_boxes = boxes.gather(1, anchor.unsqueeze(-1).expand(-1, -1, 4))  # (B, k, 4)
+        chosen = rows.gather(1, anchor.unsqueeze(-1).expand(-1, -1, rows.shape[-1]))  # (B, k, 4 + nc + E)
         labels = (pair % self.nc).to(top_scores.dtype)
-        return torch.cat((top_boxes, top_scores.unsqueeze(-1), labels.unsqueeze(-1)), -1)
+        return torch.cat((chosen[..., :4], top_scores.unsqueeze(-1), labels.unsqueeze(-1), chosen[..., 4 + self.nc :]),
+                         -1)
 
     def fuse(self):
         """Inference only: an end2end head drops its one-to-many branches, which only training uses."""
@@ -358,6 +436,90 @@ class Detect(nn.Module):
             for box_branch, cls_branch, stride in zip(box_branches, cls_branches, self.stride.tolist()):
                 box_branch[-1].bias.data[:] = 2.0
                 cls_branch[-1].bias.data[: self.nc] = math.log(5 / self.nc / (640 / stride) ** 2)
+
+
+class Segment(Detect):
+    """Detect plus instance masks, as in the YOLO family's segmentation models: a prototype module (`proto`) turns
+    the finest level into nm mask prototypes at 1/4 of the input size, and a per-level branch (`cv4`: two 3x3 convs
+    and a 1x1 conv) predicts nm mask coefficients per anchor. An object's mask is the sigmoid of its coefficients
+    times the prototypes (the loss and the validator compute it, cropped to the object's box).
+
+    Args: nc; nm, mask prototypes (and coefficients per anchor); npr, the prototype module's width; ch and Detect's
+    options.
+
+    Outputs, with maps as in Detect, coefficients (B, nm, A) raw and proto (B, nm, H/4, W/4) for an H x W input:
+    - training: `(maps, coefficients, proto)`;
+    - eval: `(y, (maps, coefficients, proto))` with y (B, 4 + nc + nm, A): Detect's decoded xywh boxes and sigmoid
+      scores, then the raw coefficients (NMS follows and carries them along);
+    - end2end training: `{"one2many": (maps, coefficients, proto), "one2one": (maps, coefficients, proto)}`, each
+      branch a tuple as above. The one-to-one branch is computed from detached features and gets the prototypes
+      detached: its mask loss trains its coefficients, not the prototypes or the backbone;
+    - end2end eval: `(y, that dict)` with y (B, max_det, 6 + nm): x1, y1, x2, y2, score, class of the best (anchor,
+      class) pairs, descending by score, then the coefficients of each row's anchor; after `fuse()` the dict holds
+      only "one2one".
+    """
+
+    def __init__(self, nc=80, nm=32, npr=256, ch=(), reg_max=16, end2end=False, depthwise_cls=False):
+        if nm < 1 or npr < 1:
+            raise ValueError(f"Segment needs nm >= 1 mask prototypes and a width npr >= 1, got nm={nm}, npr={npr}")
+        super().__init__(nc, ch, reg_max, end2end, depthwise_cls)
+        self.nm = nm  # mask prototypes, and coefficients per anchor
+        self.npr = npr  # width of the prototype module
+        self.proto = self._prototype_module(ch)
+        width = max(ch[0] // 4, self.nm)
+        self.cv4 = nn.ModuleList(nn.Sequential(Conv(x, width, 3), Conv(width, width, 3), nn.Conv2d(width, self.nm, 1))
+                                 for x in ch)
+        if end2end:
+            self.one2one_cv4 = copy.deepcopy(self.cv4)
+
+    @staticmethod
+    def eval_prototypes(output):
+        """The prototypes (B, nm, H/4, W/4) of an eval output `(y, extras)`, end2end or not, or of an export's
+        `(y, prototypes)`."""
+        extras = output[1]
+        if isinstance(extras, torch.Tensor):
+            return extras
+        return (extras["one2one"] if isinstance(extras, dict) else extras)[2]
+
+    def _prototype_module(self, ch):
+        return Proto(ch[0], self.npr, self.nm)
+
+    def _shared_outputs(self, x):
+        """(proto,): one set of prototypes serves both branches of an end2end head."""
+        return (self.proto(x[0]),)
+
+    def _predict(self, x, shared, one2one=False):
+        maps = super()._predict(x, shared, one2one)
+        coefficients = self._per_anchor(x, self.one2one_cv4 if one2one else self.cv4, self.nm)
+        return (maps, coefficients, *shared)
+
+    def _inference(self, preds, xywh=True):
+        maps, coefficients = preds[:2]
+        return torch.cat((self._decode(maps, xywh), coefficients), 1)
+
+    def fuse(self):
+        """Inference only: an end2end head drops its one-to-many branches, the coefficient branch included."""
+        if self.end2end:
+            self.cv4 = None
+        return super().fuse()
+
+
+class Segment26(Segment):
+    """YOLO26's Segment head: its prototypes (`Proto26`) are made from every level, and while training it also
+    returns semantic logits from an auxiliary branch. Outputs as in `Segment`, except that each training tuple (of
+    each branch, when end2end) gains a fourth element, semantic (B, nc, H/8, W/8) logits (detached in the
+    one-to-one branch); eval outputs have none, and `fuse()` drops the semantic branch.
+    """
+
+    def _prototype_module(self, ch):
+        return Proto26(ch, self.npr, self.nm, self.nc)
+
+    def _shared_outputs(self, x):
+        return self.proto(x)
+
+    def fuse(self):
+        self.proto.fuse()
+        return super().fuse()
 
 
 class Pose(Detect):
@@ -386,8 +548,7 @@ class Pose(Detect):
                                  for x in ch)
 
     def forward(self, x):
-        batch_size = x[0].shape[0]
-        keypoints = torch.cat([self.cv4[i](x[i]).view(batch_size, self.nk, -1) for i in range(self.nl)], 2)
+        keypoints = self._per_anchor(x, self.cv4, self.nk)
         maps = self._maps(x, self.cv2, self.cv3)
         if self.training:
             return maps, keypoints

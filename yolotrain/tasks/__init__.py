@@ -28,6 +28,13 @@ def task_classes(task: str) -> TaskClasses:
         from yolotrain.tasks.detect.val import DetectionValidator
 
         return TaskClasses(DetectionModel, DetectionTrainer, DetectionValidator, DetectionPredictor)
+    if task == "segment":
+        from yolotrain.nn.model import SegmentationModel
+        from yolotrain.tasks.segment.predict import SegmentationPredictor
+        from yolotrain.tasks.segment.train import SegmentationTrainer
+        from yolotrain.tasks.segment.val import SegmentationValidator
+
+        return TaskClasses(SegmentationModel, SegmentationTrainer, SegmentationValidator, SegmentationPredictor)
     if task == "pose":
         from yolotrain.nn.model import PoseModel
         from yolotrain.tasks.pose.predict import PosePredictor

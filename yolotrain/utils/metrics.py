@@ -407,57 +407,76 @@ class DetMetrics(ResultsMapping):
         ]
 
 
-class PoseMetrics(DetMetrics):
-    """Pose metrics: `box` as in `DetMetrics` and `pose` (a `Metric` of the same attributes, matched by OKS instead
-    of box IoU). results.csv names carry (B) and (P); fitness is the sum of both parts' fitness."""
+class _PartMetrics(DetMetrics):
+    """Box metrics as `DetMetrics` plus one more part (a `Metric` of the same attributes) matched by its own
+    similarity: results.csv names carry (B) and the part's suffix; fitness is the sum of both parts' fitness.
+    A subclass names the part's attribute (`part`), its suffix and its curves' title."""
+
+    part, suffix, title = "", "", ""
 
     def __post_init__(self):
         super().__post_init__()
-        self.pose = Metric(nc=len(self.names))
+        setattr(self, self.part, Metric(nc=len(self.names)))
 
-    def process(self, tp, conf, pred_cls, target_cls, tp_pose=None, pose_target_cls=None, pose_ignored=None):
-        """Box metrics from `tp` (N, 10) as `DetMetrics`; pose metrics from `tp_pose` (N, 10) by OKS against the
-        labels with keypoints (`pose_target_cls`), leaving out the detections `pose_ignored` (N, 10) marks."""
+    @property
+    def _part(self):
+        return getattr(self, self.part)
+
+    def process(self, tp, conf, pred_cls, target_cls, tp_part=None, part_target_cls=None, part_ignored=None):
+        """Box metrics from `tp` (N, 10) as `DetMetrics`; the part's from `tp_part` (N, 10) against the labels that
+        have the part (`part_target_cls`), leaving out the detections `part_ignored` (N, 10) marks."""
         self.box.update(ap_per_class(tp, conf, pred_cls, target_cls))
-        self.pose.update(ap_per_class(tp_pose, conf, pred_cls, pose_target_cls, ignored=pose_ignored))
+        self._part.update(ap_per_class(tp_part, conf, pred_cls, part_target_cls, ignored=part_ignored))
         if self.plot and self.save_dir is not None:
             self._plot_curves(self.box.result, "Box")
-            self._plot_curves(self.pose.result, "Pose")
+            self._plot_curves(self._part.result, self.title)
         return self.results_dict
 
     @property
     def mean_result_keys(self):
-        return [*super().mean_result_keys, "metrics/precision(P)", "metrics/recall(P)", "metrics/mAP50(P)",
-                "metrics/mAP50-95(P)"]
+        return [*super().mean_result_keys, *(f"metrics/{key}({self.suffix})" for key in
+                                             ("precision", "recall", "mAP50", "mAP50-95"))]
 
     def mean_results(self):
-        return self.box.mean_results() + self.pose.mean_results()
+        return self.box.mean_results() + self._part.mean_results()
 
     def class_result(self, i):
-        return self.box.class_result(i) + self.pose.class_result(i)
+        return self.box.class_result(i) + self._part.class_result(i)
 
     @property
     def maps(self):
-        return self.box.maps + self.pose.maps
+        return self.box.maps + self._part.maps
 
     @property
     def fitness(self):
-        return self.box.fitness() + self.pose.fitness()
+        return self.box.fitness() + self._part.fitness()
 
     @property
     def curves(self):
-        return [*super().curves, "Precision-Recall(P)", "F1-Confidence(P)", "Precision-Confidence(P)",
-                "Recall-Confidence(P)"]
+        return [*super().curves, *(f"{name}({self.suffix})" for name in
+                                   ("Precision-Recall", "F1-Confidence", "Precision-Confidence", "Recall-Confidence"))]
 
     @property
     def curves_results(self):
-        result = self.pose.result
+        result = self._part.result
         return super().curves_results + [
             [result.px, result.pr_curve, "Recall", "Precision"],
             [result.px, result.f1_curve, "Confidence", "F1"],
             [result.px, result.p_curve, "Confidence", "Precision"],
             [result.px, result.r_curve, "Confidence", "Recall"],
         ]
+
+
+class PoseMetrics(_PartMetrics):
+    """Pose metrics: `box` as in `DetMetrics` and `pose`, matched by OKS instead of box IoU; names carry (P)."""
+
+    part, suffix, title = "pose", "P", "Pose"
+
+
+class SegmentMetrics(_PartMetrics):
+    """Segmentation metrics: `box` as in `DetMetrics` and `seg`, matched by mask IoU; names carry (M)."""
+
+    part, suffix, title = "seg", "M", "Mask"
 
 
 def keypoint_oks(true_keypoints, pred_keypoints, area, sigmas):

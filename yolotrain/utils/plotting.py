@@ -381,6 +381,22 @@ PERSON_SKELETON = ((15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6
                    (7, 9), (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6))
 
 
+MASK_ALPHA = 0.5  # how much of a masked pixel's colour is its class colour
+
+
+def draw_masks(image, masks, classes):
+    """Blend (n, H, W) masks onto a BGR image of that size in place, each in its class colour; where masks
+    overlap, the earlier (more confident) one is on top."""
+    if len(masks) == 0:
+        return
+    colours = np.array([class_colour(c, bgr=True) for c in classes], np.float32)  # (n, 3)
+    masks = np.asarray(masks, bool)
+    owner = masks.argmax(0)  # the first mask covering each pixel
+    covered = masks.any(0)
+    overlay = colours[owner[covered]]
+    image[covered] = (image[covered] * (1 - MASK_ALPHA) + overlay * MASK_ALPHA).astype(np.uint8)
+
+
 def draw_keypoints(image, keypoints, line):
     """Draw (n, K, 2 | 3) pixel keypoints on a BGR image in place: a dot per seen point (visibility >= 0.5, or all
     without visibility), each keypoint index in its own colour, and the limbs of the person skeleton for K = 17."""

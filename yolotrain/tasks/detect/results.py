@@ -1,6 +1,6 @@
 """What `predict` returns: one `Results` per image or video frame, with the containers its task fills: `Boxes` in
-original-image pixels (detect, pose), `Keypoints` (pose), `Probs` (classify); the kinds a task does not have are
-None."""
+original-image pixels (detect, segment, pose), `Masks` (segment), `Keypoints` (pose), `Probs` (classify); the kinds
+a task does not have are None."""
 
 import copy
 import json
@@ -12,7 +12,9 @@ import torch
 
 from yolotrain.engine.containers import TensorContainer
 from yolotrain.utils.boxes import xyxy2xywh
-from yolotrain.utils.plotting import KEYPOINT_VISIBLE, class_colour, draw_keypoints, draw_label, label_font_scale
+from yolotrain.utils.masks import mask_to_polygon
+from yolotrain.utils.plotting import (KEYPOINT_VISIBLE, class_colour, draw_keypoints, draw_label, draw_masks,
+                                      label_font_scale)
 
 
 class Boxes(TensorContainer):
@@ -90,6 +92,24 @@ class Keypoints(TensorContainer):
         return self.xy / self._image_scale(2)
 
 
+class Masks(TensorContainer):
+    """Masks of one image's detections: `data` (n, H, W) at the original image size (bool or 0/1), `xy` each
+    mask's outline (its largest region) as a (P, 2) float32 array of pixel x, y, `xyn` the same divided by the
+    image width and height."""
+
+    def __init__(self, data, orig_shape):
+        super().__init__(data[None] if data.ndim == 2 else data, orig_shape)
+
+    @property
+    def xy(self):
+        return [mask_to_polygon(np.asarray(torch.as_tensor(mask).cpu())) for mask in self.data]
+
+    @property
+    def xyn(self):
+        height, width = self.orig_shape
+        return [outline / np.array([width, height], np.float32) for outline in self.xy]
+
+
 class Probs(TensorContainer):
     """Class probabilities of one image, `data` (nc,): `top1` (class id), `top5` (class ids, best first),
     `top1conf`, `top5conf` (their probabilities)."""
@@ -124,20 +144,22 @@ class Results:
     """Predictions of one image or video frame.
 
     Attributes: `path` (file, or "image0" for an in-memory image), `orig_img` (BGR uint8), `orig_shape` (h, w),
-    `names` ({class id: name}), `boxes` (`Boxes`, detect and pose), `keypoints` (`Keypoints`, pose), `probs`
-    (`Probs`, classify), `masks`, `obb` (None: their tasks come later), `speed` ({"preprocess", "inference",
-    "postprocess"}: ms), `frame` (0-based frame index in its video, None for images).
+    `names` ({class id: name}), `boxes` (`Boxes`, detect, segment and pose), `masks` (`Masks`, segment),
+    `keypoints` (`Keypoints`, pose), `probs` (`Probs`, classify), `obb` (None: its task comes later), `speed`
+    ({"preprocess", "inference", "postprocess"}: ms), `frame` (0-based frame index in its video, None for images).
     """
 
-    def __init__(self, orig_img, path, names, boxes=None, speed=None, frame=None, probs=None, keypoints=None):
+    def __init__(self, orig_img, path, names, boxes=None, speed=None, frame=None, probs=None, keypoints=None,
+                 masks=None):
         self.orig_img = orig_img
         self.orig_shape = tuple(orig_img.shape[:2])
         self.path = str(path)
         self.names = dict(names)
         self.boxes = Boxes(boxes, self.orig_shape) if boxes is not None else None
+        self.masks = Masks(masks, self.orig_shape) if masks is not None else None
         self.probs = Probs(probs, self.orig_shape) if probs is not None else None
         self.keypoints = Keypoints(keypoints, self.orig_shape) if keypoints is not None else None
-        self.masks = self.obb = None
+        self.obb = None
         self.speed = dict(speed or {})
         self.frame = frame
 
@@ -198,6 +220,11 @@ class Results:
                 "confidence": round(conf, decimals),
                 "box": {k: round(v, decimals) for k, v in zip(("x1", "y1", "x2", "y2"), (x1, y1, x2, y2))},
             })
+        if self.masks is not None:
+            outlines = self.masks.xyn if normalize else self.masks.xy
+            for row, outline in zip(rows, outlines):
+                xy = outline.astype(np.float64).round(decimals)
+                row["segments"] = {"x": xy[:, 0].tolist(), "y": xy[:, 1].tolist()}
         if self.keypoints is not None:
             points = self._cpu_keypoints()
             xy = (points.xyn if normalize else points.xy).double().numpy().round(decimals)
@@ -224,6 +251,7 @@ class Results:
 
     def save_txt(self, path, save_conf=False):
         """YOLO label lines `cls cx cy w h [conf]` (normalised) to `path`; nothing is written for no detections.
+        Segment: `cls x1 y1 x2 y2 ... [conf]`, each mask's outline (a detection whose mask is empty is left out).
         Classify: `probability name` lines of the top 5."""
         if self.probs is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -231,14 +259,22 @@ class Results:
             return path
         lines, detections = [], self._cpu_boxes()
         points = self._keypoint_columns()
-        for i, ((cx, cy, w, h), conf, cls) in enumerate(zip(detections.xywhn.tolist(), detections.conf.tolist(),
-                                                            detections.cls.tolist())):
-            values = [int(cls), cx, cy, w, h] + points[i] + ([conf] if save_conf else [])
+        shapes = self._shape_columns(detections)
+        for i, (conf, cls) in enumerate(zip(detections.conf.tolist(), detections.cls.tolist())):
+            if not shapes[i]:
+                continue
+            values = [int(cls)] + shapes[i] + points[i] + ([conf] if save_conf else [])
             lines.append(" ".join(str(v) if isinstance(v, int) else f"{v:.6g}" for v in values))
         if lines:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text("\n".join(lines) + "\n")
         return path
+
+    def _shape_columns(self, detections):
+        """Per detection the YOLO label values of its shape: its mask's outline (segment) or its box, normalised."""
+        if self.masks is None:
+            return detections.xywhn.tolist()
+        return [outline.ravel().tolist() if len(outline) >= 3 else [] for outline in self.masks.xyn]
 
     def _keypoint_columns(self):
         """Per detection the YOLO pose label values of its keypoints (x y [visibility], normalised), or []."""
@@ -263,6 +299,8 @@ class Results:
                 draw_label(image, text, (0, (row_index + 1) * row_height), (56, 56, 255), scale)
             return image
         detections = self._cpu_boxes()
+        if self.masks is not None:
+            draw_masks(image, torch.as_tensor(self.masks.data).cpu().numpy(), detections.cls.long().tolist())
         for (x1, y1, x2, y2), score, cls in zip(detections.xyxy.round().int().tolist(), detections.conf.tolist(),
                                                  detections.cls.tolist()):
             colour = class_colour(int(cls), bgr=True)

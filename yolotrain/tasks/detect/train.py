@@ -126,7 +126,7 @@ class DetectionTrainer(BaseTrainer):
             batch = self.train_loader.dataset.device_augment.preprocess(batch, self.device)
         else:
             batch["img"] = batch["img"].to(self.device, non_blocking=True).float() / 255
-            for key in ("batch_idx", *PER_OBJECT_KEYS):  # the labels the task's samples carry
+            for key in ("batch_idx", *PER_OBJECT_KEYS, "masks"):  # the labels the task's samples carry
                 if key in batch:
                     batch[key] = batch[key].to(self.device, non_blocking=True)
         if self.args.multi_scale:

@@ -131,6 +131,7 @@ class DetectionValidator(BaseValidator):
     task = "detect"
     loss_names = loss_item_names()
     primary_metric = "metrics/mAP50-95(B)"
+    table_header = TABLE_HEADER  # the columns of the results table
     stat_keys = ("tp", "conf", "pred_cls", "target_cls", "target_img")  # per-batch statistics joined in `compute`
     coco_parts = (("bbox", "B"),)  # what pycocotools scores of predictions.json: (its iouType, our metric suffix)
     rect_pad = 0.5  # margin of the rectangular batch shapes, in strides (as the reference validator pads)
@@ -240,7 +241,7 @@ class DetectionValidator(BaseValidator):
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)  # uint8: the cheapest copy to make
         batch["img"] = images.float().div_(255)  # in place: one float copy of the batch, not two
-        for key in ("batch_idx", *PER_OBJECT_KEYS):  # the labels the task's samples carry
+        for key in ("batch_idx", *PER_OBJECT_KEYS, "masks"):  # the labels the task's samples carry
             if key in batch:
                 batch[key] = batch[key].to(self.device, non_blocking=True)
         return batch
@@ -356,12 +357,12 @@ class DetectionValidator(BaseValidator):
 
     # ------------------------------------------------------------------ reporting
     def progress_description(self):
-        return ("%22s" + "%11s" * 6) % TABLE_HEADER
+        return ("%22s" + "%11s" * (len(self.table_header) - 1)) % self.table_header
 
     def log_results(self):
         """The table: one "all" row, then one row per class (when verbose or fewer than 50 classes) outside training:
         after each training epoch the "all" row is enough, and the final validation of best.pt has the classes."""
-        row = "%22s" + "%11i" * 2 + "%11.3g" * 4
+        row = "%22s" + "%11i" * 2 + "%11.3g" * (len(self.table_header) - 3)
         LOGGER.info(self.progress_description())
         LOGGER.info(row % ("all", self.seen, self.nt_per_class.sum(), *self.metrics.mean_results()))
         if self.nc > 1 and not self.training and (self.args.verbose or self.nc < PER_CLASS_ROWS_MAX_NC):

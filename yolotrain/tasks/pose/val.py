@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from yolotrain.loss.pose import pose_loss_item_names
-from yolotrain.tasks.detect.val import LOGGER, PER_CLASS_ROWS_MAX_NC, DetectionValidator, padded_match
+from yolotrain.tasks.detect.val import DetectionValidator, padded_match
 from yolotrain.utils.metrics import OKS_AREA_FROM_BOX, PoseMetrics, keypoint_oks, keypoint_sigmas
 from yolotrain.utils.torch_utils import de_parallel
 
@@ -34,6 +34,7 @@ class PoseValidator(DetectionValidator):
     loss_names = pose_loss_item_names()
     primary_metric = "metrics/mAP50-95(P)"
     stat_keys = (*DetectionValidator.stat_keys, "tp_pose", "pose_ignored", "pose_target_cls")
+    table_header = TABLE_HEADER
     coco_parts = (*DetectionValidator.coco_parts, ("keypoints", "P"))
 
     def __init__(self, dataloader=None, save_dir=None, args=None, _callbacks=None):
@@ -137,18 +138,6 @@ class PoseValidator(DetectionValidator):
     def configure_coco_evaluation(self, evaluation):
         """pycocotools scores keypoints with this validator's sigmas (COCO's own for 17 person keypoints)."""
         evaluation.params.kpt_oks_sigmas = np.asarray(self.sigmas)
-
-    def progress_description(self):
-        return ("%22s" + "%11s" * 10) % TABLE_HEADER
-
-    def log_results(self):
-        row = "%22s" + "%11i" * 2 + "%11.3g" * 8
-        LOGGER.info(self.progress_description())
-        LOGGER.info(row % ("all", self.seen, self.nt_per_class.sum(), *self.metrics.mean_results()))
-        if self.nc > 1 and not self.training and (self.args.verbose or self.nc < PER_CLASS_ROWS_MAX_NC):
-            for i, c in enumerate(self.metrics.ap_class_index):
-                counts = (self.nt_per_image[c], self.nt_per_class[c])
-                LOGGER.info(row % (self.names.get(int(c), str(c)), *counts, *self.metrics.class_result(i)))
 
 
 def _beyond_per_class_cap(detections, image_index, cap):

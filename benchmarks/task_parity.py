@@ -1,15 +1,18 @@
-"""Same pose weights, both validators: box and keypoint mAP of yolotrain's validation against the reference's.
+"""Same pose or segmentation weights, both validators: box and keypoint (or mask) mAP of yolotrain's validation
+against the reference's.
 
-    python benchmarks/pose_parity.py --weights REF.pt [--data DATA.yaml] [--imgsz 160] [--batch 16]
+    python benchmarks/task_parity.py --task pose --weights REF.pt [--data DATA.yaml] [--imgsz 160] [--batch 16]
+    python benchmarks/task_parity.py --task segment --weights REF.pt [--imgsz 160]
 
-REF.pt is a pose checkpoint written by the reference trainer (Ultralytics, set up with
+REF.pt is a checkpoint of the task written by the reference trainer (Ultralytics, set up with
 `../shared/anchor/setup-ultralytics.sh`; `benchmarks/train_speed.py --task pose --keep DIR` leaves one in
 DIR/reference/train/weights/best.pt). The reference validates it in its own virtualenv; yolotrain imports the same
 file (read without running its pickle code) and validates it with the same settings (conf 0.001, IoU 0.7,
-save_json). Both predictions.json files are then scored by pycocotools' `keypoints` evaluation against the labels
-(object area = 0.53 x box area, sigmas 1/K or COCO's for 17 person keypoints, as both validators use). Prints
-box and pose mAP50-95 of each validator, pycocotools' keypoint figures for both, validation time and images/s.
-Default data: the built-in pose set.
+save_json). Both predictions.json files are then scored by pycocotools against the labels: pose by its
+`keypoints` evaluation (object area = 0.53 x box area, sigmas 1/K or COCO's for 17 person keypoints, as both
+validators use), segmentation by its `segm` evaluation (each label polygon drawn at its image's original size).
+Prints box and keypoint (mask) mAP50-95 of each validator, pycocotools' figures for both, validation time and
+images/s. Default data: the built-in set of the task.
 """
 
 import argparse
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from val_parity import pycocotools_map  # this folder's scripts: run as `python benchmarks/pose_parity.py`
+from val_parity import pycocotools_map  # this folder's scripts: run as `python benchmarks/task_parity.py`
 
 ANCHOR = Path(__file__).resolve().parents[2] / "shared" / "anchor"
 
@@ -32,7 +35,8 @@ weights, data, imgsz, batch, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), i
 started = time.perf_counter()
 metrics = YOLO(weights).val(data=data, imgsz=imgsz, batch=batch, conf=0.001, iou=0.7, device="cpu", workers=2,
                             save_json=True, plots=False, project=out, name="val", exist_ok=True, verbose=False)
-print("RESULT " + json.dumps({"box": float(metrics.box.map), "pose": float(metrics.pose.map),
+part = metrics.pose if hasattr(metrics, "pose") else metrics.seg
+print("RESULT " + json.dumps({"box": float(metrics.box.map), "part": float(part.map),
                               "seconds": time.perf_counter() - started, "json": f"{out}/val/predictions.json"}))
 """
 
@@ -51,7 +55,8 @@ def yolotrain_val(weights, data, imgsz, batch, out):
     metrics = YOLO(str(weights)).val(data=str(data), imgsz=imgsz, batch=batch, conf=0.001, iou=0.7, device="cpu",
                                      workers=2, save_json=True, plots=False, project=str(out), name="val",
                                      exist_ok=True)
-    return {"box": metrics.box.map, "pose": metrics.pose.map, "seconds": time.perf_counter() - started,
+    part = metrics.pose if hasattr(metrics, "pose") else metrics.seg
+    return {"box": metrics.box.map, "part": part.map, "seconds": time.perf_counter() - started,
             "json": str(Path(out) / "val" / "predictions.json")}
 
 
@@ -78,39 +83,67 @@ def keypoint_ground_truth(image_files, kpt_shape, nc):
     return {"images": images, "annotations": annotations, "categories": [{"id": i} for i in range(nc)]}
 
 
+def mask_ground_truth(image_files, nc):
+    """The val labels as a COCO segmentation ground truth: each polygon drawn at its image's size, as RLE."""
+    from yolotrain.utils.masks import mask_to_rle, polygons_to_masks, stack_polygons
+
+    images, annotations = [], []
+    for image_file in image_files:
+        height, width = cv2.imread(str(image_file)).shape[:2]
+        image_id = int(image_file.stem) if image_file.stem.isnumeric() else image_file.stem
+        images.append({"id": image_id, "width": width, "height": height})
+        label_file = Path(str(image_file.with_suffix(".txt")).replace("/images/", "/labels/"))
+        lines = label_file.read_text().split("\n") if label_file.exists() else []
+        for line in filter(str.strip, lines):
+            values = np.array(line.split(), np.float64)
+            outline = values[1:].reshape(-1, 2) * (width, height)
+            (mask,) = polygons_to_masks(stack_polygons([outline]), (height, width))
+            ys, xs = np.nonzero(mask)
+            box = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(values[0]),
+                                "segmentation": mask_to_rle(mask), "area": float(mask.sum()), "bbox": box,
+                                "iscrowd": 0})
+    return {"images": images, "annotations": annotations, "categories": [{"id": i} for i in range(nc)]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--weights", required=True, help="a pose checkpoint written by the reference trainer")
-    parser.add_argument("--data", help="data yaml (default: the built-in pose set)")
+    parser.add_argument("--task", default="pose", choices=("pose", "segment"))
+    parser.add_argument("--weights", required=True, help="a checkpoint of the task written by the reference trainer")
+    parser.add_argument("--data", help="data yaml (default: the built-in set of the task)")
     parser.add_argument("--imgsz", type=int, default=160)
     parser.add_argument("--batch", type=int, default=16)
     options = parser.parse_args()
-    from yolotrain.data.builtin import builtin_pose_data_yaml
+    from yolotrain.data.builtin import builtin_data_yaml_for
     from yolotrain.data.data_yaml import check_det_dataset
     from yolotrain.utils.metrics import keypoint_sigmas
 
-    data = Path(options.data or builtin_pose_data_yaml()).resolve()
-    work = Path(tempfile.mkdtemp(prefix="yolotrain-pose-parity-"))
+    data = Path(options.data or builtin_data_yaml_for(options.task)).resolve()
+    work = Path(tempfile.mkdtemp(prefix=f"yolotrain-{options.task}-parity-"))
     ref = reference_val(Path(options.weights).resolve(), data, options.imgsz, options.batch, work / "ref")
     ours = yolotrain_val(options.weights, data, options.imgsz, options.batch, work / "ours")
 
     dataset = check_det_dataset(data)
     image_files = sorted(p for p in Path(dataset["val"]).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    truth = keypoint_ground_truth(image_files, dataset["kpt_shape"], dataset["nc"])
-    sigmas = keypoint_sigmas(dataset["kpt_shape"], dataset.get("kpt_sigmas"))
+    if options.task == "pose":
+        truth = keypoint_ground_truth(image_files, dataset["kpt_shape"], dataset["nc"])
+        scoring = ("keypoints", keypoint_sigmas(dataset["kpt_shape"], dataset.get("kpt_sigmas")))
+    else:
+        truth, scoring = mask_ground_truth(image_files, dataset["nc"]), ("segm", None)
     ref_predictions = json.loads(Path(ref["json"]).read_text())
     if min((p["category_id"] for p in ref_predictions), default=0) >= 1:  # the reference counts classes from 1
         ref_predictions = [{**p, "category_id": p["category_id"] - 1} for p in ref_predictions]
-    ref_coco = pycocotools_map(truth, ref_predictions, "keypoints", sigmas)[1]
-    our_coco = pycocotools_map(truth, json.loads(Path(ours["json"]).read_text()), "keypoints", sigmas)[1]
+    ref_coco = pycocotools_map(truth, ref_predictions, *scoring)[1]
+    our_coco = pycocotools_map(truth, json.loads(Path(ours["json"]).read_text()), *scoring)[1]
 
+    part = {"pose": "pose", "segment": "mask"}[options.task]
     count = len(image_files)
     print(f"data {data} ({count} val images), imgsz {options.imgsz}, batch {options.batch}, weights {options.weights}")
-    print(f"{'':12s} {'box mAP50-95':>13s} {'pose mAP50-95':>14s} {'coco pose':>10s} {'val s':>7s} {'img/s':>7s}")
+    print(f"{'':12s} {'box mAP50-95':>13s} {part + ' mAP50-95':>14s} {'pycocotools':>12s} {'val s':>7s} {'img/s':>7s}")
     for name, result, coco in (("reference", ref, ref_coco), ("yolotrain", ours, our_coco)):
-        print(f"{name:12s} {result['box']:13.4f} {result['pose']:14.4f} {coco:10.4f} {result['seconds']:7.2f} "
+        print(f"{name:12s} {result['box']:13.4f} {result['part']:14.4f} {coco:12.4f} {result['seconds']:7.2f} "
               f"{count / result['seconds']:7.1f}")
-    print(f"pose mAP50-95 yolotrain - reference: {ours['pose'] - ref['pose']:+.4f} (goal within 0.01); "
+    print(f"{part} mAP50-95 yolotrain - reference: {ours['part'] - ref['part']:+.4f} (goal within 0.01); "
           f"validation speed yolotrain / reference: {ref['seconds'] / ours['seconds']:.2f}x")
 
 

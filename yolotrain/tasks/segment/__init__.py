@@ -1,0 +1,1 @@
+"""Instance segmentation: boxes plus a pixel mask per object (trainer, validator, predictor)."""
