@@ -60,23 +60,31 @@ def yolotrain_val(weights, data, imgsz, batch, out):
             "json": str(Path(out) / "val" / "predictions.json")}
 
 
-def keypoint_ground_truth(image_files, kpt_shape, nc):
-    """The val labels as a COCO keypoint ground truth (image ids as both validators write them)."""
-    count, dims = kpt_shape
-    images, annotations = [], []
+def labelled_images(image_files):
+    """Per val image: its COCO image entry (the id both validators write) and its label rows (arrays of values)."""
     for image_file in image_files:
         height, width = cv2.imread(str(image_file)).shape[:2]
         image_id = int(image_file.stem) if image_file.stem.isnumeric() else image_file.stem
-        images.append({"id": image_id, "width": width, "height": height})
         label_file = Path(str(image_file.with_suffix(".txt")).replace("/images/", "/labels/"))
-        rows = np.loadtxt(label_file, ndmin=2) if label_file.exists() and label_file.read_text().strip() else []
+        lines = label_file.read_text().split("\n") if label_file.exists() else []
+        rows = [np.array(line.split(), np.float64) for line in lines if line.strip()]
+        yield {"id": image_id, "width": width, "height": height}, rows
+
+
+def keypoint_ground_truth(image_files, kpt_shape, nc):
+    """The val labels as a COCO keypoint ground truth."""
+    count, dims = kpt_shape
+    images, annotations = [], []
+    for image, rows in labelled_images(image_files):
+        images.append(image)
+        width, height = image["width"], image["height"]
         for row in rows:
             cls, cx, cy, w, h = row[:5]
             points = row[5:].reshape(count, dims) * ([width, height, 1][:dims])
             if dims == 2:
                 points = np.concatenate([points, np.full((count, 1), 2.0)], 1)
             box = [(cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height]
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(cls),
+            annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "category_id": int(cls),
                                 "bbox": box, "area": box[2] * box[3] * 0.53, "iscrowd": 0,
                                 "keypoints": points.reshape(-1).tolist(),
                                 "num_keypoints": int((points[:, 2] > 0).sum())})
@@ -88,19 +96,15 @@ def mask_ground_truth(image_files, nc):
     from yolotrain.utils.masks import mask_to_rle, polygons_to_masks, stack_polygons
 
     images, annotations = [], []
-    for image_file in image_files:
-        height, width = cv2.imread(str(image_file)).shape[:2]
-        image_id = int(image_file.stem) if image_file.stem.isnumeric() else image_file.stem
-        images.append({"id": image_id, "width": width, "height": height})
-        label_file = Path(str(image_file.with_suffix(".txt")).replace("/images/", "/labels/"))
-        lines = label_file.read_text().split("\n") if label_file.exists() else []
-        for line in filter(str.strip, lines):
-            values = np.array(line.split(), np.float64)
+    for image, rows in labelled_images(image_files):
+        images.append(image)
+        width, height = image["width"], image["height"]
+        for values in rows:
             outline = values[1:].reshape(-1, 2) * (width, height)
             (mask,) = polygons_to_masks(stack_polygons([outline]), (height, width))
             ys, xs = np.nonzero(mask)
             box = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(values[0]),
+            annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "category_id": int(values[0]),
                                 "segmentation": mask_to_rle(mask), "area": float(mask.sum()), "bbox": box,
                                 "iscrowd": 0})
     return {"images": images, "annotations": annotations, "categories": [{"id": i} for i in range(nc)]}

@@ -179,6 +179,22 @@ def test_a_bad_mask_ratio_is_a_one_line_error(value, message):
         Format_for_segment(type("Data", (), {"task": "segment"})(), {"mask_ratio": value}, keep_segments=True)
 
 
+def test_bad_polygon_rows_are_named_in_the_report(tmp_path):
+    image_dir, label_dir = tmp_path / "images", tmp_path / "labels"
+    image_dir.mkdir(), label_dir.mkdir()
+    cv2.imwrite(str(image_dir / "a.png"), np.zeros((32, 32, 3), np.uint8))
+    (label_dir / "a.txt").write_text("0 0.1 0.1 0.9 0.1 0.5 0.9\n"  # fine
+                                     "0 0.1 0.1 0.9 0.1\n"  # two points
+                                     "0 0.1 0.1 0.9 0.1 0.5 0.9 0.2\n"  # an odd coordinate count
+                                     "0 0.1 0.1 1.9 0.1 0.5 0.9\n")  # a point outside the image
+    dataset = YOLODataset(str(image_dir), imgsz=32, data={"names": {0: "a"}, "nc": 1}, task="segment", workers=1)
+    assert len(dataset.labels[0]["segments"]) == 1
+    report = Path(dataset.bad_entries_file).read_text()
+    assert ("line 2: expected a polygon (class and at least 3 x y points: an odd count of at least 7 values), got 5 "
+            "(+1 more rows)") in report  # the odd count of line 3 too
+    assert "line 4: coordinates" in report and "outside [0, 1]" in report
+
+
 # ----------------------------------------------------------------------------------------------------------- loss
 def test_the_mask_loss_is_small_for_the_right_masks_and_large_for_wrong_ones(tiny_seg_yaml):
     """With prototypes that spell out the labels' masks and coefficients that pick them, the mask loss is far below
