@@ -306,3 +306,31 @@ def test_an_end_to_end_segmentation_model_trains_with_a_semantic_loss(seg_overri
     (result,) = YOLO(Path(seg_overrides["project"]) / "train" / "weights" / "best.pt").predict(
         next(Path(seg_overrides["data"]).parent.glob("images/val/*.jpg")), imgsz=64, conf=0.0, max_det=4, save=False)
     assert len(result.masks.data) == 4
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_a_segmentation_model_and_validate_every_image(seg_overrides, seg_data):
+    """torchrun with 2 ranks: one run folder, both epochs; the gathered mask mAP of the final epoch's validation is
+    that of a standalone validation of the same weights, and predictions.json has every image's masks."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    args = {**seg_overrides, "amp": False, "dist_timeout": 60, "save_json": True}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "yolotrain", "segment", "train", *(f"{k}={v}" for k, v in args.items())]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    save_dir = Path(seg_overrides["project"]) / "train"
+    rows = read_rows(save_dir / "results.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    standalone = YOLO(save_dir / "weights" / "last.pt").val(data=seg_data, imgsz=64, batch=4, plots=False,
+                                                             save_json=True, project=seg_overrides["project"],
+                                                             name="standalone")
+    assert float(rows[-1]["metrics/mAP50-95(M)"]) == pytest.approx(standalone.seg.map, abs=1e-4)
+    gathered = json.loads((save_dir / "predictions.json").read_text())
+    alone = json.loads((Path(standalone.save_dir) / "predictions.json").read_text())
+    assert {p["image_id"] for p in gathered} == {p["image_id"] for p in alone}
+    assert all(p["segmentation"]["size"] for p in gathered)

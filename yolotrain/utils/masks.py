@@ -119,14 +119,18 @@ def mask_to_polygon(mask: np.ndarray) -> np.ndarray:
 
 
 def crop_to_boxes(masks: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """Zero every mask (..., h, w) outside its box (..., 4) xyxy in the masks' continuous pixels."""
+    """Zero every mask (..., h, w) outside its box (..., 4) xyxy in the masks' continuous pixels (a pixel is inside
+    when its centre is). Float masks are cropped in place."""
     height, width = masks.shape[-2:]
     columns = torch.arange(width, device=masks.device, dtype=boxes.dtype) + 0.5  # pixel centres
     rows = torch.arange(height, device=masks.device, dtype=boxes.dtype) + 0.5
-    x1, y1, x2, y2 = boxes[..., 0:1, None], boxes[..., 1:2, None], boxes[..., 2:3, None], boxes[..., 3:4, None]
-    inside_x = (columns >= x1) & (columns < x2)  # (..., 1, w)
-    inside_y = ((rows >= y1[..., 0]) & (rows < y2[..., 0]))[..., None]  # (..., h, 1)
-    return masks * (inside_x & inside_y)
+    inside_x = (columns >= boxes[..., 0:1]) & (columns < boxes[..., 2:3])  # (..., w)
+    inside_y = (rows >= boxes[..., 1:2]) & (rows < boxes[..., 3:4])  # (..., h)
+    if masks.is_floating_point():  # two separable products, no (..., h, w) temporary
+        masks *= inside_x[..., None, :]
+        masks *= inside_y[..., :, None]
+        return masks
+    return masks & inside_x[..., None, :] & inside_y[..., :, None]
 
 
 def mask_logits(coefficients: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
@@ -139,16 +143,39 @@ def masks_in_image(coefficients, protos, boxes, input_hw, ratio_pad, image_hw) -
 
     coefficients (n, nm), protos (nm, h, w) over the network input of `input_hw` (letterboxed image), boxes (n, 4)
     xyxy in the original image's pixels, `ratio_pad` ((gain_h, gain_w), (pad_w, pad_h)) the letterbox that made the
-    input. The prototypes are brought to the original image first (they are a linear basis, so resizing them equals
-    resizing each mask's logits, at nm instead of n resizes), then combined; a pixel is in the mask when its logit
-    is positive (sigmoid > 0.5) and its centre lies inside the box.
+    input. A pixel is in a mask when its logit is positive (sigmoid > 0.5) and its centre lies inside the box.
     """
-    protos_in_image = input_to_image(protos[None].float(), input_hw, ratio_pad, image_hw)[0]  # (nm, H, W)
-    masks = torch.zeros((len(coefficients), *protos_in_image.shape[1:]), dtype=torch.bool, device=protos.device)
+    return masks_from_protos(coefficients, protos_in_image(protos, input_hw, ratio_pad, image_hw), boxes)
+
+
+def protos_in_image(protos, input_hw, ratio_pad, image_hw) -> torch.Tensor:
+    """(nm, h, w) prototypes over a letterboxed network input -> (nm, image_h, image_w) over the original image.
+    They are a linear basis, so resizing them equals resizing each mask's logits, at nm instead of n resizes."""
+    return input_to_image(protos[None].float(), input_hw, ratio_pad, image_hw)[0]
+
+
+def masks_from_protos(coefficients, protos, boxes) -> torch.Tensor:
+    """(n, H, W) bool masks from coefficients (n, nm), prototypes (nm, H, W) and boxes (n, 4) in their pixels."""
+    masks = torch.zeros((len(coefficients), *protos.shape[1:]), dtype=torch.bool, device=protos.device)
     for start in range(0, len(coefficients), MASK_CHUNK):  # float logits of a few masks at a time
         part = slice(start, start + MASK_CHUNK)
-        masks[part] = crop_to_boxes(mask_logits(coefficients[part].float(), protos_in_image) > 0, boxes[part].float())
+        masks[part] = crop_to_boxes(mask_logits(coefficients[part].float(), protos) > 0, boxes[part].float())
     return masks
+
+
+def mask_iou_from_protos(masks, coefficients, protos, boxes) -> torch.Tensor:
+    """IoU (m, n) of masks (m, H, W) with the masks `masks_from_protos` would make, without keeping those: each chunk
+    of predicted masks is compared as soon as it is made."""
+    flat = masks.flatten(1).float()  # (m, HW)
+    area = flat.sum(1, keepdim=True)
+    columns = []
+    for start in range(0, len(coefficients), MASK_CHUNK):
+        part = slice(start, start + MASK_CHUNK)
+        logits = mask_logits(coefficients[part].float(), protos)
+        predicted = crop_to_boxes((logits > 0).float(), boxes[part].float()).flatten(1)  # (c, HW) 0/1
+        inter = flat @ predicted.T  # (m, c)
+        columns.append(inter / (area + predicted.sum(1) - inter).clamp(min=1e-9))
+    return torch.cat(columns, 1) if columns else masks.new_zeros((len(masks), 0), dtype=torch.float32)
 
 
 def input_to_image(maps: torch.Tensor, input_hw, ratio_pad, image_hw) -> torch.Tensor:

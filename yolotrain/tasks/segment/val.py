@@ -16,7 +16,9 @@ import torch
 from yolotrain.loss.segment import segment_loss_item_names
 from yolotrain.nn.modules import Segment
 from yolotrain.tasks.detect.val import DetectionValidator, _slots, padded_match
-from yolotrain.utils.masks import mask_iou, mask_to_rle, masks_in_image, polygons_to_masks
+from yolotrain.utils.boxes import batched_box_iou
+from yolotrain.utils.masks import (mask_iou, mask_iou_from_protos, mask_to_rle, masks_from_protos, polygons_to_masks,
+                                   protos_in_image)
 from yolotrain.utils.metrics import SegmentMetrics
 
 TABLE_HEADER = ("Class", "Images", "Instances", "Box(P", "R", "mAP50", "mAP50-95)", "Mask(P", "R", "mAP50",
@@ -64,39 +66,39 @@ class SegmentationValidator(DetectionValidator):
     def part_stats(self, labels, batch):
         """Mask matches by mask IoU at the 10 thresholds (`tp_mask` (P, 10)), masks at each image's original
         size. Images differ in size, so the masks are made and compared image by image (each image's masks are
-        also what bounds the memory: n masks of its full size)."""
+        also what bounds the memory: n masks of its full size). Only detections whose box meets a label box of
+        their class can match; only their masks are made (all of them with save_json, which writes every mask)."""
         detections = labels.detections
         iou_rows = torch.zeros((len(labels.gt_cls), max(labels.max_preds, 1)), device=detections.device)
         outlines = self._label_outlines(batch, labels)
         input_hw = tuple(batch["img"].shape[2:])
+        slots = _slots(labels.pred_image)  # (P,) a detection's column in its image's IoU rows
+        wanted = torch.ones_like(slots, dtype=torch.bool) if self.args.save_json else _may_match(labels)
         masks_json = []
         for image in range(labels.num_images):
-            pred_rows = torch.nonzero(labels.pred_image == image).flatten()
+            pred_rows = torch.nonzero((labels.pred_image == image) & wanted).flatten()
             gt_rows = torch.nonzero(labels.gt_image == image).flatten()
-            pred_masks = self._image_masks(detections[pred_rows], image, batch, input_hw)
-            gt_masks = self.label_masks(outlines[gt_rows.cpu().numpy()], tuple(pred_masks.shape[1:]))
-            if len(pred_rows) and len(gt_rows):
-                iou_rows[gt_rows, : len(pred_rows)] = mask_iou(gt_masks.to(pred_masks.device), pred_masks)
+            image_hw = tuple(int(v) for v in batch["ori_shape"][image])
+            gt_masks = self.label_masks(outlines[gt_rows.cpu().numpy()], image_hw).to(detections.device)
+            coefficients, boxes = detections[pred_rows, 6:], detections[pred_rows, :4]
+            protos = protos_in_image(self._protos[image], input_hw, batch["ratio_pad"][image], image_hw)
             if self.args.save_json:
+                pred_masks = masks_from_protos(coefficients, protos, boxes)
                 masks_json.extend(mask_to_rle(m) for m in pred_masks.cpu().numpy())
+                iou = mask_iou(gt_masks, pred_masks)
+            else:
+                iou = mask_iou_from_protos(gt_masks, coefficients, protos, boxes)
+            iou_rows[gt_rows[:, None], slots[pred_rows][None]] = iou
         if self.args.save_json:
             self.json_masks.append((self.batch_position, masks_json))
-        pred_slot = _slots(labels.pred_image)[:, None].float()  # (P, 1) a detection's column in its image's rows
         tp = padded_match(detections, labels.pred_image, labels.gt_boxes, labels.gt_cls, labels.gt_image,
                           labels.num_images, labels.max_preds, labels.max_boxes, self.iouv.to(detections.device),
-                          pred_slot, iou_rows, _precomputed_iou)
+                          slots[:, None].float(), iou_rows, _precomputed_iou)
         return {"tp_mask": tp}
 
     def label_masks(self, outlines, image_hw):
         """(n, H, W) uint8 masks of an image's labels from their (n, S, 2) outlines in its pixels."""
         return torch.from_numpy(polygons_to_masks(outlines, image_hw))
-
-    def _image_masks(self, detections, image, batch, input_hw):
-        """(n, H, W) bool masks of an image's detections at its original size (H, W)."""
-        (gain_h, gain_w), (pad_w, pad_h) = batch["ratio_pad"][image]
-        image_hw = tuple(int(v) for v in batch["ori_shape"][image])
-        return masks_in_image(detections[:, 6:], self._protos[image], detections[:, :4], input_hw,
-                              ((gain_h, gain_w), (pad_w, pad_h)), image_hw)
 
     @staticmethod
     def _label_outlines(batch, labels):
@@ -126,6 +128,15 @@ class SegmentationValidator(DetectionValidator):
         for record, rle in zip(records, masks):
             record["segmentation"] = rle
         return records
+
+
+def _may_match(labels):
+    """(P,) bool: detections whose box overlaps a label box of their class in their image (others have mask IoU 0
+    with every label they could match)."""
+    detections = labels.detections
+    same_image = labels.pred_image[:, None] == labels.gt_image[None]
+    same_class = detections[:, 5:6] == labels.gt_cls[None]
+    return ((batched_box_iou(detections[None, :, :4], labels.gt_boxes[None])[0] > 0) & same_image & same_class).any(1)
 
 
 def _precomputed_iou(true_values, pred_values):
