@@ -34,6 +34,10 @@ USAGE = (f"usage: yolotrain [TASK] MODE [key=value ...]  (TASK: {', '.join(TASKS
 CONVERT_USAGE = "yolotrain convert coco SRC.json IMAGES_DIR OUT_DIR [segments=True] [include_crowd=True]"
 CONVERT_MASKS_USAGE = ("yolotrain convert masks MASKS_DIR IMAGES_DIR OUT_DIR names=cat,dog [pixel_classes=1:0,2:1] "
                        "[min_area=16] [split_regions=False]")
+CONVERT_DOTA_USAGE = ("yolotrain convert dota LABELS_DIR IMAGES_DIR OUT_DIR [version=1.0|1.5|2.0] [names=a,b] "
+                      "[include_difficult=False] [split=train]")
+CONVERT_TILES_USAGE = ("yolotrain convert tiles DATA_YAML OUT_DIR [size=1024] [gap=200] [rates=0.5,1.0,1.5] "
+                       "[min_inside=0.7] [workers=4]")
 CONVERT_ULTRALYTICS_USAGE = "yolotrain convert ultralytics yolov8n.pt yolov8n.safetensors"
 SYNC_USAGE = "yolotrain sync RUN_DIR"
 EXPORT_USAGE = "yolotrain export model=best.pt format=onnx"
@@ -48,6 +52,8 @@ MODE_HELP = (
     ("tune", "search hyperparameters: many short training runs", TUNE_USAGE),
     ("convert", "convert COCO json labels to YOLO txt labels", CONVERT_USAGE),
     ("convert", "trace mask images into YOLO polygon labels", CONVERT_MASKS_USAGE),
+    ("convert", "convert DOTA label files to YOLO oriented-box labels", CONVERT_DOTA_USAGE),
+    ("convert", "cut a large-image oriented-box dataset into tiles", CONVERT_TILES_USAGE),
     ("convert", "write an Ultralytics .pt as a plain safetensors file", CONVERT_ULTRALYTICS_USAGE),
     ("sync", "upload a run folder to the remote tracking server", SYNC_USAGE),
     ("help", "show this help", "yolotrain help"),
@@ -194,12 +200,16 @@ def _run_convert(words: list) -> int:
     options = [word for word in words if "=" in word]
     if positional[:1] == ["masks"]:
         return _run_convert_masks(positional[1:], options)
+    if positional[:1] == ["dota"]:
+        return _run_convert_dota(positional[1:], options)
+    if positional[:1] == ["tiles"]:
+        return _run_convert_tiles(positional[1:], options)
     if len(positional) != 4:
         raise CfgError(f"convert takes 4 arguments, got {len(positional)}: usage: {CONVERT_USAGE}")
     source_format, src_json, images_dir, out_dir = positional
     if source_format != "coco":
-        raise CfgError(f"'convert {source_format}' is not supported: coco, masks or ultralytics, usage: "
-                       f"{CONVERT_USAGE}")
+        raise CfgError(f"'convert {source_format}' is not supported: coco, masks, dota, tiles or ultralytics, "
+                       f"usage: {CONVERT_USAGE}")
     kwargs = _convert_options(options, {"segments": _bool_option, "include_crowd": _bool_option}, CONVERT_USAGE)
     _configure_logging()
     from yolotrain.data.convert import convert_coco
@@ -209,11 +219,9 @@ def _run_convert(words: list) -> int:
 
 
 def _run_convert_masks(positional: list, options: list) -> int:
-    if len(positional) != 3:
-        raise CfgError(f"convert masks takes 3 folders, got {len(positional)}: usage: {CONVERT_MASKS_USAGE}")
     parsers = {"names": _names_option, "pixel_classes": _pixel_classes_option, "min_area": _count_option,
                "split_regions": _bool_option}
-    kwargs = _convert_options(options, parsers, CONVERT_MASKS_USAGE)
+    kwargs = _convert_arguments("masks", positional, 3, "folders", options, parsers, CONVERT_MASKS_USAGE)
     if "names" not in kwargs:
         raise CfgError(f"convert masks needs names= (the class names in class order): usage: {CONVERT_MASKS_USAGE}")
     _configure_logging()
@@ -221,6 +229,38 @@ def _run_convert_masks(positional: list, options: list) -> int:
 
     convert_masks(*positional, **kwargs)
     return 0
+
+
+def _run_convert_dota(positional: list, options: list) -> int:
+    parsers = {"version": _text_option, "names": _names_option, "include_difficult": _bool_option,
+               "split": _text_option}
+    kwargs = _convert_arguments("dota", positional, 3, "folders", options, parsers, CONVERT_DOTA_USAGE)
+    _configure_logging()
+    from yolotrain.data.convert import convert_dota
+
+    convert_dota(*positional, **kwargs)
+    return 0
+
+
+def _run_convert_tiles(positional: list, options: list) -> int:
+    parsers = {"size": _count_option, "gap": _pixels_option, "rates": _rates_option, "min_inside": _share_option,
+               "workers": _count_option}
+    kwargs = _convert_arguments("tiles", positional, 2, "arguments (a data yaml and an output folder)", options,
+                                parsers, CONVERT_TILES_USAGE)
+    _configure_logging()
+    from yolotrain.data.tiles import tile_dataset
+
+    print(tile_dataset(*positional, **kwargs))
+    return 0
+
+
+def _convert_arguments(command: str, positional: list, count: int, what: str, options: list, parsers: dict,
+                       usage: str) -> dict:
+    """The options of `convert <command>`, read by `parsers`, once it has been given `count` positional arguments
+    (`what` names them in the error)."""
+    if len(positional) != count:
+        raise CfgError(f"convert {command} takes {count} {what}, got {len(positional)}: usage: {usage}")
+    return _convert_options(options, parsers, usage)
 
 
 def _convert_options(words: list, parsers: dict, usage: str) -> dict:
@@ -246,6 +286,33 @@ def _count_option(key: str, text: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise CfgError(f"{key}={text}: expected a whole number of at least 1")
     return value
+
+
+def _pixels_option(key: str, text: str) -> int:
+    value = parse_cli_value(text)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise CfgError(f"{key}={text}: expected a whole number of pixels (0 or more)")
+    return value
+
+
+def _share_option(key: str, text: str) -> float:
+    value = parse_cli_value(text)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
+        raise CfgError(f"{key}={text}: expected a share above 0 and at most 1, e.g. {key}=0.7")
+    return float(value)
+
+
+def _rates_option(key: str, text: str) -> tuple:
+    values = [parse_cli_value(part.strip()) for part in text.split(",") if part.strip()]
+    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+        raise CfgError(f"{key}={text}: expected positive numbers separated by commas, e.g. {key}=0.5,1.0,1.5")
+    return tuple(float(value) for value in values)
+
+
+def _text_option(key: str, text: str) -> str:
+    if not text.strip():
+        raise CfgError(f"{key}= needs a value")
+    return text.strip()
 
 
 def _names_option(key: str, text: str) -> list:

@@ -187,7 +187,7 @@ def test_out_of_range_values(key, value, expected_range):
 @pytest.mark.parametrize(
     "key, value, fragment",
     [
-        ("task", "obb", "expected one of detect, segment, pose, classify"),
+        ("task", "depth", "expected one of detect, segment, pose, obb, classify"),
         ("mode", "track", "expected one of train, val, predict, export"),
         ("cache", "memory", "expected bool or one of ram, disk"),
         ("amp", "fp16", "did you mean 'bf16'?"),

@@ -227,11 +227,16 @@ def read_polygons(path: Path) -> list:
     return [(int(row[0]), row[1:].reshape(-1, 2)) for row in rows]
 
 
+def generated_tiny(tmp_path_factory, generate) -> Path:
+    """A TINY set written by `generate` into a new temporary folder."""
+    out = tmp_path_factory.mktemp(generate.__name__)
+    generate(out, **TINY)
+    return out
+
+
 @pytest.fixture(scope="module")
 def tiny_seg_dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shapes_seg")
-    builtin.generate_shapes_seg_dataset(out, **TINY)
-    return out
+    return generated_tiny(tmp_path_factory, builtin.generate_shapes_seg_dataset)
 
 
 def test_seg_set_has_the_detection_set_images_and_a_versioned_yaml(tiny_seg_dataset, tiny_dataset):
@@ -287,17 +292,96 @@ def test_seg_polygon_of_an_occluded_shape_follows_what_is_visible():
     assert not rasterise_normalised(rows[0][1:].reshape(-1, 2), 40, 40)[14:18, 14:18].any()  # the hole stays open
 
 
-def test_segment_task_trains_on_the_seg_set(tmp_path, monkeypatch):
-    calls, full_size = [], builtin.generate_shapes_seg_dataset
+def task_yaml_generated_once(tmp_path, monkeypatch, task: str, generator: str, version: str) -> Path:
+    """`builtin_data_yaml_for(task)` asked twice, with the set's generator made tiny: it is the `version` folder's
+    data.yaml, generated once."""
+    calls, full_size = [], getattr(builtin, generator)
 
     def generate(out_dir):
         calls.append(Path(out_dir))
         return full_size(out_dir, n_train=2, n_val=1, imgsz=64, seed=0)
 
-    monkeypatch.setattr(builtin, "generate_shapes_seg_dataset", generate)
+    monkeypatch.setattr(builtin, generator, generate)
     monkeypatch.setenv("YOLOTRAIN_CACHE", str(tmp_path))
-    yaml_path = builtin.builtin_data_yaml_for("segment")
-    assert yaml_path == tmp_path / "shapes-seg-v1" / "data.yaml" and len(calls) == 1
-    assert builtin.builtin_data_yaml_for("segment") == yaml_path and len(calls) == 1
+    yaml_path = builtin.builtin_data_yaml_for(task)
+    assert yaml_path == tmp_path / version / "data.yaml" and len(calls) == 1
+    assert builtin.builtin_data_yaml_for(task) == yaml_path and len(calls) == 1
+    return yaml_path
+
+
+def test_segment_task_trains_on_the_seg_set(tmp_path, monkeypatch):
+    yaml_path = task_yaml_generated_once(tmp_path, monkeypatch, "segment", "generate_shapes_seg_dataset",
+                                         "shapes-seg-v1")
     label = next((yaml_path.parent / "labels" / "train").glob("*.txt"))
     assert all(len(line.split()) % 2 == 1 and len(line.split()) >= 7 for line in label.read_text().splitlines())
+
+
+# --- oriented-box set ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_obb_dataset(tmp_path_factory) -> Path:
+    return generated_tiny(tmp_path_factory, builtin.generate_shapes_obb_dataset)
+
+
+def test_obb_set_layout_yaml_and_determinism(tiny_obb_dataset, tmp_path):
+    text = (tiny_obb_dataset / "data.yaml").read_text()
+    assert builtin.OBB_VERSION in text.splitlines()[0]
+    data = yaml.safe_load(text)
+    assert data == {"train": "images/train", "val": "images/val", "nc": 3, "names": ["square", "rectangle", "bar"]}
+    builtin.generate_shapes_obb_dataset(tmp_path / "again", **TINY)
+    files = sorted(p.relative_to(tiny_obb_dataset) for p in tiny_obb_dataset.rglob("*") if p.is_file())
+    assert len(files) == 2 * (TINY["n_train"] + TINY["n_val"]) + 1
+    for relative in files:
+        assert (tmp_path / "again" / relative).read_bytes() == (tiny_obb_dataset / relative).read_bytes(), relative
+
+
+def test_every_obb_label_encloses_its_rectangle_pixels(tiny_obb_dataset):
+    """Each label's corners, filled, are its rectangle's pixels (IoU > 0.9), which the stored image paints in one
+    colour; the corners run clockwise as seen, the first edge along the long side, in the class's aspect."""
+    for split, count in (("train", TINY["n_train"]), ("val", TINY["n_val"])):
+        for index in range(count):
+            scene = builtin.render_obb_scene(image_rng(TINY["seed"], split, index), TINY["imgsz"])
+            height, width = scene.object_ids.shape
+            stored = cv2.imread(str(tiny_obb_dataset / "images" / split / f"{split}_{index:05d}.jpg"))
+            rows = read_polygons(tiny_obb_dataset / "labels" / split / f"{split}_{index:05d}.txt")
+            assert [c for c, _ in rows] == scene.classes.tolist() and len(rows) >= 1
+            for shape_id, (class_index, corners) in enumerate(rows):
+                assert corners.shape == (4, 2) and np.all((corners >= 0) & (corners <= 1))
+                filled, drawn = rasterise_normalised(corners, width, height), scene.object_ids == shape_id
+                assert (filled & drawn).sum() / (filled | drawn).sum() > 0.9, (split, index, shape_id)
+                inner = cv2.erode(filled.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+                if inner.sum() >= 4:
+                    colours = smooth(stored)[inner]
+                    assert np.abs(colours - np.median(colours, 0)).mean() < 12  # one paint colour
+                pixels = corners * (width, height)
+                edges = np.roll(pixels, -1, 0) - pixels
+                x, y = pixels[:, 0], pixels[:, 1]
+                assert (x * np.roll(y, -1) - np.roll(x, -1) * y).sum() > 0  # clockwise as seen (y down)
+                long_side, short_side = np.linalg.norm(edges[0]), np.linalg.norm(edges[1])
+                low, high = builtin.OBB_ASPECTS[class_index]
+                assert low - 1e-3 <= long_side / short_side <= high + 1e-3
+
+
+def test_obb_scenes_cover_all_classes_angles_and_no_overlap():
+    scenes = [builtin.render_obb_scene(image_rng(0, "train", i), 160) for i in range(40)]
+    classes = np.concatenate([s.classes for s in scenes])
+    assert set(classes.tolist()) == set(range(len(builtin.OBB_NAMES)))
+    directions = np.concatenate([[np.arctan2(*(c[1] - c[0])[::-1]) % np.pi for c in s.outlines] for s in scenes])
+    assert np.histogram(directions, bins=4, range=(0, np.pi))[0].min() > 10  # every angle occurs
+    for scene in scenes:  # nothing hidden: each rectangle's pixels are all its own
+        for shape_id, corners in enumerate(scene.outlines):
+            filled = builtin._rasterise(corners - 0.5, *scene.object_ids.shape)
+            np.testing.assert_array_equal(filled, scene.object_ids == shape_id)
+
+
+def test_obb_labels_pass_the_label_scan_and_the_obb_task_trains_on_the_set(tmp_path, monkeypatch):
+    from yolotrain.data.label_rows import LabelLayout
+    from yolotrain.data.scan import ScanReport, read_label_file
+
+    yaml_path = task_yaml_generated_once(tmp_path, monkeypatch, "obb", "generate_shapes_obb_dataset", "shapes-obb-v1")
+    report = ScanReport()
+    for label in sorted((yaml_path.parent / "labels").rglob("*.txt")):
+        objects = read_label_file(str(label), 3, report, LabelLayout.for_task("obb"))
+        assert len(objects["corners"]) == len(label.read_text().splitlines())
+    assert not report.counts

@@ -495,3 +495,130 @@ def test_command_line_converts_segments_and_masks(tmp_path, capsys):
     assert "needs names=" in capsys.readouterr().err
     assert main([*argv[:-2], "pixel_classes=255"]) == 2
     assert "expected pixel value:class pairs" in capsys.readouterr().err
+
+
+# --- DOTA oriented boxes ----------------------------------------------------------------------------------------
+
+DOTA_P1 = """imagesource:GoogleEarth
+gsd:0.146343
+10 10 50 10 50 30 10 30 plane 0
+100 20 140 40 120 80 80 60 small-vehicle 1
+190 50 210 50 210 70 190 70 ship 0
+300 10 320 10 320 20 300 20 harbor 0
+"""
+EXPECTED_P1 = [
+    "0 0.050000 0.100000 0.250000 0.100000 0.250000 0.300000 0.050000 0.300000",  # x / 200, y / 100
+    "10 0.500000 0.200000 0.700000 0.400000 0.600000 0.800000 0.400000 0.600000",  # a rotated square, difficult
+    "1 0.950000 0.500000 1.000000 0.500000 1.000000 0.700000 0.950000 0.700000",  # x 190..210 cut at 200
+]  # the harbor at x 300..320 is outside its 200 px image: dropped
+
+
+def write_dota_split(root, split, files):
+    """root/<split>/images/<stem>.png and root/<split>/labelTxt/<stem>.txt (DOTA's layout); files: {stem: (width,
+    height, label text)}."""
+    images, labels = root / split / "images", root / split / "labelTxt"
+    images.mkdir(parents=True, exist_ok=True)
+    labels.mkdir(parents=True, exist_ok=True)
+    for stem, (width, height, text) in files.items():
+        cv2.imwrite(str(images / f"{stem}.png"), np.zeros((height, width, 3), np.uint8))
+        (labels / f"{stem}.txt").write_text(text)
+    return labels, images
+
+
+def test_dota_labels_become_normalised_corner_rows(tmp_path, caplog):
+    from yolotrain.data.convert import DOTA_CLASSES, convert_dota
+
+    labels, images = write_dota_split(tmp_path / "DOTA", "train", {"P0001": (200, 100, DOTA_P1),
+                                                                   "P0002": (64, 48, "")})
+    with caplog.at_level(logging.INFO, logger="yolotrain.data.convert"):
+        yaml_path = convert_dota(labels, images, tmp_path / "out")
+    assert ("2 images, 3 objects (1 difficult kept, 1 cut at the image edge, 1 outside their image dropped)"
+            in caplog.text)
+    out = tmp_path / "out"
+    assert (out / "labels" / "train" / "P0001.txt").read_text().splitlines() == EXPECTED_P1
+    assert (out / "labels" / "train" / "P0002.txt").read_text() == ""
+    assert (out / "images" / "train" / "P0001.png").is_file()
+    data = yaml.safe_load(yaml_path.read_text())
+    assert data == {"train": "images/train", "val": "images/train", "nc": 15, "names": list(DOTA_CLASSES["1.0"])}
+    assert data["names"][:3] == ["plane", "ship", "storage-tank"] and len(DOTA_CLASSES["1.5"]) == 16
+
+    # the rows are what the label scan reads for the obb task, without a complaint
+    from yolotrain.data.label_rows import LabelLayout
+    from yolotrain.data.scan import ScanReport, read_label_file
+
+    report = ScanReport()
+    objects = read_label_file(str(out / "labels" / "train" / "P0001.txt"), 15, report, LabelLayout.for_task("obb"))
+    assert not report.counts and objects["corners"].shape == (3, 4, 2)
+
+
+def test_dota_difficult_objects_versions_names_and_train_val_in_one_folder(tmp_path):
+    from yolotrain.data.convert import convert_dota
+
+    labels, images = write_dota_split(tmp_path / "DOTA", "train", {"P0001": (200, 100, DOTA_P1)})
+    convert_dota(labels, images, tmp_path / "out", include_difficult=False)
+    rows = (tmp_path / "out" / "labels" / "train" / "P0001.txt").read_text().splitlines()
+    assert rows == [EXPECTED_P1[0], EXPECTED_P1[2]]
+
+    crane = "0 0 20 0 20 10 0 10 container-crane\n"  # no difficulty: 0
+    val_labels, val_images = write_dota_split(tmp_path / "DOTA", "val", {"P0003": (40, 20, crane)})
+    with pytest.raises(DatasetError, match=r"P0003.txt, line 1: class 'container-crane' is not one of the 15 DOTA "
+                                           r"v1.0 classes \(plane, ship, "):
+        convert_dota(val_labels, val_images, tmp_path / "out")
+    assert not (tmp_path / "out" / "labels" / "val").exists()  # nothing written before every file was read
+    yaml_path = convert_dota(val_labels, val_images, tmp_path / "out", version="1.5")
+    assert (tmp_path / "out" / "labels" / "val" / "P0003.txt").read_text() == (
+        "15 0.000000 0.000000 0.500000 0.000000 0.500000 0.500000 0.000000 0.500000\n")
+    data = yaml.safe_load(yaml_path.read_text())
+    assert (data["train"], data["val"], data["nc"]) == ("images/train", "images/val", 16)
+
+    yaml_path = convert_dota(val_labels, val_images, tmp_path / "own", names=["crane", "container-crane"],
+                             split="cranes")
+    assert (tmp_path / "own" / "labels" / "cranes" / "P0003.txt").read_text().startswith("1 0.000000")
+    assert yaml.safe_load(yaml_path.read_text())["names"] == ["crane", "container-crane"]
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("10 10 50 10 50 30 10 plane", "line 3: expected 'x1 y1 x2 y2 x3 y3 x4 y4 class_name difficulty', got 8"),
+    ("10 10 50 10 50 30 10 x3 plane 0",
+     "line 3: the corners must be 8 numbers (pixels), got '10 10 50 10 50 30 10 x3'"),
+    ("10 10 50 10 50 30 10 30 plane hard", "line 3: difficulty must be a whole number (0, or 1 for a difficult "
+                                           "object), got 'hard'"),
+    ("10 10 50 10 50 30 10 30 aeroplane 0", "line 3: class 'aeroplane' is not one of the 15 DOTA v1.0 classes"),
+])  # fmt: skip
+def test_bad_dota_lines_are_one_line_errors_naming_file_and_line(tmp_path, line, expected):
+    from yolotrain.data.convert import convert_dota
+
+    text = "imagesource:GoogleEarth\ngsd:null\n" + line + "\n"
+    labels, images = write_dota_split(tmp_path / "DOTA", "train", {"P0009": (200, 100, text)})
+    with pytest.raises(DatasetError) as raised:
+        convert_dota(labels, images, tmp_path / "out")
+    assert f"DOTA label file {labels / 'P0009.txt'}, {expected}" in str(raised.value)
+    assert "\n" not in str(raised.value) and not (tmp_path / "out").exists()
+
+
+def test_dota_arguments_and_folders_are_checked(tmp_path):
+    from yolotrain.data.convert import convert_dota
+
+    labels, images = write_dota_split(tmp_path / "DOTA", "train", {"P0001": (200, 100, DOTA_P1)})
+    with pytest.raises(CfgError, match=r"version must be a DOTA version \(1.0, 1.5, 2.0\), got '3'"):
+        convert_dota(labels, images, tmp_path / "out", version="3")
+    with pytest.raises(DatasetError, match="DOTA labels folder .* not found"):
+        convert_dota(tmp_path / "nowhere", images, tmp_path / "out")
+    with pytest.raises(DatasetError, match="None of the 1 label files in .* has an image of the same name"):
+        convert_dota(labels, tmp_path, tmp_path / "out")
+
+
+def test_command_line_converts_dota(tmp_path, capsys):
+    from yolotrain.cli import main
+
+    labels, images = write_dota_split(tmp_path / "DOTA", "train", {"P0001": (200, 100, DOTA_P1)})
+    argv = ["convert", "dota", str(labels), str(images), str(tmp_path / "out"), "version=1.5",
+            "include_difficult=False"]
+    assert main(argv) == 0
+    assert (tmp_path / "out" / "labels" / "train" / "P0001.txt").read_text().splitlines() == [EXPECTED_P1[0],
+                                                                                               EXPECTED_P1[2]]
+    assert yaml.safe_load((tmp_path / "out" / "data.yaml").read_text())["nc"] == 16
+    assert main([*argv[:5], "version=3"]) == 2
+    assert "version must be a DOTA version (1.0, 1.5, 2.0), got '3'" in capsys.readouterr().err
+    assert main(argv[:4]) == 2
+    assert "usage: yolotrain convert dota LABELS_DIR IMAGES_DIR OUT_DIR" in capsys.readouterr().err

@@ -140,11 +140,11 @@ def test_the_task_table_names_each_tasks_classes_and_refuses_an_unknown_task(det
     classes = task_classes("detect")
     assert (classes.model, classes.trainer, classes.validator, classes.predictor) == (
         DetectionModel, DetectionTrainer, DetectionValidator, DetectionPredictor)
-    with pytest.raises(CfgError, match="task='obb' is not one of detect, segment, pose, classify"):
-        task_classes("obb")
+    with pytest.raises(CfgError, match="task='depth' is not one of detect, segment, pose, obb, classify"):
+        task_classes("depth")
     checkpoint = load_checkpoint(detector)
-    save_checkpoint({**checkpoint, "task": "obb"}, tmp_path / "obb.pt")  # weights of a task not served here
-    with pytest.raises(CfgError, match=r"obb.pt holds a 'obb' model; the tasks served here are: detect"):
-        YOLO(str(tmp_path / "obb.pt"))
-    assert cli_main(["val", f"model={tmp_path / 'obb.pt'}"]) == 2
-    assert "holds a 'obb' model" in capsys.readouterr().err
+    save_checkpoint({**checkpoint, "task": "depth"}, tmp_path / "depth.pt")  # weights of a task not served here
+    with pytest.raises(CfgError, match=r"depth.pt holds a 'depth' model; the tasks served here are: detect"):
+        YOLO(str(tmp_path / "depth.pt"))
+    assert cli_main(["val", f"model={tmp_path / 'depth.pt'}"]) == 2
+    assert "holds a 'depth' model" in capsys.readouterr().err

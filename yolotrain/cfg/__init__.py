@@ -27,11 +27,11 @@ LOGGER = logging.getLogger(__name__)
 
 DEFAULT_CFG_PATH = Path(__file__).resolve().parent / "default.yaml"
 
-TASKS = ("detect", "segment", "pose", "classify")
+TASKS = ("detect", "segment", "pose", "obb", "classify")
 # The model a run uses when none is named (`model=` empty, `YOLO()`, `yolotrain train`), and per task.
 DEFAULT_MODEL = "yolo-n.yaml"
 DEFAULT_MODELS = types.MappingProxyType({"detect": DEFAULT_MODEL, "segment": "yolo11n-seg.yaml",
-                                         "pose": "yolo11n-pose.yaml",
+                                         "pose": "yolo11n-pose.yaml", "obb": "yolo11n-obb.yaml",
                                          "classify": "yolo11n-cls.yaml"})
 MODES = ("train", "val", "predict", "export")
 # Modes of the command line; `convert` and `sync` take positional arguments instead of key=value pairs, `tune` runs
@@ -132,7 +132,8 @@ _BOUNDS = types.MappingProxyType(
         # Rates, gains and durations.
         **dict.fromkeys(("lr0", "time", "dist_timeout"), _POSITIVE),
         **dict.fromkeys(("lrf", "weight_decay", "warmup_epochs", "warmup_bias_lr"), _NON_NEGATIVE),
-        **dict.fromkeys(("box", "cls", "dfl", "pose", "kobj", "cls_pw", "scale", "perspective"), _NON_NEGATIVE),
+        **dict.fromkeys(("box", "cls", "dfl", "pose", "kobj", "angle", "cls_pw", "scale", "perspective"),
+                       _NON_NEGATIVE),
         **dict.fromkeys(
             (
                 "remote_metrics_period",

@@ -17,6 +17,12 @@ The segmentation set gives every shape the outline of its visible pixels, traced
 shape partly hidden by a later one is labelled as it is seen; a part cut off or a hole is joined into the one
 polygon, see `data.convert`), simplified by half a pixel: filled, each label polygon gives back its shape's visible
 pixels to about a pixel.
+
+The oriented-box set has scenes of its own: rotated rectangles of three aspect classes (`OBB_NAMES`: about 1:1, 2:1
+and 4:1, `OBB_ASPECTS`) at any angle on the same textured backgrounds, solid colours, never overlapping (as objects
+seen from above). A label is its rectangle's four corners `cls x1 y1 x2 y2 x3 y3 x4 y4` in continuous pixel
+coordinates, normalised: clockwise as seen on the image (x right, y down), the first edge along the long side, as
+DOTA labels run. The rectangle's pixels are those whose centres it covers, so the filled label gives them back.
 """
 
 from __future__ import annotations
@@ -47,6 +53,11 @@ DATASET_VERSION = "shapes-v1"  # bump when the rendered content changes, so old 
 CLASSIFY_VERSION = "shapes-cls-v1"  # the classification crops of the same scenes
 POSE_VERSION = "shapes-pose-v1"  # the same scenes with five keypoints per shape
 SEG_VERSION = "shapes-seg-v1"  # the same scenes with the outline of each shape's visible pixels
+OBB_VERSION = "shapes-obb-v1"  # scenes of rotated rectangles with their corners
+OBB_NAMES = ("square", "rectangle", "bar")
+"""Class names of the oriented-box set, in class-index order: rectangles of the aspect ratios in `OBB_ASPECTS`."""
+OBB_ASPECTS = ((1.0, 1.15), (1.8, 2.2), (3.6, 4.4))  # long side / short side of each class, drawn uniformly
+OBB_MIN_SHORT_SIDE = 4.0  # pixels: thinner rectangles are lines, too few pixels for an orientation
 SHAPE_KEYPOINTS = ("top", "right", "bottom", "left", "centre")
 SHAPE_FLIP_IDX = (0, 3, 2, 1, 4)  # a horizontal mirror swaps right and left
 VISIBLE, OCCLUDED = 2, 1  # COCO's keypoint visibility flags
@@ -117,13 +128,21 @@ def builtin_seg_data_yaml(root: str | Path | None = None) -> Path:
     return _generated_once(root, SEG_VERSION, generate_shapes_seg_dataset) / "data.yaml"
 
 
+def builtin_obb_data_yaml(root: str | Path | None = None) -> Path:
+    """Return the data.yaml of the built-in oriented-box set (rotated rectangles with their corners), generating it
+    on first use in `<root>/shapes-obb-v1/` (as `builtin_data_yaml`)."""
+    return _generated_once(root, OBB_VERSION, generate_shapes_obb_dataset) / "data.yaml"
+
+
 def builtin_data_yaml_for(task: str) -> Path:
     """The built-in data yaml a `task` trains and validates on when no `data=` is given: the shapes with boxes
-    (detect), with their keypoints (pose) or with their outlines (segment)."""
+    (detect), with their keypoints (pose) or with their outlines (segment), or the rotated rectangles (obb)."""
     if task == "pose":
         return builtin_pose_data_yaml()
     if task == "segment":
         return builtin_seg_data_yaml()
+    if task == "obb":
+        return builtin_obb_data_yaml()
     return builtin_data_yaml()
 
 
@@ -164,24 +183,29 @@ def generate_shapes_dataset(
     label_text=None,
     yaml_extra: dict | None = None,
     version: str = DATASET_VERSION,
+    render=None,
+    names: tuple[str, ...] = BUILTIN_NAMES,
 ) -> Path:
     """Write a shapes dataset into `out_dir` (images/{train,val}, labels/{train,val}, data.yaml); return the yaml.
 
-    `label_text(scene)` writes a scene's label file (default: boxes, `yolo_label_text`); `yaml_extra` adds keys to
-    the data yaml, whose header names `version`. Not atomic on its own (see `builtin_data_yaml`). The same arguments always produce the same files.
+    `render(rng, imgsz)` draws a scene (default: the shapes, `render_scene`) and `label_text(scene)` writes its
+    label file (default: boxes, `yolo_label_text`); `names` are the classes and `yaml_extra` adds keys to the data
+    yaml, whose header names `version`. Not atomic on its own (see `builtin_data_yaml`). The same arguments always
+    produce the same files.
     """
     label_text = label_text or yolo_label_text
+    render = render or render_scene
     out_dir = Path(out_dir)
     for split, count in zip(REQUIRED_SPLITS, (n_train, n_val)):
         image_dir, label_dir = out_dir / "images" / split, out_dir / "labels" / split
         image_dir.mkdir(parents=True, exist_ok=True)
         label_dir.mkdir(parents=True, exist_ok=True)
         for index in range(count):
-            scene = render_scene(image_rng(seed, split, index), imgsz)
+            scene = render(image_rng(seed, split, index), imgsz)
             stem = f"{split}_{index:05d}"
             _write_jpeg(image_dir / f"{stem}.jpg", scene.image)
             (label_dir / f"{stem}.txt").write_text(label_text(scene))
-    return _write_data_yaml(out_dir, version, yaml_extra)
+    return _write_data_yaml(out_dir, version, yaml_extra, names)
 
 
 def generate_shapes_pose_dataset(out_dir: str | Path, **kwargs) -> Path:
@@ -196,6 +220,13 @@ def generate_shapes_seg_dataset(out_dir: str | Path, **kwargs) -> Path:
     """Write the segmentation set into `out_dir`: the scenes of `generate_shapes_dataset` (the same image files) with
     polygon labels (`yolo_seg_label_text`)."""
     return generate_shapes_dataset(out_dir, label_text=yolo_seg_label_text, version=SEG_VERSION, **kwargs)
+
+
+def generate_shapes_obb_dataset(out_dir: str | Path, **kwargs) -> Path:
+    """Write the oriented-box set into `out_dir`: scenes of rotated rectangles (`render_obb_scene`) with their
+    corners (`yolo_obb_label_text`), classes `OBB_NAMES`, in the layout and counts of `generate_shapes_dataset`."""
+    return generate_shapes_dataset(out_dir, label_text=yolo_obb_label_text, version=OBB_VERSION,
+                                   render=render_obb_scene, names=OBB_NAMES, **kwargs)
 
 
 def generate_shape_crops(
@@ -254,6 +285,23 @@ def render_scene(rng: np.random.Generator, imgsz: int = DEFAULT_IMGSZ) -> Shapes
     return ShapesScene(image, object_ids, np.asarray(classes, dtype=np.int64), boxes, outlines)
 
 
+def render_obb_scene(rng: np.random.Generator, imgsz: int = DEFAULT_IMGSZ) -> ShapesScene:
+    """Render one image of rotated rectangles (`OBB_NAMES`) on a textured background; `outlines` are their corners
+    (see the module docstring for their order), no rectangle hides another."""
+    height, width = (int(rng.integers(round(0.7 * imgsz), imgsz + 1)) for _ in range(2))
+    image = _textured_background(rng, height, width)
+    object_ids = np.full((height, width), -1, dtype=np.int16)
+    classes, corners = [], []
+    for _ in range(int(rng.integers(1, MAX_OBJECTS_PER_IMAGE + 1))):
+        placed = _place_rectangle(rng, image, object_ids, len(classes))
+        if placed is not None:
+            classes.append(placed[0])
+            corners.append(placed[1])
+    image = _add_sensor_noise(rng, image)
+    boxes = _visible_boxes(object_ids, len(classes))
+    return ShapesScene(image, object_ids, np.asarray(classes, dtype=np.int64), boxes, corners)
+
+
 def yolo_label_text(scene: ShapesScene) -> str:
     """YOLO label file content for a scene: one `cls cx cy w h` line per shape, normalised by the image size."""
     rows = _normalised_boxes(scene)
@@ -275,6 +323,15 @@ def yolo_seg_label_text(scene: ShapesScene) -> str:
     size = np.array([width, height], dtype=np.float64)
     return "".join(polygon_label_line(int(c), polygon / size) + "\n"
                    for c, polygon in zip(scene.classes, shape_visible_polygons(scene)))
+
+
+def yolo_obb_label_text(scene: ShapesScene) -> str:
+    """YOLO oriented-box label file content: `cls x1 y1 x2 y2 x3 y3 x4 y4` per rectangle, its corners normalised by
+    the image size."""
+    height, width = scene.object_ids.shape
+    size = np.array([width, height], dtype=np.float64)
+    return "".join(polygon_label_line(int(c), corners / size) + "\n"
+                   for c, corners in zip(scene.classes, scene.outlines))
 
 
 def shape_visible_polygons(scene: ShapesScene) -> list:
@@ -352,13 +409,14 @@ def _write_jpeg(path: Path, image: np.ndarray) -> None:
     path.write_bytes(encoded.tobytes())
 
 
-def _write_data_yaml(out_dir: Path, version: str, extra: dict | None = None) -> Path:
+def _write_data_yaml(out_dir: Path, version: str, extra: dict | None = None,
+                     names: tuple[str, ...] = BUILTIN_NAMES) -> Path:
     # No `path:` key: split folders resolve relative to this file's folder, so the cache can be moved.
     content = {
         "train": "images/train",
         "val": "images/val",
-        "nc": len(BUILTIN_NAMES),
-        "names": list(BUILTIN_NAMES),
+        "nc": len(names),
+        "names": list(names),
         **(extra or {}),
     }
     yaml_path = out_dir / "data.yaml"
@@ -457,6 +515,43 @@ def _place_shape(
     object_ids[mask] = len(full_areas)
     full_areas.append(int(mask.sum()))
     return class_index, outline + centre
+
+
+def _rectangle_corners(rng: np.random.Generator, class_index: int, max_long_side: float) -> np.ndarray:
+    """(4, 2) corners of a random rectangle of the class's aspect around the origin, at any angle: clockwise as
+    seen (y down), the first edge along the long side."""
+    low_aspect, high_aspect = OBB_ASPECTS[class_index]
+    aspect = rng.uniform(low_aspect, high_aspect)
+    shortest = max(MIN_OBJECT_SIZE, OBB_MIN_SHORT_SIDE * aspect)
+    long_side = float(np.exp(rng.uniform(np.log(shortest), np.log(max(shortest, max_long_side)))))
+    half_long, half_short = long_side / 2, long_side / aspect / 2
+    angle = rng.uniform(0, np.pi)  # a rectangle turned by pi is the same rectangle
+    along = np.array([np.cos(angle), np.sin(angle)])
+    across = np.array([-np.sin(angle), np.cos(angle)])  # along turned a quarter, clockwise as seen
+    signs = np.array([(-1, -1), (1, -1), (1, 1), (-1, 1)], dtype=np.float64)  # (along, across) of each corner
+    return signs[:, :1] * half_long * along + signs[:, 1:] * half_short * across
+
+
+def _place_rectangle(
+    rng: np.random.Generator, image: np.ndarray, object_ids: np.ndarray, placed: int
+) -> tuple[int, np.ndarray] | None:
+    """Draw one random rectangle wholly inside the image, a pixel or more from any other; return (its class, its corners
+    in continuous pixel coordinates) or None. Updates `image` (float BGR) and `object_ids` in place."""
+    height, width = object_ids.shape
+    class_index = int(rng.integers(len(OBB_NAMES)))
+    corners = _rectangle_corners(rng, class_index, 0.5 * min(height, width))
+    low, high = corners.min(0), corners.max(0)
+    for _ in range(PLACEMENT_TRIES):
+        centre = rng.uniform(-low, (width, height) - high)  # continuous coordinates: the image spans [0, width]
+        mask = _rasterise(corners + centre - 0.5, height, width)  # pixel centres sit at continuous x + 0.5
+        near = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)  # a pixel apart at least
+        if mask.any() and not (object_ids[near] >= 0).any():
+            break
+    else:
+        return None
+    image[mask] = _contrasting_colour(rng, image, mask)
+    object_ids[mask] = placed
+    return class_index, corners + centre
 
 
 def _rasterise(polygon: np.ndarray, height: int, width: int) -> np.ndarray:

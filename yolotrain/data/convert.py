@@ -1,5 +1,6 @@
 """Convert annotations into a YOLO dataset folder: a COCO detection, keypoint or segmentation file
-(`yolotrain convert coco`), or a folder of mask images whose pixel values are classes (`yolotrain convert masks`).
+(`yolotrain convert coco`), a folder of mask images whose pixel values are classes (`yolotrain convert masks`), or
+DOTA's oriented-box label files (`yolotrain convert dota`).
 
 Output layout, for `instances_val2017.json`:
 
@@ -26,8 +27,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +39,7 @@ import numpy as np
 import yaml
 
 from yolotrain.data.data_yaml import has_image_suffix
+from yolotrain.data.tiles import cut_to_rectangles, inside_shares
 from yolotrain.errors import CfgError, DatasetError, one_line
 
 logger = logging.getLogger(__name__)
@@ -53,6 +57,18 @@ BACKGROUND, UNEXPECTED = -1, -2  # the "class" of a mask value that is no object
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")  # lossless formats only: JPEG mixes neighbouring class values
 CLOSEST_PAIR_BLOCK = 1 << 20  # point pairs compared at once when linking two parts (bounds the memory used)
 RLE_MAX_CHARS_PER_COUNT = 12  # 5 bits each: 60 bits, more than any count of a real mask
+# DOTA's classes in the order DOTA models are trained with (class 0 is plane); each version adds to the one before.
+DOTA_V1_CLASSES = ("plane", "ship", "storage-tank", "baseball-diamond", "tennis-court", "basketball-court",
+                   "ground-track-field", "harbor", "bridge", "large-vehicle", "small-vehicle", "helicopter",
+                   "roundabout", "soccer-ball-field", "swimming-pool")
+DOTA_CLASSES = {
+    "1.0": DOTA_V1_CLASSES,
+    "1.5": DOTA_V1_CLASSES + ("container-crane",),
+    "2.0": DOTA_V1_CLASSES + ("container-crane", "airport", "helipad"),
+}
+DOTA_HEADER_KEYS = ("imagesource:", "gsd:")  # the header lines that may open a DOTA label file
+DOTA_ROW = "x1 y1 x2 y2 x3 y3 x4 y4 class_name difficulty"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass
@@ -143,7 +159,7 @@ def convert_masks(
     if not _is_int(min_area) or min_area < 1:
         raise CfgError(f"min_area must be a pixel count of at least 1, got {min_area!r}")
     masks = _mask_files(masks_dir)
-    image_of_mask = _images_for_masks(masks, masks_dir, images_dir)
+    image_of_mask = _images_for(masks, masks_dir, images_dir)
     labels, dropped = {}, 0
     for mask_path in image_of_mask:
         labels[mask_path], dropped_here = _mask_label_lines(mask_path, class_of_value, len(names), min_area,
@@ -160,6 +176,55 @@ def convert_masks(
     objects = sum(len(lines) for lines in labels.values())
     logger.info(f"Converted {masks_dir}: {len(labels)} masks, {objects} polygons ({dropped} regions under {min_area} "
                 f"pixels dropped), {len(names)} classes -> {yaml_path}")
+    return yaml_path
+
+
+def convert_dota(
+    labels_dir: str | Path, images_dir: str | Path, out_dir: str | Path, version: str = "1.0",
+    names: list[str] | tuple[str, ...] | None = None, include_difficult: bool = True, split: str | None = None,
+) -> Path:
+    """Convert DOTA label files and their images into YOLO oriented-box labels under `out_dir`; return the
+    data.yaml path.
+
+    Each label file `labels_dir/**/<stem>.txt` pairs with the image of the same relative path and stem under
+    `images_dir` (label files without an image are skipped with a warning). Its lines are
+    `x1 y1 x2 y2 x3 y3 x4 y4 class_name difficulty`: the corners in pixels, in the order annotated (DOTA's is
+    clockwise as seen, from the object's head), after optional header lines `imagesource:...` and `gsd:...`;
+    difficulty 0 is a normal object and any other whole number a difficult one, kept unless `include_difficult` is
+    False (a missing difficulty is 0). Classes are those of DOTA `version` in `DOTA_CLASSES` ("1.0": 15; "1.5": 16,
+    adding container-crane; "2.0": 18, adding airport and helipad), or `names` in class order.
+
+    Each object becomes `cls x1 y1 x2 y2 x3 y3 x4 y4`, its corners in their order normalised by the image size. An
+    object that sticks out of its image is cut to it as a tile cuts it (`tiles.cut_to_rectangles`); one with no
+    area inside is dropped and counted. The layout follows `convert_masks`: images are linked into
+    `out_dir/images/<split>`, labels written to `out_dir/labels/<split>`; `split` defaults to the images folder's
+    name, or its parent's when that is `images` (DOTA's own `train/images`). data.yaml names `images/train` as train
+    and `images/val` as val where those folders are in `out_dir` (so DOTA's train and val converted into one folder
+    make one dataset), and this split otherwise. Every label file and every image's size are read before anything is
+    written: a malformed line or an unknown class raises `DatasetError` naming the file and the line.
+    """
+    labels_dir, images_dir, out_dir = Path(labels_dir), Path(images_dir), Path(out_dir)
+    names, source = (_checked_names(names), "names=") if names is not None else _dota_classes(version)
+    class_of_name = {name: index for index, name in enumerate(names)}
+    label_files = _dota_label_files(labels_dir)
+    image_of_file = _images_for(label_files, labels_dir, images_dir, kind="label files")
+    objects = {path: _read_dota_file(path, class_of_name, source) for path in image_of_file}
+    sizes = {path: _image_size(image) for path, image in image_of_file.items()}
+
+    split = split or _dota_split_name(images_dir)
+    counts = {"objects": 0, "difficult": 0, "cut": 0, "outside": 0}
+    for path, image in image_of_file.items():
+        lines = _dota_label_lines(*objects[path], sizes[path], include_difficult, counts)
+        relative = path.relative_to(labels_dir)
+        _link_or_copy(image, out_dir / "images" / split / relative.parent / image.name)
+        _write_label_file(out_dir / "labels" / split / relative, lines)
+    present = [name for name in ("train", "val") if (out_dir / "images" / name).is_dir()]
+    yaml_path = _write_data_yaml(out_dir, "train" if "train" in present else split, list(names),
+                                 val_split="val" if "val" in present else split)
+    logger.info(f"Converted DOTA labels in {labels_dir}: {len(image_of_file)} images, {counts['objects']} objects "
+                f"({counts['difficult']} difficult {'kept' if include_difficult else 'dropped'}, {counts['cut']} cut "
+                f"at the image edge, {counts['outside']} outside their image dropped), {len(names)} classes -> "
+                f"{yaml_path}")
     return yaml_path
 
 
@@ -587,25 +652,26 @@ def _mask_files(masks_dir: Path) -> list:
     return masks
 
 
-def _images_for_masks(masks: list, masks_dir: Path, images_dir: Path) -> dict:
-    """{mask path: absolute image path} for every mask with an image of the same relative path and stem."""
+def _images_for(files: list, files_dir: Path, images_dir: Path, kind: str = "masks") -> dict:
+    """{file path: absolute image path} for every file (a mask, a label file) with an image of the same relative
+    path and stem; `kind` names the files in the messages."""
     root = images_dir.resolve()  # links must not depend on the current directory
-    mask_paths = {mask.resolve() for mask in masks}  # masks may share a folder with their images
+    own_paths = {file.resolve() for file in files}  # masks may share a folder with their images
     image_of_stem = {}
     for path in sorted(root.rglob("*")):
-        if has_image_suffix(path) and path not in mask_paths and path.is_file():
+        if has_image_suffix(path) and path not in own_paths and path.is_file():
             image_of_stem.setdefault(path.relative_to(root).with_suffix(""), path)
     pairs = {}
-    for mask in masks:
-        image = image_of_stem.get(mask.relative_to(masks_dir).with_suffix(""))
+    for file in files:
+        image = image_of_stem.get(file.relative_to(files_dir).with_suffix(""))
         if image is not None:
-            pairs[mask] = image
-    missing = [mask for mask in masks if mask not in pairs]
-    if len(missing) == len(masks):
-        raise DatasetError(f"None of the {len(masks)} masks in {masks_dir} has an image of the same name in "
-                           f"{images_dir} (first mask: {masks[0].name})")
+            pairs[file] = image
+    missing = [file for file in files if file not in pairs]
+    if len(missing) == len(files):
+        raise DatasetError(f"None of the {len(files)} {kind} in {files_dir} has an image of the same name in "
+                           f"{images_dir} (first: {files[0].name})")
     if missing:
-        logger.warning(f"{len(missing)} masks in {masks_dir} have no image in {images_dir}: skipped "
+        logger.warning(f"{len(missing)} {kind} in {files_dir} have no image in {images_dir}: skipped "
                        f"(first: {missing[0]})")
     return pairs
 
@@ -647,6 +713,106 @@ def _read_mask(path: Path) -> np.ndarray:
     if mask.dtype not in (np.uint8, np.uint16):
         raise DatasetError(f"mask {path} has {mask.dtype} pixels: expected 8 or 16 bit pixel values")
     return mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DOTA label files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _dota_classes(version) -> tuple[tuple[str, ...], str]:
+    """(class names, how messages name them) of a DOTA version given as "1.5", 1.5 or "v1.5"."""
+    text = str(version).strip().lower().removeprefix("v")
+    try:
+        key = f"{float(text):.1f}" if not isinstance(version, bool) else text
+    except ValueError:
+        key = text
+    if key not in DOTA_CLASSES:
+        raise CfgError(f"version must be a DOTA version ({', '.join(DOTA_CLASSES)}), got {version!r}")
+    return DOTA_CLASSES[key], f"DOTA v{key}"
+
+
+def _dota_label_files(labels_dir: Path) -> list:
+    if not labels_dir.is_dir():
+        raise DatasetError(f"DOTA labels folder {labels_dir} not found")
+    files = sorted(path for path in labels_dir.rglob("*.txt") if path.is_file())
+    if not files:
+        raise DatasetError(f"no DOTA label files (.txt) in {labels_dir}")
+    return files
+
+
+def _dota_split_name(images_dir: Path) -> str:
+    folder = images_dir.resolve()
+    while folder.name == "images" and folder.parent != folder:
+        folder = folder.parent
+    return folder.name or "train"
+
+
+def _read_dota_file(path: Path, class_of_name: dict, source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(classes (n,) int64, corners (n, 4, 2) pixels, difficult (n,) bool) of one DOTA label file, in line order."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DatasetError(f"DOTA label file {path} cannot be read: {one_line(error)}") from None
+    classes, corners, difficult = [], [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        tokens = line.split()
+        if not tokens or tokens[0].lower().startswith(DOTA_HEADER_KEYS):
+            continue
+        where = f"DOTA label file {path}, line {number}"
+        if len(tokens) not in (9, 10):
+            raise DatasetError(f"{where}: expected '{DOTA_ROW}', got {len(tokens)} values")
+        try:
+            points = [float(token) for token in tokens[:8]]
+        except ValueError:
+            points = [math.nan]
+        if not all(math.isfinite(value) for value in points):
+            raise DatasetError(f"{where}: the corners must be 8 numbers (pixels), got '{' '.join(tokens[:8])}'")
+        if tokens[8] not in class_of_name:
+            raise DatasetError(f"{where}: class '{tokens[8]}' is not one of the {len(class_of_name)} {source} "
+                               f"classes ({', '.join(class_of_name)}); give names= for other classes")
+        difficulty = tokens[9] if len(tokens) == 10 else "0"
+        if not difficulty.isdigit():
+            raise DatasetError(f"{where}: difficulty must be a whole number (0, or 1 for a difficult object), got "
+                               f"'{difficulty}'")
+        classes.append(class_of_name[tokens[8]])
+        corners.append(points)
+        difficult.append(int(difficulty) != 0)
+    return (np.asarray(classes, dtype=np.int64), np.asarray(corners, dtype=np.float64).reshape(-1, 4, 2),
+            np.asarray(difficult, dtype=bool))
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image: read from a PNG's header (DOTA's images are PNGs of thousands of pixels, slow
+    to decode), else from the decoded image (EXIF orientation applied, as training reads it)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(24)
+    except OSError as error:
+        raise DatasetError(f"image {path} cannot be read: {one_line(error)}") from None
+    if head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR":
+        return struct.unpack(">II", head[16:24])
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise DatasetError(f"image {path} cannot be read as an image")
+    return image.shape[1], image.shape[0]
+
+
+def _dota_label_lines(classes: np.ndarray, corners: np.ndarray, difficult: np.ndarray, size: tuple[int, int],
+                      include_difficult: bool, counts: dict) -> list:
+    """YOLO oriented-box lines of one image's objects (see `convert_dota`); adds to `counts`."""
+    counts["difficult"] += int(difficult.sum())
+    keep = np.ones(len(classes), bool) if include_difficult else ~difficult
+    image_rectangle = np.array([[0.0, 0.0, size[0], size[1]]])
+    inside = inside_shares(corners[keep], image_rectangle)[:, 0] > 0  # (k,) some area in the image
+    counts["outside"] += int((~inside).sum())
+    classes, corners = classes[keep][inside], corners[keep][inside]
+    fitted = cut_to_rectangles(corners, np.repeat(image_rectangle, len(corners), 0))
+    counts["cut"] += int((fitted != corners).any((1, 2)).sum())
+    counts["objects"] += len(classes)
+    line_format = "%d" + " %.6f" * 8
+    return [line_format % (class_index, *points) for class_index, points in
+            zip(classes.tolist(), (fitted / size).reshape(-1, 8).tolist())]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -725,9 +891,12 @@ def _write_coco_data_yaml(out_dir: Path, split: str, categories: list[dict], src
     return _write_data_yaml(out_dir, split, [c["name"] for c in categories], extra)
 
 
-def _write_data_yaml(out_dir: Path, split: str, names: list, extra: dict | None = None) -> Path:
+def _write_data_yaml(out_dir: Path, split: str, names: list, extra: dict | None = None,
+                     val_split: str | None = None) -> Path:
+    """data.yaml naming images/<split> as train and images/<val_split> (default: the same) as val."""
     # No `path:` key: split folders resolve relative to this file's folder, so the output can be moved.
-    content = {"train": f"images/{split}", "val": f"images/{split}", "nc": len(names), "names": names, **(extra or {})}
+    content = {"train": f"images/{split}", "val": f"images/{val_split or split}", "nc": len(names), "names": names,
+               **(extra or {})}
     yaml_path = out_dir / "data.yaml"
     out_dir.mkdir(parents=True, exist_ok=True)
     yaml_path.write_text(yaml.safe_dump(content, sort_keys=False))

@@ -58,7 +58,8 @@ class YOLODataset(Dataset):
         workers: threads used to verify labels and fill caches.
         task: what the label rows hold (see `data.label_rows`): "detect" (boxes or polygons), "segment" (polygons,
             carried through every transform as `segments` and drawn as `masks` by `Format`), "pose" (boxes and the
-            data yaml's `kpt_shape` keypoints, carried through every transform as `keypoints`).
+            data yaml's `kpt_shape` keypoints, carried through every transform as `keypoints`), "obb" (the 4 corners
+            of each rotated box, carried as `corners`).
         augment_hook: a user augmentation run in training after mosaic/affine/mixup (a callable or an
             Albumentations Compose, see yolotrain.data.augment_hook); tried once on the first image when built.
     """
@@ -318,6 +319,8 @@ class YOLODataset(Dataset):
         if "segments" in label:  # normalised polygons -> one stacked array in pixels of the resized image
             count = TRAIN_POLYGON_POINTS if self.augment else None  # training clips warped outlines: dense points
             sample["segments"] = stack_polygons(label["segments"], count) * np.array([w, h], np.float32)
+        if "corners" in label:  # a rotated box's 4 normalised corners -> pixels of the resized image
+            sample["corners"] = label["corners"] * np.array([w, h], np.float32)
         if "keypoints" in label:  # normalised x, y -> pixels of the resized image; visibility as it is
             sample["keypoints"] = label["keypoints"] * np.array([w, h, 1][: label["keypoints"].shape[-1]], np.float32)
         if self.rect:

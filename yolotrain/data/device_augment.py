@@ -92,8 +92,8 @@ def check_device_augment(args, device: torch.device, augment_hook: bool = False)
 
 def _cpu_only_reason(args) -> str | None:
     task = getattr(args, "task", "detect")
-    if task in ("pose", "segment"):
-        carried = {"pose": "keypoints", "segment": "masks"}[task]
+    if task in ("pose", "segment", "obb"):
+        carried = {"pose": "keypoints", "segment": "masks", "obb": "rotated boxes"}[task]
         return f"task={task} ({carried} are augmented only in the CPU pipeline)"
     if getattr(args, "rect", False):
         return "rect=True (rectangular batches are letterboxed per batch shape on the CPU)"

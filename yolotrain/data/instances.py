@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from yolotrain.utils.boxes import clip_boxes
+from yolotrain.utils.obb import min_area_corners
 
 # Every per-object key a sample may hold, in the order collate concatenates them; each has one row per object.
 PER_OBJECT_KEYS = ("cls", "bboxes", "segments", "keypoints", "corners")
@@ -62,10 +63,13 @@ class Instances:
         return Instances(bboxes.astype(np.float32), **moved)
 
     def transform(self, matrix: np.ndarray):
-        """Apply a 3x3 matrix (affine or perspective) in continuous pixel coordinates. Each box becomes the box
-        around its transformed polygon or rotated corners where there are some (tight under rotation), else around
-        its own 4 corners."""
+        """Apply a 3x3 matrix (affine or perspective) in continuous pixel coordinates. Rotated boxes' corners are
+        refitted to the smallest rectangle around them (a shear or perspective turns a rectangle into another
+        quadrilateral). Each box becomes the box around its transformed polygon or rotated corners where there are
+        some (tight under rotation), else around its own 4 corners."""
         moved = {key: _transformed_points(points, matrix) for key, points in self._points().items()}
+        if "corners" in moved:  # a shear or perspective makes a rotated box a quadrilateral: refit a rectangle
+            moved["corners"] = min_area_corners(moved["corners"])
         outline = moved.get("segments", moved.get("corners"))
         if outline is None:
             outline = _transformed_points(_corners(self.bboxes), matrix)

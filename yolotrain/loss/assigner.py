@@ -30,6 +30,8 @@ class TaskAlignedAssigner(nn.Module):
             (pixels), so that objects smaller than a grid cell still get candidates; 0 turns it off.
     """
 
+    box_dims = 4  # values per box: xyxy
+
     def __init__(self, topk=10, num_classes=80, alpha=0.5, beta=6.0, eps=1e-9, final_topk=None, min_box_side=0.0):
         super().__init__()
         self.topk = topk
@@ -92,7 +94,7 @@ class TaskAlignedAssigner(nn.Module):
         device = pred_scores.device
         return (
             torch.full((batch_size, num_anchors), self.num_classes, dtype=torch.long, device=device),
-            torch.zeros((batch_size, num_anchors, 4), device=device),
+            torch.zeros((batch_size, num_anchors, self.box_dims), device=device),
             torch.zeros((batch_size, num_anchors, num_classes), device=device),
             torch.zeros((batch_size, num_anchors), dtype=torch.bool, device=device),
             torch.zeros((batch_size, num_anchors), dtype=torch.long, device=device),
@@ -123,9 +125,14 @@ class TaskAlignedAssigner(nn.Module):
         # Score of each anchor for the class of each ground truth.
         scores_by_class = pred_scores.transpose(1, 2)  # (B, C, A)
         gt_class_scores = scores_by_class.gather(1, gt_labels.expand(-1, -1, num_anchors))  # (B, M, A)
-        overlaps = _pairwise_iou(gt_bboxes, pred_bboxes) * candidates  # (B, M, A)
+        overlaps = self.pairwise_iou(gt_bboxes, pred_bboxes) * candidates  # (B, M, A)
         align_metric = gt_class_scores.pow(self.alpha) * overlaps.pow(self.beta)  # (B, M, A)
         return align_metric * candidates, overlaps
+
+    @staticmethod
+    def pairwise_iou(gt_bboxes, pred_bboxes):
+        """(B, M, A) IoU of every ground truth with every prediction of its image (xyxy boxes)."""
+        return _pairwise_iou(gt_bboxes, pred_bboxes)
 
     @staticmethod
     def _select_topk(align_metric, candidates, topk):
@@ -156,7 +163,7 @@ class TaskAlignedAssigner(nn.Module):
         image_offset = torch.arange(batch_size, device=gt_labels.device)[:, None] * num_max_boxes  # (B, 1)
         flat_idx = target_gt_idx + image_offset  # (B, A) index into the flattened (B*M) ground truths
         target_labels = gt_labels.view(-1)[flat_idx]  # (B, A)
-        target_bboxes = gt_bboxes.view(-1, 4)[flat_idx]  # (B, A, 4)
+        target_bboxes = gt_bboxes.view(-1, gt_bboxes.shape[-1])[flat_idx]  # (B, A, 4)
         num_anchors = target_labels.shape[1]
         one_hot = torch.zeros((batch_size, num_anchors, self.num_classes), device=gt_labels.device)  # (B, A, C)
         one_hot.scatter_(-1, target_labels.unsqueeze(-1), 1.0)

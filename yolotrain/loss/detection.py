@@ -283,8 +283,14 @@ def side_distance_l1(pred_distances, anchor_points, target_bboxes, strides, imag
         (F, 1) loss per anchor, averaged over the four sides.
     """
     target_distances = torch.cat((anchor_points - target_bboxes[:, :2], target_bboxes[:, 2:] - anchor_points), -1)
+    return normalised_side_l1(pred_distances, target_distances, strides, image_hw)
+
+
+def normalised_side_l1(pred_distances, target_distances, strides, image_hw):
+    """(..., 1) L1 distance of (..., 4) left, top, right, bottom side distances (grid units, strides (..., 1)), each
+    as a fraction of the image width or height, averaged over the four sides."""
     height, width = image_hw
-    to_image_fraction = strides / torch.tensor([width, height, width, height], device=strides.device)  # (F, 4)
+    to_image_fraction = strides / torch.tensor([width, height, width, height], device=strides.device)  # (..., 4)
     error = (pred_distances - target_distances).abs() * to_image_fraction
     return error.mean(-1, keepdim=True)
 

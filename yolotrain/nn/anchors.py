@@ -1,4 +1,4 @@
-"""Anchor points and the distance <-> box conversions shared by the Detect head and the loss.
+"""Anchor points and the distance <-> box conversions shared by the Detect and OBB heads and the losses.
 
 An anchor-free head predicts, for every grid cell centre (an *anchor point*), the distances from that point to
 the four sides of the box: (left, top, right, bottom), in units of the level's stride.
@@ -41,6 +41,24 @@ def dist2bbox(distance, anchor_points, xywh=True, dim=-1):
         size = bottom_right_corner - top_left_corner
         return torch.cat((centre, size), dim)
     return torch.cat((top_left_corner, bottom_right_corner), dim)
+
+
+def dist2rbox(distance, angle, anchor_points, dim=-1):
+    """Turn (left, top, right, bottom) distances measured along a rotated box's own axes into its centre and size.
+
+    The box's width axis is the image x axis turned by `angle` radians towards the y axis (clockwise on screen,
+    where y points down). The centre lies (right - left) / 2, (bottom - top) / 2 from the anchor along the box's
+    own axes; rotating that offset into image axes gives the centre. Width and height are left + right and
+    top + bottom. Returns (cx, cy, w, h) along `dim`; the angle is not included.
+
+    Shapes: distance (..., 4, ...) and angle (..., 1, ...) with the 4 / 1 along `dim`; anchor_points broadcast
+    against the (cx, cy) half.
+    """
+    left_top, right_bottom = distance.chunk(2, dim)
+    half_offset_x, half_offset_y = ((right_bottom - left_top) / 2).chunk(2, dim)  # centre - anchor, box frame
+    cos, sin = angle.cos(), angle.sin()
+    centre = torch.cat((half_offset_x * cos - half_offset_y * sin, half_offset_x * sin + half_offset_y * cos), dim)
+    return torch.cat((centre + anchor_points, left_top + right_bottom), dim)
 
 
 def bbox2dist(anchor_points, bbox, reg_max):

@@ -1,6 +1,7 @@
 """YOLO models built from a model yaml (`nc`, `scales`, `backbone`, `head`): `DetectionModel` (a `Detect` head),
-`SegmentationModel` (a `Segment` or `Segment26` head), `PoseModel` (a `Pose` head, with the yaml's `kpt_shape`) and
-`ClassificationModel` (a `Classify` head), on one `BaseModel`.
+`SegmentationModel` (a `Segment` or `Segment26` head), `PoseModel` (a `Pose` head, with the yaml's `kpt_shape`),
+`OBBModel` (an `OBB` or `OBB26` head: oriented boxes) and `ClassificationModel` (a `Classify` head), on one
+`BaseModel`.
 
 A model yaml lists layers as `[from, repeats, module, args]`. `from` is -1 (previous layer), a layer index, or a
 list of them; `repeats` is scaled by the depth multiple; the first arg of channel-producing modules is their output
@@ -20,8 +21,8 @@ import yaml
 
 from yolotrain.cfg import DEFAULT_MODEL
 from yolotrain.errors import CfgError, CheckpointError, one_line
-from yolotrain.nn.modules import (C2PSA, C2f, C3, C3k, C3k2, SPPF, Bottleneck, Classify, Concat, Conv, Detect, DWConv,
-                                  Pose, Segment, Segment26)
+from yolotrain.nn.modules import (C2PSA, C2f, C3, C3k, C3k2, OBB, OBB26, SPPF, Bottleneck, Classify, Concat, Conv,
+                                  Detect, DWConv, Pose, Segment, Segment26)
 from yolotrain.utils.torch_utils import intersect_dicts, model_info
 
 LOGGER = logging.getLogger(__name__)
@@ -36,13 +37,14 @@ _REPEAT_ARG_MODULES = (C2f, C3, C3k, C3k2, C2PSA)
 # Larger scales of the C3k2 families (YOLO11, YOLO26) always use C3k inner blocks, whatever the row says.
 _C3K_SCALES = ("m", "l", "x")
 # The task a model serves follows from its head (its last layer).
-HEAD_TASKS = {"Detect": "detect", "Segment": "segment", "Segment26": "segment", "Pose": "pose", "Classify": "classify"}
+HEAD_TASKS = {"Detect": "detect", "Segment": "segment", "Segment26": "segment", "Pose": "pose", "OBB": "obb",
+              "OBB26": "obb", "Classify": "classify"}
 
 
 def _module_table():
     """Module names a yaml may use -> class (built per call: no module-level mutable registry)."""
-    blocks = (Conv, DWConv, Bottleneck, C2f, C3, C3k, C3k2, C2PSA, SPPF, Concat, Detect, Segment, Segment26, Pose,
-              Classify)
+    blocks = (Conv, DWConv, Bottleneck, C2f, C3, C3k, C3k2, C2PSA, SPPF, Concat, Detect, Segment, Segment26, Pose, OBB,
+              OBB26, Classify)
     table = {cls.__name__: cls for cls in blocks}
     for cls in (nn.Upsample, nn.Identity, nn.MaxPool2d):  # shape-preserving in channels
         table[cls.__name__] = cls
@@ -135,7 +137,7 @@ def _validate_model_dict(model_dict, source):
 
 def head_task(model_dict):
     """The task of a (validated) model dict, from its head: 'detect' for Detect, 'segment' for Segment and
-    Segment26, 'pose' for Pose, 'classify' for Classify."""
+    Segment26, 'pose' for Pose, 'obb' for OBB and OBB26, 'classify' for Classify."""
     return HEAD_TASKS[model_dict["head"][-1][2]]
 
 
@@ -273,6 +275,10 @@ def _build_layer(module_cls, args, repeats, channels_in, width, max_channels, nc
         copies = [module_cls(*args, **head_options)]
     elif module_cls is Pose:
         args = [*args[:2], channels_in]
+        channels_out = None
+        copies = [module_cls(*args, **head_options)]
+    elif module_cls in (OBB, OBB26):
+        args = [*(list(args) + [nc, 1][len(args):])[:2], channels_in]  # [nc, ne]; a row without ne takes 1
         channels_out = None
         copies = [module_cls(*args, **head_options)]
     elif module_cls in (Segment, Segment26):
@@ -553,6 +559,33 @@ class PoseModel(DetectionModel):
         from yolotrain.loss.pose import PoseLoss
 
         return PoseLoss(self)
+
+
+class OBBModel(DetectionModel):
+    """YOLO oriented-box model built from a model yaml whose head is `OBB` (`yolo11n-obb.yaml`, `yolov8n-obb.yaml`)
+    or `OBB26` (`yolo26n-obb.yaml`, end2end); see `BaseModel` for the arguments and `OBB` for the head's outputs
+    (rotated boxes as centre, size and an angle in radians). Adds `ne` (angle values per anchor, 1). Its loss comes
+    from `yolotrain.loss.obb`: `OBBLoss`, or `EndToEndOBBLoss` for an end2end head.
+    """
+
+    head_type = OBB
+
+    def __init__(self, cfg="yolo11n-obb.yaml", ch=3, nc=None, verbose=True):
+        super().__init__(cfg, ch, nc, verbose)
+
+    @property
+    def ne(self):
+        """Angle values per anchor (1)."""
+        return self.head.ne
+
+    def init_criterion(self):
+        if self.end2end:
+            from yolotrain.loss.obb import EndToEndOBBLoss
+
+            return EndToEndOBBLoss(self)
+        from yolotrain.loss.obb import OBBLoss
+
+        return OBBLoss(self)
 
 
 class ClassificationModel(BaseModel):

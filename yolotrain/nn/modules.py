@@ -1,5 +1,5 @@
 """Building blocks of YOLO models: convolutions, CSP blocks, spatial pyramid pooling, mask prototypes, the Detect,
-Segment, Pose and Classify heads.
+Segment, Pose, OBB and Classify heads.
 
 Attribute names (`conv`, `bn`, `cv1`, `cv2`, `m`, ...) follow the YOLO family's conventions so that state dicts
 line up parameter for parameter with other YOLOv8/YOLO11-layout implementations.
@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from yolotrain.nn.anchors import dist2bbox, make_anchors
+from yolotrain.nn.anchors import dist2bbox, dist2rbox, make_anchors
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.03
@@ -394,15 +394,19 @@ class Detect(nn.Module):
             self._anchor_cache = (key, points.transpose(0, 1), strides.transpose(0, 1))
         return self._anchor_cache[1], self._anchor_cache[2]
 
-    def _decode(self, maps, xywh=True):
-        """(B, 4 + nc, A): boxes in input pixels (xywh, or xyxy) and sigmoid class scores."""
+    def _decode(self, maps, xywh=True, angles=None):
+        """(B, 4 + nc, A): boxes in input pixels (xywh, or xyxy) and sigmoid class scores. With `angles` (B, 1, A)
+        in radians the boxes are rotated ones, always centre x, y, width, height (see `dist2rbox`)."""
         batch_size = maps[0].shape[0]
         flat = torch.cat([m.view(batch_size, self.no, -1) for m in maps], 2)  # (B, no, A)
         box_logits, cls_logits = flat.split((self.reg_max * 4, self.nc), 1)
         anchor_points, stride_tensor = self._anchors(maps)
         distances = self.dfl(box_logits)  # (B, 4, A) in grid units of each level
-        boxes = dist2bbox(distances, anchor_points.unsqueeze(0), xywh=xywh, dim=1) * stride_tensor
-        return torch.cat((boxes, cls_logits.sigmoid()), 1)
+        if angles is None:
+            boxes = dist2bbox(distances, anchor_points.unsqueeze(0), xywh=xywh, dim=1)
+        else:
+            boxes = dist2rbox(distances, angles, anchor_points.unsqueeze(0), dim=1)
+        return torch.cat((boxes * stride_tensor, cls_logits.sigmoid()), 1)
 
     def _top_detections(self, decoded):
         """(B, 4 + nc + E, A) xyxy, scores and E extra values per anchor -> (B, k, 6 + E): the k = min(max_det, A)
@@ -563,6 +567,69 @@ class Pose(Detect):
         if dims == 3:
             decoded = torch.cat((decoded, raw[:, :, 2:3].sigmoid()), 2)
         return decoded.view(keypoints.shape[0], self.nk, -1)
+
+
+class OBB(Detect):
+    """Detect for oriented boxes: a per-level angle branch (`cv4`, two 3x3 convs and a 1x1 conv, as in the YOLO
+    family's OBB models) predicts one rotation angle per anchor, and the four side distances are measured along
+    the box's rotated axes (`dist2rbox`).
+
+    Args: nc; ne, angle values per anchor (1: the yaml row is `[nc, 1]`); ch and Detect's options.
+
+    Angle: radians, the box's width axis turned from the image x axis towards y. Here the raw output goes through
+    (sigmoid(raw) - 0.25) * pi, so it lies in (-pi/4, 3pi/4); `OBB26` uses the raw output as it is.
+
+    Outputs, with maps as in Detect and angles (B, 1, A) already decoded to radians (float):
+    - training: `(maps, angles)`;
+    - eval: `(y, (maps, angles))` with y (B, 4 + nc + 1, A): rotated box centre x, y, width, height in input
+      pixels, sigmoid class scores, then the angle (NMS for rotated boxes follows);
+    - end2end training: `{"one2many": (maps, angles), "one2one": (maps, angles)}`, the one-to-one branch computed
+      from detached features;
+    - end2end eval: `(y, that dict)` with y (B, max_det, 7): centre x, y, width, height, score, class and angle of
+      the best (anchor, class) pairs, descending by score (boxes stay centre/size: a rotated box has no xyxy form);
+      after `fuse()` the dict holds only "one2one".
+    """
+
+    def __init__(self, nc=80, ne=1, ch=(), reg_max=16, end2end=False, depthwise_cls=False):
+        if ne != 1:
+            raise ValueError(f"the OBB head predicts one angle per anchor: ne must be 1, got ne={ne}")
+        super().__init__(nc, ch, reg_max, end2end, depthwise_cls)
+        self.ne = ne  # angle values per anchor
+        width = max(ch[0] // 4, self.ne)
+        self.cv4 = nn.ModuleList(nn.Sequential(Conv(x, width, 3), Conv(width, width, 3), nn.Conv2d(width, self.ne, 1))
+                                 for x in ch)
+        if end2end:
+            self.one2one_cv4 = copy.deepcopy(self.cv4)
+
+    def decode_angles(self, raw):
+        """(B, ne, A) raw angle outputs -> radians in (-pi/4, 3pi/4)."""
+        return (raw.sigmoid() - 0.25) * math.pi
+
+    def _predict(self, x, shared, one2one=False):
+        maps = super()._predict(x, shared, one2one)
+        raw = self._per_anchor(x, self.one2one_cv4 if one2one else self.cv4, self.ne)
+        return maps, self.decode_angles(raw)
+
+    def _inference(self, preds, xywh=True):
+        """(B, 4 + nc + 1, A): rotated boxes (centre and size whatever `xywh` says), scores and angles."""
+        maps, angles = preds
+        return torch.cat((self._decode(maps, angles=angles), angles), 1)
+
+    def fuse(self):
+        """Inference only: an end2end head drops its one-to-many branches, the angle branch included."""
+        if self.end2end:
+            self.cv4 = None
+        return super().fuse()
+
+
+class OBB26(OBB):
+    """YOLO26's OBB head: the layout of `OBB`, but its angle is the raw output of the angle branch, in unbounded
+    radians (no sigmoid). A rotated box repeats every pi, so whatever needs one range folds the angle itself (e.g.
+    comparing angles modulo pi). Outputs as in `OBB`."""
+
+    def decode_angles(self, raw):
+        """(B, ne, A) raw angle outputs, already radians."""
+        return raw
 
 
 class Classify(nn.Module):

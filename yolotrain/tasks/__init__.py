@@ -42,6 +42,13 @@ def task_classes(task: str) -> TaskClasses:
         from yolotrain.tasks.pose.val import PoseValidator
 
         return TaskClasses(PoseModel, PoseTrainer, PoseValidator, PosePredictor)
+    if task == "obb":
+        from yolotrain.nn.model import OBBModel
+        from yolotrain.tasks.obb.predict import OBBPredictor
+        from yolotrain.tasks.obb.train import OBBTrainer
+        from yolotrain.tasks.obb.val import OBBValidator
+
+        return TaskClasses(OBBModel, OBBTrainer, OBBValidator, OBBPredictor)
     if task == "classify":
         from yolotrain.nn.model import ClassificationModel
         from yolotrain.tasks.classify.predict import ClassificationPredictor

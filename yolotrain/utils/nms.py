@@ -1,8 +1,10 @@
-"""Non-maximum suppression for the detection head's eval output, for every image of a batch at once.
+"""Non-maximum suppression for the detection and OBB heads' eval output, for every image of a batch at once.
 
 torchvision is optional: when it imports, its compiled `nms` kernel runs once over the whole batch (images and
 classes kept apart by coordinate offsets); otherwise an exact, vectorised pure-torch greedy kernel
-(`batched_greedy_nms`) gives the same result. Neither loops over images or boxes in Python.
+(`batched_greedy_nms`) gives the same result. Neither loops over images or boxes in Python. Rotated boxes always
+take the pure-torch kernel, with the probabilistic IoU in place of the axis-aligned one
+(`non_max_suppression_rotated`).
 """
 
 import functools
@@ -11,6 +13,7 @@ import math
 import torch
 
 from yolotrain.utils.boxes import batched_box_iou, xywh2xyxy
+from yolotrain.utils.obb import probiou
 
 # Boxes are suppressed in blocks of at most this many per image (in score order)...
 NMS_BLOCK_SIZE = 1024
@@ -50,12 +53,13 @@ def _suppress_within_block(iou_over):
         keep = new_keep
 
 
-def batched_greedy_nms(boxes, valid, iou_thres, groups=None, max_keep=None):
+def batched_greedy_nms(boxes, valid, iou_thres, groups=None, max_keep=None, iou_fn=batched_box_iou):
     """Exact greedy NMS of every image at once: keep mask (B, K) bool.
 
-    boxes (B, K, 4) xyxy, each image's candidates sorted by descending score; valid (B, K) bool marks real
-    candidates (the rest is padding); groups (B, K) optional int ids: boxes only suppress boxes of the same group
-    (class-aware NMS without coordinate offsets, so IoUs keep full float precision).
+    boxes (B, K, D), each image's candidates sorted by descending score: xyxy (D = 4) for the default `iou_fn`,
+    or whatever boxes `iou_fn` takes ((B, N, D) x (B, M, D) -> (B, N, M) IoU, e.g. `probiou` for xywhr, D = 5);
+    valid (B, K) bool marks real candidates (the rest is padding); groups (B, K) optional int ids: boxes only suppress
+    boxes of the same group (class-aware NMS without coordinate offsets, so IoUs keep full float precision).
     Boxes are handled in blocks in score order: a block is first pruned by the boxes each image kept from earlier
     blocks (any overlap above the threshold suppresses), then resolved internally by `_suppress_within_block`. Both
     steps are exact, so the result equals box-by-box greedy NMS of each image. `max_keep`: only the first `max_keep`
@@ -69,7 +73,7 @@ def batched_greedy_nms(boxes, valid, iou_thres, groups=None, max_keep=None):
     groups = torch.zeros_like(valid, dtype=torch.long) if groups is None else groups.long()
     keep = torch.zeros_like(valid)
     # The boxes each image has kept so far, in slots 0..max_keep-1: what prunes the next block.
-    kept_boxes = boxes.new_zeros(batch_size, max_keep, 4)
+    kept_boxes = boxes.new_zeros(batch_size, max_keep, boxes.shape[-1])
     kept_groups = torch.full((batch_size, max_keep), -1, dtype=torch.long, device=boxes.device)  # -1: empty slot
     num_kept = torch.zeros(batch_size, dtype=torch.long)  # on the host: it decides which images go on
     for start in range(0, num_boxes, block_size):
@@ -82,9 +86,9 @@ def batched_greedy_nms(boxes, valid, iou_thres, groups=None, max_keep=None):
         block_boxes, block_groups, candidates = boxes[active, block], groups[active, block], valid[active, block]
         if filled:
             pruned = _overlaps(kept_boxes[active, :filled], kept_groups[active, :filled], block_boxes, block_groups,
-                               iou_thres).any(1)  # (b, S)
+                               iou_thres, iou_fn).any(1)  # (b, S)
             candidates = candidates & ~pruned
-        block_keep = _resolve_block(block_boxes, block_groups, candidates, iou_thres)  # (b, S)
+        block_keep = _resolve_block(block_boxes, block_groups, candidates, iou_thres, iou_fn)  # (b, S)
         slot = active_kept[:, None] + block_keep.cumsum(1) - 1  # (b, S): where each kept box goes
         block_keep &= slot < max_keep
         keep[active, block] = block_keep
@@ -95,7 +99,7 @@ def batched_greedy_nms(boxes, valid, iou_thres, groups=None, max_keep=None):
     return keep
 
 
-def _resolve_block(boxes, groups, candidates, iou_thres):
+def _resolve_block(boxes, groups, candidates, iou_thres, iou_fn):
     """Greedy keep mask (B, S) of a block's candidates among themselves. Most of a block is usually pruned by the
     boxes kept before it, so the survivors are first packed to the front of each row (in score order) and only
     their (B, W, W) overlaps are computed."""
@@ -104,18 +108,18 @@ def _resolve_block(boxes, groups, candidates, iou_thres):
     if width == 0:
         return candidates
     packed = packing[:, :width]  # (B, W) block positions of the packed survivors
-    packed_boxes = boxes.gather(1, packed[..., None].expand(-1, -1, 4))
+    packed_boxes = boxes.gather(1, packed[..., None].expand(-1, -1, boxes.shape[-1]))
     packed_groups, packed_candidates = groups.gather(1, packed), candidates.gather(1, packed)
-    over = _overlaps(packed_boxes, packed_groups, packed_boxes, packed_groups, iou_thres)
+    over = _overlaps(packed_boxes, packed_groups, packed_boxes, packed_groups, iou_thres, iou_fn)
     over &= packed_candidates[:, :, None]  # (B, W, W): only survivors suppress
     keep = torch.zeros_like(candidates)
     keep.scatter_(1, packed, _suppress_within_block(over) & packed_candidates)
     return keep
 
 
-def _overlaps(rows, row_groups, cols, col_groups, iou_thres):
-    """(B, N, M) bool: IoU above the threshold between (B, N, 4) and (B, M, 4) boxes of the same group."""
-    over = batched_box_iou(rows, cols) > iou_thres
+def _overlaps(rows, row_groups, cols, col_groups, iou_thres, iou_fn):
+    """(B, N, M) bool: `iou_fn` IoU above the threshold between (B, N, D) and (B, M, D) boxes of the same group."""
+    over = iou_fn(rows, cols) > iou_thres
     return over & (row_groups[:, :, None] == col_groups[:, None, :])
 
 
@@ -128,12 +132,12 @@ def greedy_nms(boxes, scores, iou_thres, groups=None, max_keep=None):
     return order[keep]
 
 
-def _candidates(prediction, conf_thres, classes, multi_label, max_nms, num_extra=0):
+def _candidates(prediction, conf_thres, classes, multi_label, max_nms, num_extra=0, xyxy=True):
     """The candidates that enter NMS, up to `max_nms` per image, laid out per image in descending score.
 
-    prediction (B, 4 + nc + num_extra, A) -> boxes (B, K, 4) xyxy, scores (B, K), cls (B, K) long, valid (B, K)
-    bool (the rest is padding), extra (B, K, num_extra) each candidate's anchor's extra values, K the most candidates
-    of any image. Single-label: each anchor is a candidate with its best class.
+    prediction (B, 4 + nc + num_extra, A) -> boxes (B, K, 4) xyxy (xywh as given when not `xyxy`), scores (B, K),
+    cls (B, K) long, valid (B, K) bool (the rest is padding), extra (B, K, num_extra) each candidate's anchor's extra
+    values, K the most candidates of any image. Single-label: each anchor is a candidate with its best class.
     Multi-label: each anchor is a candidate once for every class scoring above `conf_thres`, which is what mAP
     needs: a box whose second class is the right one still counts. Equal scores keep anchor, then class, order.
     """
@@ -158,7 +162,9 @@ def _candidates(prediction, conf_thres, classes, multi_label, max_nms, num_extra
     top, top_scores = top.gather(1, order), top_scores.gather(1, order)  # (B, K) descending
     anchor = top // classes_per_pair
     cls = top % classes_per_pair if multi_label else best_cls.gather(1, anchor)
-    boxes = xywh2xyxy(prediction[..., :4].gather(1, anchor[..., None].expand(-1, -1, 4)))  # (B, K, 4)
+    boxes = prediction[..., :4].gather(1, anchor[..., None].expand(-1, -1, 4))  # (B, K, 4) xywh
+    if xyxy:
+        boxes = xywh2xyxy(boxes)
     extra = prediction[..., prediction.shape[-1] - num_extra :].gather(1, anchor[..., None].expand(-1, -1, num_extra))
     return boxes, top_scores, cls, top_scores > conf_thres, extra
 
@@ -213,6 +219,31 @@ def non_max_suppression(
         num_classes = prediction.shape[1] - 4 - num_extra
         keep = _kept_torchvision(tv_nms, boxes, scores, cls, valid, num_classes, iou_thres, agnostic, max_det)
     detections = torch.cat([boxes, scores[..., None], cls[..., None].to(boxes.dtype), extra], -1)[keep]  # (n, 6+)
+    return list(detections.split(keep.sum(1).tolist()))
+
+
+def non_max_suppression_rotated(prediction, conf_thres=0.25, iou_thres=0.45, classes=None, agnostic=False,
+                                multi_label=False, max_det=300, max_nms=30000):
+    """Filter the OBB model's eval output to final rotated detections per image.
+
+    prediction: (B, 4 + nc + 1, A) tensor with boxes cx, cy, w, h in input pixels, class scores, then the angle in
+    radians (the OBB head's eval output; a tuple/list `(y, feats)` is accepted and its first element used).
+    Candidates, `classes`, `multi_label`, `max_nms` and `max_det` work as in `non_max_suppression`.
+    Overlap is the probabilistic IoU (`utils.obb.probiou`), not the exact polygon IoU: it is the overlap the
+    reference models' NMS uses, so their `iou_thres` means the same here, and it costs a few element-wise operations
+    per pair instead of a polygon intersection. The suppression is exact greedy NMS (a box is only suppressed by a
+    *kept* box), like the axis-aligned path; the reference's rotated NMS is Fast-NMS (a suppressed box still
+    suppresses), which drops a few more boxes where overlaps chain, so the two can differ there.
+    Returns a list of B tensors (n, 7): cx, cy, w, h, conf, cls (float), angle, sorted by descending conf; boxes
+    and angles as predicted (see `utils.obb.regularize_xywhr` for the reference's angle range [0, pi/2)).
+    """
+    if isinstance(prediction, (list, tuple)):
+        prediction = prediction[0]
+    boxes, scores, cls, valid, angle = _candidates(prediction, conf_thres, classes, multi_label, max_nms, num_extra=1,
+                                                   xyxy=False)
+    rotated = torch.cat([boxes, angle], -1)  # (B, K, 5) xywhr
+    keep = batched_greedy_nms(rotated, valid, iou_thres, None if agnostic else cls, max_det, iou_fn=probiou)
+    detections = torch.cat([boxes, scores[..., None], cls[..., None].to(boxes.dtype), angle], -1)[keep]  # (n, 7)
     return list(detections.split(keep.sum(1).tolist()))
 
 

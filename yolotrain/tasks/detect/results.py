@@ -13,20 +13,19 @@ import torch
 from yolotrain.engine.containers import TensorContainer
 from yolotrain.utils.boxes import xyxy2xywh
 from yolotrain.utils.masks import mask_to_polygon
+from yolotrain.utils.obb import xywhr_to_corners
 from yolotrain.utils.plotting import (KEYPOINT_VISIBLE, class_colour, draw_keypoints, draw_label, draw_masks,
                                       label_font_scale)
 
 
-class Boxes(TensorContainer):
-    """Detections of one image: `data` (n, 6) x1, y1, x2, y2, conf, cls in original-image pixels, or (n, 7) with a
-    track id before conf (x1, y1, x2, y2, id, conf, cls) when a tracker numbered them. A tensor or a NumPy array."""
+class _Detections(TensorContainer):
+    """Rows of one image's detections: `shape_columns` values of their shape, a track id when a tracker numbered
+    them, then conf and cls. A tensor or a NumPy array; a single row reads as one."""
+
+    shape_columns = 4
 
     def __init__(self, data, orig_shape):
         super().__init__(data[None] if data.ndim == 1 else data, orig_shape)  # one row, as iteration gives
-
-    @property
-    def xyxy(self):
-        return self.data[:, :4]
 
     @property
     def conf(self):
@@ -39,12 +38,25 @@ class Boxes(TensorContainer):
     @property
     def is_track(self):
         """Whether the rows carry track ids."""
-        return self.data.shape[-1] == 7
+        return self.data.shape[-1] == self.shape_columns + 3
 
     @property
     def id(self):
         """(n,) track ids, or None when the detections were not tracked."""
-        return self.data[:, 4] if self.is_track else None
+        return self.data[:, self.shape_columns] if self.is_track else None
+
+    @property
+    def xyxyn(self):
+        return self.xyxy / self._image_scale(4)
+
+
+class Boxes(_Detections):
+    """Detections of one image: `data` (n, 6) x1, y1, x2, y2, conf, cls in original-image pixels, or (n, 7) with a
+    track id before conf (x1, y1, x2, y2, id, conf, cls) when a tracker numbered them."""
+
+    @property
+    def xyxy(self):
+        return self.data[:, :4]
 
     @property
     def xywh(self):
@@ -52,12 +64,37 @@ class Boxes(TensorContainer):
         return xyxy2xywh(self.xyxy)
 
     @property
-    def xyxyn(self):
-        return self.xyxy / self._image_scale(4)
-
-    @property
     def xywhn(self):
         return self.xywh / self._image_scale(4)
+
+
+class OBB(_Detections):
+    """Rotated boxes of one image: `data` (n, 7) cx, cy, w, h, angle (radians), conf, cls in original-image pixels,
+    or (n, 8) with a track id before conf. `xyxyxyxy` gives their corners (n, 4, 2), `xyxy` their axis-aligned
+    extent."""
+
+    shape_columns = 5
+
+    @property
+    def xywhr(self):
+        return self.data[:, :5]
+
+    @property
+    def xyxyxyxy(self):
+        """(n, 4, 2) corner x, y in pixels."""
+        return xywhr_to_corners(self.xywhr)
+
+    @property
+    def xyxyxyxyn(self):
+        return self.xyxyxyxy / self._image_scale(2)
+
+    @property
+    def xyxy(self):
+        """(n, 4) the axis-aligned extent x1, y1, x2, y2 of each rotated box."""
+        corners = self.xyxyxyxy
+        if isinstance(corners, torch.Tensor):
+            return torch.cat((corners.amin(1), corners.amax(1)), 1)
+        return np.concatenate((corners.min(1), corners.max(1)), 1)
 
 
 class Keypoints(TensorContainer):
@@ -145,12 +182,12 @@ class Results:
 
     Attributes: `path` (file, or "image0" for an in-memory image), `orig_img` (BGR uint8), `orig_shape` (h, w),
     `names` ({class id: name}), `boxes` (`Boxes`, detect, segment and pose), `masks` (`Masks`, segment),
-    `keypoints` (`Keypoints`, pose), `probs` (`Probs`, classify), `obb` (None: its task comes later), `speed`
+    `keypoints` (`Keypoints`, pose), `probs` (`Probs`, classify), `obb` (`OBB`, oriented boxes), `speed`
     ({"preprocess", "inference", "postprocess"}: ms), `frame` (0-based frame index in its video, None for images).
     """
 
     def __init__(self, orig_img, path, names, boxes=None, speed=None, frame=None, probs=None, keypoints=None,
-                 masks=None):
+                 masks=None, obb=None):
         self.orig_img = orig_img
         self.orig_shape = tuple(orig_img.shape[:2])
         self.path = str(path)
@@ -159,7 +196,7 @@ class Results:
         self.masks = Masks(masks, self.orig_shape) if masks is not None else None
         self.probs = Probs(probs, self.orig_shape) if probs is not None else None
         self.keypoints = Keypoints(keypoints, self.orig_shape) if keypoints is not None else None
-        self.obb = None
+        self.obb = OBB(obb, self.orig_shape) if obb is not None else None
         self.speed = dict(speed or {})
         self.frame = frame
 
@@ -199,8 +236,10 @@ class Results:
         return Keypoints(torch.as_tensor(self.keypoints.data).float().cpu(), self.orig_shape)
 
     def _cpu_boxes(self):
-        """The boxes as a CPU tensor, whatever their device or format: what the text and drawing methods read."""
-        return Boxes(torch.as_tensor(self.boxes.data).cpu(), self.orig_shape)
+        """The boxes (or rotated boxes) as a CPU tensor, whatever their device or format: what the text and drawing
+        methods read (both give `xyxy`, `conf` and `cls`)."""
+        objects = self.obb if self.obb is not None else self.boxes
+        return type(objects)(torch.as_tensor(objects.data).cpu(), self.orig_shape)
 
     # ------------------------------------------------------------------ text
     def summary(self, normalize=False, decimals=5):
@@ -211,14 +250,19 @@ class Results:
             return [{"name": self.names.get(c, str(c)), "class": c, "confidence": round(float(probs[c]), decimals)}
                     for c in self.probs.top5]
         detections = self._cpu_boxes()
-        boxes = (detections.xyxyn if normalize else detections.xyxy).tolist()
+        if self.obb is not None:  # a rotated box by its 4 corners
+            corners = (detections.xyxyxyxyn if normalize else detections.xyxyxyxy).flatten(1).tolist()
+            keys = ("x1", "y1", "x2", "y2", "x3", "y3", "x4", "y4")
+        else:
+            corners = (detections.xyxyn if normalize else detections.xyxy).tolist()
+            keys = ("x1", "y1", "x2", "y2")
         rows = []
-        for (x1, y1, x2, y2), conf, cls in zip(boxes, detections.conf.tolist(), detections.cls.tolist()):
+        for values, conf, cls in zip(corners, detections.conf.tolist(), detections.cls.tolist()):
             rows.append({
                 "name": self.names.get(int(cls), str(int(cls))),
                 "class": int(cls),
                 "confidence": round(conf, decimals),
-                "box": {k: round(v, decimals) for k, v in zip(("x1", "y1", "x2", "y2"), (x1, y1, x2, y2))},
+                "box": {k: round(v, decimals) for k, v in zip(keys, values)},
             })
         if self.masks is not None:
             outlines = self.masks.xyn if normalize else self.masks.xy
@@ -252,6 +296,7 @@ class Results:
     def save_txt(self, path, save_conf=False):
         """YOLO label lines `cls cx cy w h [conf]` (normalised) to `path`; nothing is written for no detections.
         Segment: `cls x1 y1 x2 y2 ... [conf]`, each mask's outline (a detection whose mask is empty is left out).
+        OBB: `cls x1 y1 x2 y2 x3 y3 x4 y4 [conf]`, the 4 corners.
         Classify: `probability name` lines of the top 5."""
         if self.probs is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -271,7 +316,10 @@ class Results:
         return path
 
     def _shape_columns(self, detections):
-        """Per detection the YOLO label values of its shape: its mask's outline (segment) or its box, normalised."""
+        """Per detection the YOLO label values of its shape: its mask's outline (segment), its 4 corners (obb) or
+        its box, normalised."""
+        if self.obb is not None:
+            return detections.xyxyxyxyn.flatten(1).tolist()
         if self.masks is None:
             return detections.xywhn.tolist()
         return [outline.ravel().tolist() if len(outline) >= 3 else [] for outline in self.masks.xyn]
@@ -301,10 +349,14 @@ class Results:
         detections = self._cpu_boxes()
         if self.masks is not None:
             draw_masks(image, torch.as_tensor(self.masks.data).cpu().numpy(), detections.cls.long().tolist())
-        for (x1, y1, x2, y2), score, cls in zip(detections.xyxy.round().int().tolist(), detections.conf.tolist(),
-                                                 detections.cls.tolist()):
+        corners = detections.xyxyxyxy.round().int().numpy() if self.obb is not None else None
+        for i, ((x1, y1, x2, y2), score, cls) in enumerate(zip(detections.xyxy.round().int().tolist(),
+                                                               detections.conf.tolist(), detections.cls.tolist())):
             colour = class_colour(int(cls), bgr=True)
-            cv2.rectangle(image, (x1, y1), (x2, y2), colour, line, cv2.LINE_AA)
+            if corners is not None:
+                cv2.polylines(image, [corners[i]], True, colour, line, cv2.LINE_AA)
+            else:
+                cv2.rectangle(image, (x1, y1), (x2, y2), colour, line, cv2.LINE_AA)
             text = " ".join(filter(None, [self.names.get(int(cls), str(int(cls))) if labels else "",
                                           f"{score:.2f}" if conf else ""]))
             if text:
@@ -328,9 +380,9 @@ class Results:
     def save_crop(self, save_dir, file_stem):
         """Each detection cut from the original image to `save_dir/<class name>/<file_stem>[_k].jpg` (classify has
         no objects to cut: nothing is written)."""
-        if self.boxes is None:
+        if self.boxes is None and self.obb is None:
             return
-        detections = self._cpu_boxes()
+        detections = self._cpu_boxes()  # a rotated box is cut as its axis-aligned extent
         boxes = detections.xyxy.round().int().numpy()
         height, width = self.orig_shape
         seen = {}

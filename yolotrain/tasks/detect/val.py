@@ -283,14 +283,14 @@ class DetectionValidator(BaseValidator):
         if max_boxes is None:
             max_boxes = int(torch.bincount(gt_image, minlength=1).max()) if len(gt_image) else 0
         max_preds = max((len(p) for p in preds), default=0)
-        tp = padded_match(detections, pred_image, gt_boxes, gt_cls, gt_image, num_images, max_preds, max_boxes,
-                          self.iouv.to(device))  # (P, 10)
+        labels = BatchLabels(detections, pred_image, gt_boxes, gt_cls, gt_image, num_images, max_preds, max_boxes,
+                             gain, pad, shape)
+        tp = self.box_matches(labels, batch)  # (P, 10)
         self.seen += num_images
         self.stats.append({
             "position": self.batch_position, "tp": tp, "conf": detections[:, 4], "pred_cls": detections[:, 5],
             "target_cls": gt_cls, "target_img": classes_per_image(gt_image, gt_cls), "seen": num_images,
-            **self.part_stats(BatchLabels(detections, pred_image, gt_boxes, gt_cls, gt_image, num_images, max_preds,
-                                          max_boxes, gain, pad, shape), batch),
+            **self.part_stats(labels, batch),
         })  # fmt: skip
         counts = [len(p) for p in preds]
         if self.plot_stats:  # the plotted confusion matrix only (last epoch): image by image, confident detections
@@ -299,6 +299,12 @@ class DetectionValidator(BaseValidator):
                 self.confusion_matrix.process_batch(image_detections.cpu(), image_boxes.cpu(), image_cls.cpu())
         if self.args.save_json:
             self.json_records.append((self.batch_position, list(batch["im_file"]), counts, detections))
+
+    def box_matches(self, labels, batch):
+        """(P, 10) bool: the detections matched to labels of their class by box IoU at each threshold (COCO's
+        matching; an oriented-box validator compares its rotated boxes instead)."""
+        return padded_match(labels.detections, labels.pred_image, labels.gt_boxes, labels.gt_cls, labels.gt_image,
+                            labels.num_images, labels.max_preds, labels.max_boxes, self.iouv.to(labels.gt_cls.device))
 
     def nms_extra_columns(self):
         """Values per anchor that follow the class scores in the model's output and each detection keeps through

@@ -1,0 +1,1 @@
+"""Oriented boxes: a rotated rectangle per object (trainer, validator, predictor)."""

@@ -1,0 +1,100 @@
+"""OBBValidator: COCO-style metrics (P, R, mAP50, mAP50-95) of an oriented-box model, its rotated boxes matched to
+the labels by their exact IoU (the area shared by the two rotated rectangles, from their polygon intersection).
+
+The reference trainer matches by probabilistic IoU (ProbIoU, a Gaussian approximation); the exact IoU differs from
+it by a few hundredths for long thin boxes, so the figures of the two differ slightly on the same predictions.
+Boxes are compared in original-image pixels: each corner is mapped back through the letterbox (per axis), and the
+mapped quadrilaterals are intersected as they are. results.csv keeps detection's (B) columns.
+
+predictions.json (`save_json=True`): per detection `image_id`, `category_id`, `score`, `rbox` [cx, cy, w, h,
+angle] and `poly` [x1, y1, ..., x4, y4] in original-image pixels, and `bbox` (the rotated box's axis-aligned
+extent); pycocotools has no rotated-box evaluation, so it does not score them.
+"""
+
+import torch
+
+from yolotrain.loss.obb import obb_loss_item_names
+from yolotrain.tasks.detect.val import DetectionValidator, padded_match
+from yolotrain.utils.nms import end_to_end_detections, non_max_suppression_rotated
+from yolotrain.utils.obb import corners_to_xywhr, polygon_iou, xywhr_to_corners
+from yolotrain.utils.torch_utils import de_parallel
+
+ROTATED = slice(6, 11)  # a detection row's rotated box (cx, cy, w, h, angle) after its extent, conf and class
+
+
+class OBBValidator(DetectionValidator):
+    """Validator of `OBBModel`s; `metrics` is a `DetMetrics` whose box figures are those of the rotated boxes."""
+
+    task = "obb"
+    coco_parts = ()
+
+    loss_names = obb_loss_item_names()
+
+    def init_metrics(self, model, dataloader):
+        super().init_metrics(model, dataloader)
+        if hasattr(de_parallel(model), "head"):  # an export has no loss
+            self.loss_names = obb_loss_item_names(de_parallel(model).head.reg_max)
+
+    def postprocess(self, preds):
+        """Rotated NMS (or an end-to-end head's own top-k) -> per image (n, 11): the rotated box's axis-aligned
+        extent x1, y1, x2, y2, conf, cls, then cx, cy, w, h, angle, in batch-image pixels."""
+        y = preds[0] if isinstance(preds, (list, tuple)) else preds
+        conf = self.args.conf if self.args.conf is not None else 0.001
+        if self.end2end:
+            rows = end_to_end_detections(y.float(), conf_thres=conf, classes=self.nms_classes,
+                                         max_det=self.args.max_det)
+        else:
+            multi_label = self.args.multi_label if self.args.multi_label is not None else True
+            rows = non_max_suppression_rotated(y.float(), conf_thres=conf, iou_thres=self.args.iou,
+                                               classes=self.nms_classes, agnostic=self.args.agnostic_nms
+                                               or self.args.single_cls, multi_label=multi_label,
+                                               max_det=self.args.max_det)
+        return [with_extent(r) for r in rows]
+
+    def box_matches(self, labels, batch):
+        """Rotated boxes matched by exact IoU in original-image pixels; the detections' rotated boxes are stored
+        back in original pixels (predictions.json's)."""
+        detections = labels.detections
+        pred_corners = self._to_original(xywhr_to_corners(detections[:, ROTATED]), labels, labels.pred_image)
+        height, width = batch["img"].shape[2:]
+        true_corners = batch["corners"].detach().float().view(-1, 4, 2) * torch.tensor([width, height],
+                                                                                        device=detections.device)
+        true_corners = self._to_original(true_corners, labels, labels.gt_image)
+        if len(detections):
+            detections[:, ROTATED] = corners_to_xywhr(pred_corners)
+        return padded_match(detections, labels.pred_image, labels.gt_boxes, labels.gt_cls, labels.gt_image,
+                            labels.num_images, labels.max_preds, labels.max_boxes, self.iouv.to(detections.device),
+                            pred_corners.flatten(1), true_corners.flatten(1), _corner_iou)
+
+    @staticmethod
+    def _to_original(corners, labels, image_index):
+        """(n, 4, 2) batch-image pixels -> original-image pixels of each row's image."""
+        gain, pad = labels.gain[image_index][:, None], labels.pad[image_index][:, None]  # (n, 1, 2)
+        return (corners - pad) / gain
+
+    def coco_predictions(self, coco=None):
+        """Detection's results with each detection's `rbox` and `poly` in original pixels."""
+        records = super().coco_predictions(coco)
+        rows = [d[:, ROTATED].cpu().double() for _, _, _, d in self.json_records]
+        boxes = torch.cat(rows) if rows else torch.zeros(0, 5, dtype=torch.float64)
+        polygons = xywhr_to_corners(boxes).flatten(1)
+        for record, box, polygon in zip(records, boxes.numpy().round(3).tolist(),
+                                        polygons.numpy().round(3).tolist()):
+            record["rbox"], record["poly"] = box, polygon
+        return records
+
+
+def with_extent(rows):
+    """(n, 7) cx, cy, w, h, conf, cls, angle -> (n, 11) the box's axis-aligned extent x1, y1, x2, y2, conf, cls,
+    then cx, cy, w, h, angle: the first six columns are what every detection row holds."""
+    rotated = rows[:, [0, 1, 2, 3, 6]]
+    corners = xywhr_to_corners(rotated)  # (n, 4, 2)
+    extent = torch.cat((corners.amin(1), corners.amax(1)), 1)
+    return torch.cat((extent, rows[:, 4:6], rotated), 1)
+
+
+def _corner_iou(true_values, pred_values):
+    """A `padded_match` similarity: exact IoU of labels (b, M, 8) and detections (b, N, 8) given by 4 corners."""
+    true_corners = true_values.unflatten(-1, (4, 2))
+    pred_corners = pred_values.unflatten(-1, (4, 2))
+    return polygon_iou(true_corners, pred_corners)  # (b, M, N)
