@@ -5,10 +5,13 @@ against the compute floor of the model (forward + backward + optimizer step on r
     python benchmarks/train_speed.py --device 0 --amp --batch 64         # on a GPU, mixed precision
     python benchmarks/train_speed.py --skip-reference                    # yolotrain and the floor only
     python benchmarks/train_speed.py --keep runs/speed                   # keep both runs (last.pt, results.csv)
+    python benchmarks/train_speed.py --set nbs=8 --set mosaic=0          # more arguments, the same for both
     python benchmarks/train_speed.py --task pose --model yolo11n-pose.yaml --reference-model yolo11n-pose.yaml \
         --imgsz 160 --batch 8          # pose, on the built-in pose set unless --data names one
     python benchmarks/train_speed.py --task segment --model yolo11n-seg.yaml --reference-model yolo11n-seg.yaml \
         --imgsz 160 --batch 8          # segmentation, on the built-in segmentation set unless --data names one
+    python benchmarks/train_speed.py --task obb --model yolo11n-obb.yaml --reference-model yolo11n-obb.yaml \
+        --imgsz 160 --batch 8          # oriented boxes (the box figures are the rotated boxes')
 
 Each trainer runs in its own subprocess, one after the other, with run folders in a temporary directory; the
 reference twice: at its default (it sets OMP_NUM_THREADS=1 for itself) and with as many threads as yolotrain's
@@ -154,7 +157,7 @@ def data_classes(data_yaml):
 
 def trainer_settings(args, run_root):
     common = dict(data=args.data, epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, workers=args.workers,
-                  device=args.device, amp=args.amp, seed=0, plots=False, exist_ok=True)
+                  device=args.device, amp=args.amp, seed=0, plots=False, exist_ok=True, **dict(args.set))
     ours = dict(common, model=args.model, project=str(run_root / "yolotrain"), name="train", task=args.task)
     reference = dict(common, model=args.reference_model, project=str(run_root / "reference"), name="train")
     return ours, reference
@@ -166,7 +169,8 @@ def throughput(result, key_images, key_seconds):
 
 def print_report(results, floor, args):
     print(f"\n{args.model} vs {args.reference_model}, {Path(args.data).parent.name}, device={args.device}, "
-          f"amp={args.amp}, imgsz={args.imgsz}, batch={args.batch}, epochs={args.epochs}, workers={args.workers}")
+          f"amp={args.amp}, imgsz={args.imgsz}, batch={args.batch}, epochs={args.epochs}, workers={args.workers}"
+          + "".join(f", {key}={value}" for key, value in args.set))
     header = f"{'trainer':<12}{'train img/s':>12}{'val img/s':>11}{'wall s':>9}{'peak RSS MB':>13}{'mAP50':>8}{'mAP50-95':>10}"
     part = {"pose": "pose", "segment": "mask"}.get(args.task)
     print(header + (f"{part + ' mAP50-95':>16}" if part else ""))
@@ -196,12 +200,20 @@ def print_report(results, floor, args):
                 print(f"{name}: training runs at {share:.0%} of the compute floor")
 
 
+def _key_value(text):
+    """'nbs=8' -> ('nbs', 8): the value read as YAML reads it (numbers, booleans, strings)."""
+    import yaml
+
+    key, _, value = text.partition("=")
+    return key, yaml.safe_load(value)
+
+
 def main():
     from yolotrain.utils.threads import budget_threads
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or a GPU index (0)")
-    parser.add_argument("--task", default="detect", choices=("detect", "segment", "pose"))
+    parser.add_argument("--task", default="detect", choices=("detect", "segment", "pose", "obb"))
     parser.add_argument("--amp", action="store_true", help="mixed precision for both trainers (and the floor)")
     parser.add_argument("--model", default="yolo-n.yaml", help="yolotrain model yaml")
     parser.add_argument("--reference-model", default="yolov8n.yaml", help="the reference's model of the same layout")
@@ -215,6 +227,8 @@ def main():
     parser.add_argument("--reference-python", default=DEFAULT_REFERENCE_PYTHON)
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--keep", help="write both runs under this folder and keep them (weights for val_speed.py)")
+    parser.add_argument("--set", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+                        help="another training argument for both trainers, e.g. --set nbs=8 --set mosaic=0")
     args = parser.parse_args()
     if not args.data:
         from yolotrain.data.builtin import builtin_data_yaml_for

@@ -89,7 +89,11 @@ def assert_objects_aligned(sample, check_pixels=True):
     h, w = img.shape[:2]
     corners = sample["corners"]
     extent = np.concatenate([corners.min(1), corners.max(1)], 1).clip(0, [w, h, w, h])  # boxes are clipped
-    np.testing.assert_allclose(extent, boxes, atol=1.0, err_msg="rotated corners left their object's box")
+    # A warp's rotated box is refitted to the smallest rectangle around the warped corners: it encloses the
+    # object's box and reaches at most a little past it (a slightly sheared rectangle's enclosing rectangle).
+    assert (extent[:, :2] <= boxes[:, :2] + 0.5).all() and (extent[:, 2:] >= boxes[:, 2:] - 0.5).all(), \
+        "rotated corners left their object's box"
+    np.testing.assert_allclose(extent, boxes, atol=3.0, err_msg="rotated corners strayed from their object's box")
     visible = keypoints[..., 2] > 0
     assert (keypoints[:, 1, 0] < keypoints[:, 2, 0])[visible[:, 1] & visible[:, 2]].all(), "left is right of right"
     if not check_pixels:
