@@ -3,8 +3,8 @@
     python benchmarks/seg_val_cost.py [--weights best.pt] [--imgsz 640] [--batch 16] [--images 128]
 
 Validates on COCO128's val images (real 640-pixel photographs, 0-60 objects each) with polygon labels made from
-their boxes (the ellipse inscribed in each box: COCO128 ships boxes only), at conf 0.001 so every image keeps up to
-300 detections, each with a mask. Times the whole validation and the part spent making the detections' and labels'
+their boxes (the ellipse inscribed in each box: COCO128 ships boxes only), at conf 0.001 (0 for an untrained model, whose scores
+are all below that) so every image keeps up to 300 detections, each with a mask. Times the whole validation and the part spent making the detections' and labels'
 masks at the original size and matching them (`SegmentationValidator.part_stats`), and prints that share: the
 most a comparison at a reduced size could save. Without --weights an untrained yolo11n-seg runs (its 300 low-score
 detections an image are the worst case for the mask work).
@@ -50,6 +50,7 @@ def main():
     from yolotrain import YOLO
     from yolotrain.tasks.segment.val import SegmentationValidator
 
+    conf = 0.0 if options.weights.endswith(".yaml") else 0.001  # an untrained model scores everything below 0.001
     spent = {"masks": 0.0, "detections": 0}
     original = SegmentationValidator.part_stats
 
@@ -64,11 +65,11 @@ def main():
     with tempfile.TemporaryDirectory(prefix="seg_val_cost_") as tmp:
         data = ellipse_dataset(Path(tmp) / "data", options.images)
         model = YOLO(options.weights)
-        model.val(data=str(data), imgsz=options.imgsz, batch=options.batch, conf=0.001, plots=False, device="cpu",
+        model.val(data=str(data), imgsz=options.imgsz, batch=options.batch, conf=conf, plots=False, device="cpu",
                   workers=2, project=tmp, name="warmup", max_det=300, fraction=min(options.batch, options.images))
         spent.update(masks=0.0, detections=0)
         started = time.perf_counter()
-        model.val(data=str(data), imgsz=options.imgsz, batch=options.batch, conf=0.001, plots=False, device="cpu",
+        model.val(data=str(data), imgsz=options.imgsz, batch=options.batch, conf=conf, plots=False, device="cpu",
                   workers=2, project=tmp, name="val", max_det=300)
         total = time.perf_counter() - started
     print(f"{options.weights}, {options.images} COCO128 val images at imgsz {options.imgsz}, batch {options.batch}: "

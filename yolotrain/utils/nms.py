@@ -13,7 +13,7 @@ import math
 import torch
 
 from yolotrain.utils.boxes import batched_box_iou, xywh2xyxy
-from yolotrain.utils.obb import probiou
+from yolotrain.utils.obb import probiou_above
 
 # Boxes are suppressed in blocks of at most this many per image (in score order)...
 NMS_BLOCK_SIZE = 1024
@@ -53,11 +53,17 @@ def _suppress_within_block(iou_over):
         keep = new_keep
 
 
-def batched_greedy_nms(boxes, valid, iou_thres, groups=None, max_keep=None, iou_fn=batched_box_iou):
+def box_iou_above(boxes1, boxes2, iou_thres):
+    """(B, N, M) bool: axis-aligned IoU of (B, N, 4) and (B, M, 4) xyxy boxes above `iou_thres`."""
+    return batched_box_iou(boxes1, boxes2) > iou_thres
+
+
+def batched_greedy_nms(boxes, valid, iou_thres, groups=None, max_keep=None, iou_fn=box_iou_above):
     """Exact greedy NMS of every image at once: keep mask (B, K) bool.
 
     boxes (B, K, D), each image's candidates sorted by descending score: xyxy (D = 4) for the default `iou_fn`,
-    or whatever boxes `iou_fn` takes ((B, N, D) x (B, M, D) -> (B, N, M) IoU, e.g. `probiou` for xywhr, D = 5);
+    or whatever boxes `iou_fn` takes ((B, N, D) x (B, M, D), threshold -> (B, N, M) bool, IoU above it; e.g.
+    `utils.obb.probiou_above` for xywhr, D = 5);
     valid (B, K) bool marks real candidates (the rest is padding); groups (B, K) optional int ids: boxes only suppress
     boxes of the same group (class-aware NMS without coordinate offsets, so IoUs keep full float precision).
     Boxes are handled in blocks in score order: a block is first pruned by the boxes each image kept from earlier
@@ -119,7 +125,7 @@ def _resolve_block(boxes, groups, candidates, iou_thres, iou_fn):
 
 def _overlaps(rows, row_groups, cols, col_groups, iou_thres, iou_fn):
     """(B, N, M) bool: `iou_fn` IoU above the threshold between (B, N, D) and (B, M, D) boxes of the same group."""
-    over = iou_fn(rows, cols) > iou_thres
+    over = iou_fn(rows, cols, iou_thres)
     return over & (row_groups[:, :, None] == col_groups[:, None, :])
 
 
@@ -242,7 +248,7 @@ def non_max_suppression_rotated(prediction, conf_thres=0.25, iou_thres=0.45, cla
     boxes, scores, cls, valid, angle = _candidates(prediction, conf_thres, classes, multi_label, max_nms, num_extra=1,
                                                    xyxy=False)
     rotated = torch.cat([boxes, angle], -1)  # (B, K, 5) xywhr
-    keep = batched_greedy_nms(rotated, valid, iou_thres, None if agnostic else cls, max_det, iou_fn=probiou)
+    keep = batched_greedy_nms(rotated, valid, iou_thres, None if agnostic else cls, max_det, iou_fn=probiou_above)
     detections = torch.cat([boxes, scores[..., None], cls[..., None].to(boxes.dtype), angle], -1)[keep]  # (n, 7)
     return list(detections.split(keep.sum(1).tolist()))
 
