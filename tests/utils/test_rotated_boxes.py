@@ -450,3 +450,15 @@ def test_rotated_nms_takes_a_tuple_and_images_without_candidates():
     assert output[0].dtype == torch.float32
     empty = non_max_suppression_rotated(torch.zeros(2, 7, 10), conf_thres=0.25)
     assert [tuple(rows.shape) for rows in empty] == [(0, 7), (0, 7)]
+
+
+@pytest.mark.parametrize("threshold", [0.9, 0.7, 0.45, 0.1, 0.0])
+def test_probiou_above_skips_only_pairs_that_cannot_reach_the_threshold(threshold):
+    from yolotrain.utils.obb import probiou_above
+
+    generator = torch.Generator().manual_seed(1)
+    boxes = torch.rand(3, 300, 5, generator=generator)
+    boxes[..., :2] *= 200
+    boxes[..., 2:4] = boxes[..., 2:4] * 60 + 1
+    boxes[..., 4] = (boxes[..., 4] - 0.25) * math.pi
+    assert torch.equal(probiou_above(boxes, boxes, threshold), probiou(boxes, boxes) > threshold)
