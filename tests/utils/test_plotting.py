@@ -157,3 +157,31 @@ def test_a_box_label_stays_whole_inside_the_image_and_small_on_small_images(side
     assert (height < 10) == (side == 160)
     background = image[rows[0], columns[0]]
     assert tuple(background) == (0, 0, 255)  # text on a filled box: legible whatever the image colours
+
+
+def test_batch_plots_draw_each_objects_outline_in_its_class_colour(tmp_path):
+    """A rotated box's corners (or a polygon) are drawn closed: the middle of each side is in the class colour, the
+    middle of the box stays the image's (labels normalised, predictions in pixels above the score threshold)."""
+    import cv2
+    import torch
+
+    from yolotrain.utils.plotting import class_colour, plot_images
+
+    images = torch.zeros(2, 3, 100, 100, dtype=torch.uint8)
+    diamond = torch.tensor([[50.0, 20.0], [80.0, 50.0], [50.0, 80.0], [20.0, 50.0]])
+    labels = plot_images(images, torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([[0.5, 0.5, 0.6, 0.6]]),
+                         fname=tmp_path / "labels.jpg", outlines=(diamond / 100)[None], max_size=200)
+    predictions = plot_images(images, torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0]),
+                              torch.tensor([[20.0, 20.0, 80.0, 80.0, 0.9], [20.0, 20.0, 80.0, 80.0, 0.01]]),
+                              fname=tmp_path / "predictions.jpg", outlines=torch.stack([diamond, diamond + 5]),
+                              max_size=200)
+    colour = np.array(class_colour(1, bgr=True))
+    label_tile = cv2.imread(str(labels))[:100, :100].astype(int)
+    prediction_tile = cv2.imread(str(predictions))[:100, 100:200].astype(int)
+    def nearest(tile, y, x, bgr):  # the closest colour around a point (lines are thin, smoothed and compressed)
+        return np.abs(tile[y - 1 : y + 2, x - 1 : x + 2] - bgr).max(-1).min()
+
+    for tile in (label_tile, prediction_tile):
+        assert nearest(tile, 35, 35, colour) < 100  # the middle of the upper-left side (black would be 235 off)
+        assert tile[50, 50].max() < 40  # inside: untouched
+    assert prediction_tile[38:43, 38:43].max() < 40  # the second box, under the score threshold: not drawn

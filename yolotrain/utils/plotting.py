@@ -178,14 +178,16 @@ def plot_images(
     conf_thres=PLOT_CONF_THRES,
     titles=None,
     keypoints=None,
+    outlines=None,
 ):
     """Save a mosaic of a batch with its boxes and class labels; each tile is titled with its file name (`paths`)
     or with `titles[i]`.
 
     images (B, 3, H, W) uint8 RGB (tensor or array; floats in [0, 1] are scaled); batch_idx (N,) image index of
     each box; cls (N,) or (N, 1); bboxes either (N, 4) normalised xywh (labels) or (N, 5) pixel xyxy + conf in the
-    batch image (predictions; boxes below conf_thres are skipped); keypoints (N, K, 2 | 3) of each box, normalised
-    for labels, batch-image pixels for predictions. Returns the saved path.
+    batch image (predictions; boxes below conf_thres are skipped); keypoints (N, K, 2 | 3) of each box, and
+    outlines (N, P, 2) (a rotated box's corners, an object's polygon), drawn closed in the class colour: both
+    normalised for labels, batch-image pixels for predictions. Returns the saved path.
     """
     images = _to_numpy(images)
     if images.dtype != np.uint8:
@@ -209,6 +211,9 @@ def plot_images(
         if keypoints is not None and len(cls):
             _draw_tile_keypoints(tile, _to_numpy(keypoints)[in_image], bboxes[in_image], (height, width), scale,
                                  line, conf_thres)
+        if outlines is not None and len(cls):
+            _draw_tile_outlines(tile, _to_numpy(outlines)[in_image], cls[in_image], bboxes[in_image],
+                                (height, width), scale, line, conf_thres)
         title = titles[i] if titles is not None else Path(paths[i]).name if paths is not None and i < len(paths) else None
         if title:
             cv2.putText(tile, title[:40], (3, 12 * line), 0, line / 3, (220, 220, 220), line, cv2.LINE_AA)
@@ -255,6 +260,19 @@ def _draw_tile_keypoints(tile, keypoints, bboxes, image_shape, scale, line, conf
         points[..., :2] *= (image_shape[1], image_shape[0])
     points[..., :2] *= scale
     draw_keypoints(tile, points, line)
+
+
+def _draw_tile_outlines(tile, outlines, cls, bboxes, image_shape, scale, line, conf_thres):
+    """Closed outlines of one tile's objects in their class colours: normalised for labels (4-column boxes), pixels
+    for predictions (5 columns, those under conf_thres skipped)."""
+    points = outlines.astype(np.float64)[..., :2].copy()
+    if bboxes.shape[1] == 5:
+        keep = bboxes[:, 4] > conf_thres
+        points, cls = points[keep], cls[keep]
+    else:
+        points *= (image_shape[1], image_shape[0])
+    for outline, c in zip(np.round(points * scale).astype(np.int32), cls):  # OpenCV draws one polyline per call
+        cv2.polylines(tile, [outline], True, class_colour(int(c), bgr=True), line, cv2.LINE_AA)
 
 
 def _read_results_csv(csv_path):

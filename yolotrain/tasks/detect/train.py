@@ -249,6 +249,7 @@ class DetectionTrainer(BaseTrainer):
         if self._plotted_batches >= TRAIN_BATCH_PLOTS or not (self.args.plots and dist.is_main()):
             return
         try:
+            from yolotrain.tasks.detect.val import label_outlines
             from yolotrain.utils.plotting import plot_images
 
             plot_images(
@@ -260,6 +261,7 @@ class DetectionTrainer(BaseTrainer):
                 fname=self.save_dir / f"train_batch{self._plotted_batches}.jpg",
                 names=self.class_names(),
                 keypoints=batch["keypoints"].cpu() if "keypoints" in batch else None,
+                outlines=label_outlines(batch),
             )
         except Exception as e:
             self._warn_once("plot_images", f"training batch plot failed: {e}")

@@ -385,7 +385,7 @@ class DetectionValidator(BaseValidator):
             plot_images(
                 batch["img"], batch["batch_idx"], batch["cls"].reshape(-1), batch["bboxes"],
                 paths=batch.get("im_file"), fname=self.save_dir / f"val_batch{batch_i}_labels.jpg", names=self.names,
-                keypoints=batch["keypoints"].cpu() if "keypoints" in batch else None,
+                keypoints=batch["keypoints"].cpu() if "keypoints" in batch else None, outlines=label_outlines(batch),
             )  # fmt: skip
             shown = [p[:PLOT_MAX_DET].detach().float().cpu() for p in preds]
             image_index = torch.cat([torch.full((len(p),), i) for i, p in enumerate(shown)])
@@ -393,13 +393,17 @@ class DetectionValidator(BaseValidator):
             plot_images(
                 batch["img"], image_index, detections[:, 5], detections[:, :5],
                 paths=batch.get("im_file"), fname=self.save_dir / f"val_batch{batch_i}_pred.jpg", names=self.names,
-                keypoints=self.predicted_keypoints(detections),
+                keypoints=self.predicted_keypoints(detections), outlines=self.predicted_outlines(detections),
             )  # fmt: skip
         except Exception as e:  # a plot must never stop a validation (or the training around it)
             LOGGER.warning(f"validation batch plot failed: {e}")
 
     def predicted_keypoints(self, detections):
         """The keypoints (n, K, D) of detections (n, 6+) for plots; a detector has none."""
+        return None
+
+    def predicted_outlines(self, detections):
+        """The outlines (n, P, 2) of detections (n, 6+) for plots (a rotated box's corners); a detector has none."""
         return None
 
     def plot_metrics(self):
@@ -506,6 +510,14 @@ class DetectionValidator(BaseValidator):
                 for i, b, sc, c in zip(image_ids.tolist(), boxes, scores, classes.tolist())
             )
         return records
+
+
+def label_outlines(batch):
+    """The labels' outlines for batch plots: rotated boxes' corners or polygons (normalised), else None."""
+    for key in ("corners", "segments"):
+        if key in batch:
+            return batch[key].cpu()
+    return None
 
 
 @dataclass

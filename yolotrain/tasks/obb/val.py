@@ -66,6 +66,10 @@ class OBBValidator(DetectionValidator):
                             labels.num_images, labels.max_preds, labels.max_boxes, self.iouv.to(detections.device),
                             pred_corners.flatten(1), true_corners.flatten(1), _corner_iou)
 
+    def predicted_outlines(self, detections):
+        """Each detection's rotated corners (batch-image pixels) for the validation batch plots."""
+        return xywhr_to_corners(detections[:, ROTATED])
+
     @staticmethod
     def _to_original(corners, labels, image_index):
         """(n, 4, 2) batch-image pixels -> original-image pixels of each row's image."""
