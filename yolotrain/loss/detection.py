@@ -180,12 +180,16 @@ class DetectionLoss:
 
         With reg_max=1 the outputs are the four side distances themselves.
         """
+        return dist2bbox(self.side_distances(pred_distri), anchor_points, xywh=False)
+
+    def side_distances(self, pred_distri):
+        """(B, A, 4) distances from each anchor to its box's four sides, in grid units: each the expected bin under
+        softmax of its DFL logits, or (reg_max=1) the outputs themselves."""
         if self.reg_max == 1:
-            return dist2bbox(pred_distri, anchor_points, xywh=False)
+            return pred_distri
         batch_size, num_anchors, _ = pred_distri.shape
         bin_probs = pred_distri.view(batch_size, num_anchors, 4, self.reg_max).softmax(-1)  # (B, A, 4, R)
-        distances = bin_probs @ self.bin_values.to(pred_distri.device)  # (B, A, 4)
-        return dist2bbox(distances, anchor_points, xywh=False)
+        return bin_probs @ self.bin_values.to(pred_distri.device)  # (B, A, 4)
 
     def _classification_loss(self, pred_logits, cls_targets):
         """Summed BCE-with-logits over every anchor and class, each class scaled by its weight."""

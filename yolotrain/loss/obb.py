@@ -122,13 +122,7 @@ class OBBLoss(DetectionLoss):
 
     def decode_rotated(self, anchor_points, pred_distri, pred_angle):
         """(B, A, 5) xywhr: centre and sides in grid units from the side distances along the rotated axes."""
-        if self.reg_max == 1:
-            distances = pred_distri
-        else:
-            batch_size, num_anchors, _ = pred_distri.shape
-            bin_probs = pred_distri.view(batch_size, num_anchors, 4, self.reg_max).softmax(-1)
-            distances = bin_probs @ self.bin_values.to(pred_distri.device)  # (B, A, 4)
-        return torch.cat((dist2rbox(distances, pred_angle, anchor_points), pred_angle), -1)
+        return torch.cat((dist2rbox(self.side_distances(pred_distri), pred_angle, anchor_points), pred_angle), -1)
 
     def _targets_in_grid_units(self, a):
         """(B, A, 5) targets with centre and sides in grid units; background anchors take their own (detached)

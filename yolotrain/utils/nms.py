@@ -138,10 +138,10 @@ def greedy_nms(boxes, scores, iou_thres, groups=None, max_keep=None):
     return order[keep]
 
 
-def _candidates(prediction, conf_thres, classes, multi_label, max_nms, num_extra=0, xyxy=True):
+def _candidates(prediction, conf_thres, classes, multi_label, max_nms, num_extra=0):
     """The candidates that enter NMS, up to `max_nms` per image, laid out per image in descending score.
 
-    prediction (B, 4 + nc + num_extra, A) -> boxes (B, K, 4) xyxy (xywh as given when not `xyxy`), scores (B, K),
+    prediction (B, 4 + nc + num_extra, A) -> boxes (B, K, 4) xywh as given, scores (B, K),
     cls (B, K) long, valid (B, K) bool (the rest is padding), extra (B, K, num_extra) each candidate's anchor's extra
     values, K the most candidates of any image. Single-label: each anchor is a candidate with its best class.
     Multi-label: each anchor is a candidate once for every class scoring above `conf_thres`, which is what mAP
@@ -169,8 +169,6 @@ def _candidates(prediction, conf_thres, classes, multi_label, max_nms, num_extra
     anchor = top // classes_per_pair
     cls = top % classes_per_pair if multi_label else best_cls.gather(1, anchor)
     boxes = prediction[..., :4].gather(1, anchor[..., None].expand(-1, -1, 4))  # (B, K, 4) xywh
-    if xyxy:
-        boxes = xywh2xyxy(boxes)
     extra = prediction[..., prediction.shape[-1] - num_extra :].gather(1, anchor[..., None].expand(-1, -1, num_extra))
     return boxes, top_scores, cls, top_scores > conf_thres, extra
 
@@ -218,6 +216,7 @@ def non_max_suppression(
     if isinstance(prediction, (list, tuple)):
         prediction = prediction[0]
     boxes, scores, cls, valid, extra = _candidates(prediction, conf_thres, classes, multi_label, max_nms, num_extra)
+    boxes = xywh2xyxy(boxes)  # (B, K, 4): axis-aligned boxes are suppressed and returned as corners
     tv_nms = torchvision_nms()
     if tv_nms is None:
         keep = batched_greedy_nms(boxes, valid, iou_thres, None if agnostic else cls, max_det)
@@ -245,8 +244,7 @@ def non_max_suppression_rotated(prediction, conf_thres=0.25, iou_thres=0.45, cla
     """
     if isinstance(prediction, (list, tuple)):
         prediction = prediction[0]
-    boxes, scores, cls, valid, angle = _candidates(prediction, conf_thres, classes, multi_label, max_nms, num_extra=1,
-                                                   xyxy=False)
+    boxes, scores, cls, valid, angle = _candidates(prediction, conf_thres, classes, multi_label, max_nms, num_extra=1)
     rotated = torch.cat([boxes, angle], -1)  # (B, K, 5) xywhr
     keep = batched_greedy_nms(rotated, valid, iou_thres, None if agnostic else cls, max_det, iou_fn=probiou_above)
     detections = torch.cat([boxes, scores[..., None], cls[..., None].to(boxes.dtype), angle], -1)[keep]  # (n, 7)
