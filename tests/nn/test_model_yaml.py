@@ -94,7 +94,7 @@ def test_malformed_yaml_shapes(tmp_path):
     _one_line_error(str(_write_yaml(tmp_path / "list.yaml", [1, 2])), "list.yaml", "mapping")
     _one_line_error({"nc": 2, "backbone": [[-1, 1, "Conv"]], "head": []}, "layer 0", "[from, repeats, module, args]")
     _one_line_error({"nc": 0, **TINY_LAYERS}, "nc=0")
-    _one_line_error({"nc": 2, "backbone": TINY_LAYERS["backbone"], "head": []}, "the last layer must be a head (Detect, Segment, Segment26, Pose, OBB, OBB26, Classify)")
+    _one_line_error({"nc": 2, "backbone": TINY_LAYERS["backbone"], "head": []}, "the last layer must be a head (Detect, Segment, Segment26, Pose, Pose26, OBB, OBB26, Classify)")
     (tmp_path / "broken.yaml").write_text("nc: [1,\n  backbone")
     _one_line_error(str(tmp_path / "broken.yaml"), "broken.yaml", "cannot be read")
 

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from detection_match import assert_same_detections
+from hashed_weights import fixed_weights, hashed_uniform
 from yolotrain.errors import CfgError
 from yolotrain.nn.anchors import dist2bbox, dist2rbox
 from yolotrain.nn.model import OBBModel, head_task, load_model_yaml
@@ -210,38 +211,6 @@ def test_the_loss_comes_from_the_obb_loss_module(tiny_obb_yaml, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------- the reference's own outputs
-def hashed_uniform(count, salt):
-    """`count` values in [-1, 1) from integer hashing alone: the same on every machine and torch version."""
-    x = torch.arange(count, dtype=torch.int64) + salt * 1_000_003
-    for _ in range(3):
-        x = (x * 0x9E3779B1 + 0x7F4A7C15) & 0xFFFFFFFF
-        x = x ^ (x >> 15)
-    return (x & 0xFFFFFF).double() / 0x800000 - 1.0
-
-
-def fixed_weights(state_dict):
-    """Every float entry replaced by hashed values of a sensible size, entry by entry in state-dict order (the DFL
-    bins kept): the same weights for any model with this layout, ours or the reference's."""
-    weights = {}
-    for index, (name, tensor) in enumerate(state_dict.items()):
-        if not tensor.is_floating_point() or ".dfl." in name:
-            weights[name] = tensor.clone()
-            continue
-        u = hashed_uniform(tensor.numel(), index).view(tensor.shape)
-        if name.endswith("running_var"):
-            values = 0.75 + 0.25 * u
-        elif name.endswith("running_mean"):
-            values = 0.1 * u
-        elif name.endswith("bn.weight"):
-            values = 1.0 + 0.2 * u
-        elif tensor.dim() == 4:
-            values = u * (3.0 / tensor[0].numel()) ** 0.5  # variance 1 / fan-in
-        else:  # biases
-            values = 0.5 * u
-        weights[name] = values.to(tensor.dtype)
-    return weights
-
-
 # The reference's decoded eval output (B=1, 4 + nc + 1, A=126: cx, cy, w, h, 3 scores, angle) of its `OBBModel`
 # at nc=3 with `fixed_weights` loaded, for the image `(hashed_uniform(3 * 64 * 96, 7) + 1) / 2` as (1, 3, 64, 96):
 # the columns of a few anchors (3 at stride 8, 2 at 16, 1 at 32) and each row summed over all anchors. For yolo26

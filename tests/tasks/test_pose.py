@@ -335,14 +335,18 @@ def test_the_keypoint_loss_is_zero_for_perfect_keypoints(tiny_pose_yaml):
              "keypoints": torch.tensor([[[0.4, 0.4, 2.0], [0.6, 0.4, 2.0], [0.5, 0.6, 0.0]]])}
     maps, raw = model.train()(batch["img"])
     assigned = loss.assign(list(maps), batch)
-    target = loss._anchor_keypoints(assigned, batch)  # (1, A, 3, 3) grid units
+    target = loss.anchor_keypoints(assigned, loss.padded_keypoints(batch, 1, (64, 64)))  # (1, A, 3, 3) grid units
     # Raw outputs that decode exactly onto every anchor's target: (target - anchor + 0.5) / 2.
     perfect = (target[..., :2] - (assigned.anchor_points[:, None] - 0.5)) / 2
     perfect = torch.cat([perfect, torch.where(target[..., 2:] > 0, 20.0, -20.0)], -1)  # confident visibility
-    location, visibility = loss.keypoint_terms(assigned, perfect.flatten(2).permute(0, 2, 1), batch)
+
+    def decoded(raw_keypoints):  # (1, A, K, D) -> the head's (1, K * D, A) layout, then the loss's decoding
+        return loss.decode_keypoints(raw_keypoints.flatten(2).permute(0, 2, 1), assigned.anchor_points)
+
+    location, visibility = loss.keypoint_terms(assigned, decoded(perfect), target)
     assert bool(assigned.fg_mask.any()) and float(location) == pytest.approx(0.0, abs=1e-6)
     assert float(visibility) < 1e-6
-    wrong_location, _ = loss.keypoint_terms(assigned, (perfect + 1).flatten(2).permute(0, 2, 1), batch)
+    wrong_location, _ = loss.keypoint_terms(assigned, decoded(perfect + 1), target)
     assert float(wrong_location) > 0.01
 
 

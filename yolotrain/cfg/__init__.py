@@ -132,7 +132,7 @@ _BOUNDS = types.MappingProxyType(
         # Rates, gains and durations.
         **dict.fromkeys(("lr0", "time", "dist_timeout"), _POSITIVE),
         **dict.fromkeys(("lrf", "weight_decay", "warmup_epochs", "warmup_bias_lr"), _NON_NEGATIVE),
-        **dict.fromkeys(("box", "cls", "dfl", "pose", "kobj", "angle", "cls_pw", "scale", "perspective"),
+        **dict.fromkeys(("box", "cls", "dfl", "pose", "kobj", "rle", "angle", "cls_pw", "scale", "perspective"),
                        _NON_NEGATIVE),
         **dict.fromkeys(
             (

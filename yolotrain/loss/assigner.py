@@ -43,7 +43,7 @@ class TaskAlignedAssigner(nn.Module):
         self.min_box_side = float(min_box_side)
 
     @torch.no_grad()
-    def forward(self, pred_scores, pred_bboxes, anchor_points, gt_labels, gt_bboxes, mask_gt):
+    def forward(self, pred_scores, pred_bboxes, anchor_points, gt_labels, gt_bboxes, mask_gt, **task_inputs):
         """Assign targets to every anchor of every image.
 
         Args:
@@ -53,6 +53,7 @@ class TaskAlignedAssigner(nn.Module):
             gt_labels: (B, M, 1) class index of each ground truth.
             gt_bboxes: (B, M, 4) ground-truth boxes, xyxy.
             mask_gt: (B, M, 1) 1 for real ground truths, 0 for padding rows.
+            task_inputs: what a subclass's `candidate_anchors` and `candidate_overlaps` also need (e.g. keypoints).
 
         Returns:
             target_labels (B, A) long, `num_classes` for background anchors;
@@ -71,9 +72,9 @@ class TaskAlignedAssigner(nn.Module):
         anchor_points, gt_bboxes = anchor_points.float(), gt_bboxes.float()
         gt_labels = gt_labels.long().clamp(0, self.num_classes - 1)
 
-        candidate_region = self._grown_to_min_side(gt_bboxes)
-        candidates = self._anchors_inside_boxes(anchor_points, candidate_region) & mask_gt.bool()  # (B, M, A)
-        align_metric, overlaps = self._alignment(pred_scores, pred_bboxes, gt_labels, gt_bboxes, candidates)
+        candidates = self.candidate_anchors(anchor_points, gt_bboxes, **task_inputs) & mask_gt.bool()  # (B, M, A)
+        align_metric, overlaps = self._alignment(pred_scores, pred_bboxes, gt_labels, gt_bboxes, candidates,
+                                                 task_inputs)
         is_positive = self._select_topk(align_metric, candidates, self.topk)  # (B, M, A)
         is_positive = self._keep_best_gt_per_anchor(is_positive, overlaps)  # (B, M, A)
         if self.final_topk is not None and self.final_topk < self.topk:
@@ -100,6 +101,11 @@ class TaskAlignedAssigner(nn.Module):
             torch.zeros((batch_size, num_anchors), dtype=torch.long, device=device),
         )
 
+    def candidate_anchors(self, anchor_points, gt_bboxes, **task_inputs):
+        """(B, M, A) True for the anchors each ground truth may take: those inside its box (grown to
+        `min_box_side`)."""
+        return self._anchors_inside_boxes(anchor_points, self._grown_to_min_side(gt_bboxes))
+
     def _anchors_inside_boxes(self, anchor_points, gt_bboxes):
         """(B, M, A) True where the anchor centre lies strictly inside the ground-truth box."""
         top_left, bottom_right = gt_bboxes[:, :, None, :2], gt_bboxes[:, :, None, 2:]  # (B, M, 1, 2)
@@ -115,19 +121,24 @@ class TaskAlignedAssigner(nn.Module):
         half_side = (gt_bboxes[..., 2:] - gt_bboxes[..., :2]).clamp(min=self.min_box_side) / 2
         return torch.cat((centre - half_side, centre + half_side), -1)
 
-    def _alignment(self, pred_scores, pred_bboxes, gt_labels, gt_bboxes, candidates):
-        """Alignment metric and IoU between every ground truth and anchor, zero outside the candidates.
-
-        The IoU is broadcast over (B, M, A) one coordinate at a time (never a (B, M, A, 4) pair tensor) and masked
-        rather than indexed by the candidates: indexing would make the device report the candidate count.
-        """
+    def _alignment(self, pred_scores, pred_bboxes, gt_labels, gt_bboxes, candidates, task_inputs):
+        """Alignment metric and overlap (`candidate_overlaps`) between every ground truth and anchor, zero outside
+        the candidates."""
         num_anchors = candidates.shape[-1]
         # Score of each anchor for the class of each ground truth.
         scores_by_class = pred_scores.transpose(1, 2)  # (B, C, A)
         gt_class_scores = scores_by_class.gather(1, gt_labels.expand(-1, -1, num_anchors))  # (B, M, A)
-        overlaps = self.pairwise_iou(gt_bboxes, pred_bboxes) * candidates  # (B, M, A)
+        overlaps = self.candidate_overlaps(gt_bboxes, pred_bboxes, candidates, **task_inputs)  # (B, M, A)
         align_metric = gt_class_scores.pow(self.alpha) * overlaps.pow(self.beta)  # (B, M, A)
         return align_metric * candidates, overlaps
+
+    def candidate_overlaps(self, gt_bboxes, pred_bboxes, candidates, **task_inputs):
+        """(B, M, A) how well each candidate's prediction matches each ground truth (box IoU), 0 elsewhere.
+
+        The IoU is broadcast over (B, M, A) one coordinate at a time (never a (B, M, A, 4) pair tensor) and masked
+        rather than indexed by the candidates: indexing would make the device report the candidate count.
+        """
+        return self.pairwise_iou(gt_bboxes, pred_bboxes) * candidates
 
     @staticmethod
     def pairwise_iou(gt_bboxes, pred_bboxes):

@@ -35,6 +35,8 @@ class DetectionLoss:
     classes; background anchors keep all-zero targets, so smoothing never raises the score of empty regions.
     """
 
+    assigner_class = TaskAlignedAssigner  # a subclass's own assignment (rotated boxes, keypoints) takes its place
+
     def __init__(self, model, tal_topk=10, final_topk=None, min_box_side=0.0):
         self.model = model
         head = model.model[-1]
@@ -50,7 +52,7 @@ class DetectionLoss:
         self.label_smoothing = float(getattr(args, "label_smoothing", 0.0))
 
         self.class_weights = self._checked_class_weights(self.class_weight_vector())
-        self.assigner = TaskAlignedAssigner(topk=tal_topk, num_classes=self.num_classes, alpha=0.5, beta=6.0,
+        self.assigner = self.assigner_class(topk=tal_topk, num_classes=self.num_classes, alpha=0.5, beta=6.0,
                                             final_topk=final_topk, min_box_side=min_box_side)
         # Bin centres 0..R-1: the DFL expectation is the softmax over bins dotted with these.
         self.bin_values = torch.arange(self.reg_max, dtype=torch.float32, device=self.device)
@@ -112,14 +114,19 @@ class DetectionLoss:
         loss = torch.stack(self.detection_terms(assigned))
         return loss.sum() * assigned.batch_size, loss.detach()
 
-    def assign(self, feats, batch):
-        """Decode the predictions of every anchor and assign the batch's ground truths to them (an `Assignment`)."""
+    def anchors(self, feats):
+        """(A, 2) anchor points in grid units and (A, 1) their strides, float32, for these feature maps."""
+        # Float32 shape stand-ins: anchors made in the maps' bf16 would round grid coordinates above 128.
+        level_shapes = [torch.empty(f.shape[-2:], device=feats[0].device) for f in feats]
+        return make_anchors(level_shapes, self.strides, 0.5)
+
+    def assign(self, feats, batch, **assigner_inputs):
+        """Decode the predictions of every anchor and assign the batch's ground truths to them (an `Assignment`);
+        `assigner_inputs` go to the assigner as they are (what a subclass's assigner also needs)."""
         batch_size = feats[0].shape[0]
         device = feats[0].device
         pred_distri, pred_logits = self._flatten_predictions(feats)  # (B, A, 4R), (B, A, C)
-        # Float32 shape stand-ins: anchors made in the maps' bf16 would round grid coordinates above 128.
-        level_shapes = [torch.empty(f.shape[-2:], device=device) for f in feats]
-        anchor_points, stride_tensor = make_anchors(level_shapes, self.strides, 0.5)  # (A, 2), (A, 1)
+        anchor_points, stride_tensor = self.anchors(feats)  # (A, 2), (A, 1)
 
         image_hw = batch["img"].shape[2:]
         gt_labels, gt_bboxes, mask_gt = self.build_targets(batch, batch_size, image_hw, device)
@@ -132,6 +139,7 @@ class DetectionLoss:
             gt_labels,
             gt_bboxes,
             mask_gt,
+            **assigner_inputs,
         )
         return Assignment(batch_size, image_hw, anchor_points, stride_tensor, pred_distri, pred_logits, pred_bboxes,
                           target_bboxes, target_scores, fg_mask, target_gt_idx,
@@ -335,9 +343,14 @@ class EndToEndDetectionLoss:
     def __init__(self, model):
         head = model.model[-1]
         middle_stride = float(head.stride[len(head.stride) // 2])
-        self.one2many = DetectionLoss(model, tal_topk=10, min_box_side=middle_stride)
-        self.one2one = DetectionLoss(model, tal_topk=7, final_topk=1, min_box_side=middle_stride)
+        self.one2many = self.branch_loss(model, tal_topk=10, min_box_side=middle_stride)
+        self.one2one = self.branch_loss(model, tal_topk=7, final_topk=1, min_box_side=middle_stride)
         self.one2many_weight = self.ONE2MANY_START
+
+    def branch_loss(self, model, **options):
+        """The loss of one branch (`options`: the assigner's `tal_topk`, `final_topk` and `min_box_side`); a task's
+        end-to-end loss returns its own."""
+        return DetectionLoss(model, **options)
 
     def set_epoch(self, epoch, epochs):
         """Weights for epoch `epoch` (0-based) of `epochs`: a pure function of both, so a resume restores them."""

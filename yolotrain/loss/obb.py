@@ -17,7 +17,7 @@ import torch
 from yolotrain.loss.assigner import TaskAlignedAssigner
 from yolotrain.loss.detection import (Assignment, DetectionLoss, EndToEndDetectionLoss, distribution_focal_loss,
                                       most_boxes_per_image, normalised_side_l1, padded_per_image)
-from yolotrain.nn.anchors import dist2rbox, make_anchors
+from yolotrain.nn.anchors import dist2rbox
 from yolotrain.utils.obb import corners_to_xywhr, probiou, probiou_pairs, xywhr_to_corners
 
 MIN_TARGET_SIDE = 2.0  # pixels: thinner labelled boxes are left out of the loss (their angle is noise)
@@ -62,12 +62,14 @@ class OBBLoss(DetectionLoss):
     """Loss of an `OBBModel`: (box, cls, dfl, angle) after gains (`box`, `cls`, `dfl`, `angle` of `model.args`,
     defaults 7.5, 0.5, 1.5, 1.0). The batch's labels are `corners` (N, 4, 2), normalised."""
 
-    def __init__(self, model, tal_topk=10, final_topk=None):
-        head = model.model[-1]
-        middle_stride = float(head.stride[len(head.stride) // 2])
-        super().__init__(model, tal_topk, final_topk, min_box_side=middle_stride)
-        self.assigner = RotatedTaskAlignedAssigner(topk=tal_topk, num_classes=self.num_classes, alpha=0.5, beta=6.0,
-                                                   final_topk=final_topk, min_box_side=middle_stride)
+    assigner_class = RotatedTaskAlignedAssigner
+
+    def __init__(self, model, tal_topk=10, final_topk=None, min_box_side=None):
+        """min_box_side: see `TaskAlignedAssigner`; None takes the middle stride (small objects get candidates)."""
+        if min_box_side is None:
+            head = model.model[-1]
+            min_box_side = float(head.stride[len(head.stride) // 2])
+        super().__init__(model, tal_topk, final_topk, min_box_side)
         self.angle_gain = float(getattr(getattr(model, "args", None), "angle", 1.0))
 
     def __call__(self, preds, batch):
@@ -91,8 +93,7 @@ class OBBLoss(DetectionLoss):
         pixels (the angle as it is)."""
         batch_size, device = feats[0].shape[0], feats[0].device
         pred_distri, pred_logits = self._flatten_predictions(feats)  # (B, A, 4R), (B, A, C)
-        level_shapes = [torch.empty(f.shape[-2:], device=device) for f in feats]
-        anchor_points, stride_tensor = make_anchors(level_shapes, self.strides, 0.5)  # (A, 2), (A, 1)
+        anchor_points, stride_tensor = self.anchors(feats)  # (A, 2), (A, 1)
         image_hw = batch["img"].shape[2:]
         gt_labels, gt_bboxes, mask_gt = self.build_rotated_targets(batch, batch_size, image_hw, device)
         pred_angle = angles.reshape(batch_size, 1, -1).transpose(1, 2)  # (B, A, 1)
@@ -173,8 +174,6 @@ def rbox2dist(xywh, anchor_points, angle):
 class EndToEndOBBLoss(EndToEndDetectionLoss):
     """Loss of an end-to-end oriented-box head (YOLO26): both branches as `EndToEndDetectionLoss` mixes them."""
 
-    def __init__(self, model):
-        super().__init__(model)
-        self.one2many = OBBLoss(model, tal_topk=10)
-        self.one2one = OBBLoss(model, tal_topk=7, final_topk=1)
+    def branch_loss(self, model, **options):
+        return OBBLoss(model, **options)
 

@@ -115,9 +115,5 @@ class EndToEndSegmentationLoss(EndToEndDetectionLoss):
     """Loss of an end-to-end segmentation head (YOLO26): both branches as `EndToEndDetectionLoss` mixes them, each
     with its own masks from the shared prototypes."""
 
-    def __init__(self, model):
-        super().__init__(model)
-        head = model.model[-1]
-        middle_stride = float(head.stride[len(head.stride) // 2])
-        self.one2many = SegmentationLoss(model, tal_topk=10, min_box_side=middle_stride)
-        self.one2one = SegmentationLoss(model, tal_topk=7, final_topk=1, min_box_side=middle_stride)
+    def branch_loss(self, model, **options):
+        return SegmentationLoss(model, **options)

@@ -1,5 +1,6 @@
 """YOLO models built from a model yaml (`nc`, `scales`, `backbone`, `head`): `DetectionModel` (a `Detect` head),
-`SegmentationModel` (a `Segment` or `Segment26` head), `PoseModel` (a `Pose` head, with the yaml's `kpt_shape`),
+`SegmentationModel` (a `Segment` or `Segment26` head), `PoseModel` (a `Pose` or `Pose26` head, with the yaml's
+`kpt_shape`),
 `OBBModel` (an `OBB` or `OBB26` head: oriented boxes) and `ClassificationModel` (a `Classify` head), on one
 `BaseModel`.
 
@@ -22,7 +23,7 @@ import yaml
 from yolotrain.cfg import DEFAULT_MODEL
 from yolotrain.errors import CfgError, CheckpointError, one_line
 from yolotrain.nn.modules import (C2PSA, C2f, C3, C3k, C3k2, OBB, OBB26, SPPF, Bottleneck, Classify, Concat, Conv,
-                                  Detect, DWConv, Pose, Segment, Segment26)
+                                  Detect, DWConv, Pose, Pose26, Segment, Segment26)
 from yolotrain.utils.torch_utils import intersect_dicts, model_info
 
 LOGGER = logging.getLogger(__name__)
@@ -37,14 +38,14 @@ _REPEAT_ARG_MODULES = (C2f, C3, C3k, C3k2, C2PSA)
 # Larger scales of the C3k2 families (YOLO11, YOLO26) always use C3k inner blocks, whatever the row says.
 _C3K_SCALES = ("m", "l", "x")
 # The task a model serves follows from its head (its last layer).
-HEAD_TASKS = {"Detect": "detect", "Segment": "segment", "Segment26": "segment", "Pose": "pose", "OBB": "obb",
-              "OBB26": "obb", "Classify": "classify"}
+HEAD_TASKS = {"Detect": "detect", "Segment": "segment", "Segment26": "segment", "Pose": "pose", "Pose26": "pose",
+              "OBB": "obb", "OBB26": "obb", "Classify": "classify"}
 
 
 def _module_table():
     """Module names a yaml may use -> class (built per call: no module-level mutable registry)."""
-    blocks = (Conv, DWConv, Bottleneck, C2f, C3, C3k, C3k2, C2PSA, SPPF, Concat, Detect, Segment, Segment26, Pose, OBB,
-              OBB26, Classify)
+    blocks = (Conv, DWConv, Bottleneck, C2f, C3, C3k, C3k2, C2PSA, SPPF, Concat, Detect, Segment, Segment26, Pose,
+              Pose26, OBB, OBB26, Classify)
     table = {cls.__name__: cls for cls in blocks}
     for cls in (nn.Upsample, nn.Identity, nn.MaxPool2d):  # shape-preserving in channels
         table[cls.__name__] = cls
@@ -137,7 +138,7 @@ def _validate_model_dict(model_dict, source):
 
 def head_task(model_dict):
     """The task of a (validated) model dict, from its head: 'detect' for Detect, 'segment' for Segment and
-    Segment26, 'pose' for Pose, 'obb' for OBB and OBB26, 'classify' for Classify."""
+    Segment26, 'pose' for Pose and Pose26, 'obb' for OBB and OBB26, 'classify' for Classify."""
     return HEAD_TASKS[model_dict["head"][-1][2]]
 
 
@@ -273,7 +274,7 @@ def _build_layer(module_cls, args, repeats, channels_in, width, max_channels, nc
         args = [*args[:1], channels_in]
         channels_out = None
         copies = [module_cls(*args, **head_options)]
-    elif module_cls is Pose:
+    elif module_cls in (Pose, Pose26):
         args = [*args[:2], channels_in]
         channels_out = None
         copies = [module_cls(*args, **head_options)]
@@ -531,12 +532,15 @@ class SegmentationModel(DetectionModel):
 
 
 class PoseModel(DetectionModel):
-    """YOLO keypoint model built from a model yaml whose head is `Pose` (`yolo11n-pose.yaml`, ...); see `BaseModel`
-    for the arguments. `data_kpt_shape` (the dataset's `kpt_shape`) replaces the yaml's, so a model made for 17
-    person keypoints is rebuilt for K of another dataset (its keypoint head is then new, the rest transfers).
+    """YOLO keypoint model built from a model yaml whose head is `Pose` (`yolo11n-pose.yaml`, ...) or `Pose26`
+    (`yolo26n-pose.yaml`, end2end); see `BaseModel` for the arguments. `data_kpt_shape` (the dataset's
+    `kpt_shape`) replaces the yaml's, so a model made for 17 person keypoints is rebuilt for K of another dataset
+    (its keypoint head is then new, the rest transfers).
 
     Adds `kpt_shape` and `kpt_oks_sigmas` (None: the default sigmas of `utils.metrics.keypoint_sigmas`; the trainer
-    sets the data yaml's `kpt_sigmas`). Its `loss` is (loss sum * batch size, detached (box, pose, kobj, cls, dfl)).
+    sets the data yaml's `kpt_sigmas`). Its loss comes from `yolotrain.loss.pose`: `PoseLoss`, `RLEPoseLoss` for a
+    `Pose26` head (a sixth item, `rle_loss`), either mixed over both branches by `EndToEndPoseLoss` for an end2end
+    head; it is (loss sum * batch size, the detached items).
     """
 
     head_type = Pose
@@ -555,10 +559,17 @@ class PoseModel(DetectionModel):
         """(keypoints per object, values per keypoint: 2 for x y, 3 with visibility)."""
         return self.head.kpt_shape
 
-    def init_criterion(self):
-        from yolotrain.loss.pose import PoseLoss
+    @property
+    def rle(self):
+        """Whether the head predicts keypoint spreads for the residual log-likelihood loss (YOLO26)."""
+        return isinstance(self.head, Pose26)
 
-        return PoseLoss(self)
+    def init_criterion(self):
+        from yolotrain.loss.pose import EndToEndPoseLoss, PoseLoss, RLEPoseLoss
+
+        if self.end2end:
+            return EndToEndPoseLoss(self)
+        return RLEPoseLoss(self) if self.rle else PoseLoss(self)
 
 
 class OBBModel(DetectionModel):

@@ -1,5 +1,6 @@
 """Building blocks of YOLO models: convolutions, CSP blocks, spatial pyramid pooling, mask prototypes, the Detect,
-Segment, Pose, OBB and Classify heads.
+Segment, Pose, OBB and Classify heads (and the YOLO26 variants), and the normalising flow of the
+YOLO26 pose loss.
 
 Attribute names (`conv`, `bn`, `cv1`, `cv2`, `m`, ...) follow the YOLO family's conventions so that state dicts
 line up parameter for parameter with other YOLOv8/YOLO11-layout implementations.
@@ -530,43 +531,151 @@ class Pose(Detect):
     """Detect plus a keypoint branch (`cv4`, two 3x3 convs and a 1x1 conv, as in the YOLO family's pose models).
 
     Per anchor it predicts K keypoints of `kpt_shape` (K, D): an x, y offset each and, for D = 3, a visibility
-    logit. A keypoint decodes to (2 * offset + anchor - 0.5) * stride pixels: within a few cells of its anchor at
-    small offsets, anywhere in the image at large ones.
+    logit. A keypoint decodes to (2 * offset + anchor - 0.5) * stride pixels (`keypoints_in_grid`): within a few
+    cells of its anchor at small offsets, anywhere in the image at large ones.
 
-    Outputs: training, `(maps, keypoints)` with keypoints (B, K * D, A) raw; eval, `(y, (maps, keypoints))` with
-    y (B, 4 + nc + K * D, A): Detect's decoded boxes and scores, then each keypoint's x, y in input pixels (and its
-    visibility in [0, 1]).
+    Outputs, with maps as in Detect and keypoints (B, K * D, A) raw:
+    - training: `(maps, keypoints)`; eval: `(y, (maps, keypoints))` with y (B, 4 + nc + K * D, A): Detect's decoded
+      boxes and scores, then each keypoint's x, y in input pixels (and its visibility in [0, 1]);
+    - end2end: as for `Segment`, a dict of both branches' tuples, and in eval y (B, max_det, 6 + K * D) rows with
+      each row's anchor's decoded keypoints.
     """
 
     def __init__(self, nc=80, kpt_shape=(17, 3), ch=(), reg_max=16, end2end=False, depthwise_cls=False):
-        if end2end:
-            raise ValueError("the Pose head has no end-to-end (end2end) form here; use a yolov8 or yolo11 pose yaml")
         kpt_shape = tuple(int(v) for v in kpt_shape)
         if len(kpt_shape) != 2 or kpt_shape[0] < 1 or kpt_shape[1] not in (2, 3):
             raise ValueError(f"kpt_shape={list(kpt_shape)}: expected [keypoints, 2 or 3]")
         super().__init__(nc, ch, reg_max, end2end, depthwise_cls)
         self.kpt_shape = kpt_shape
         self.nk = kpt_shape[0] * kpt_shape[1]  # keypoint values per anchor
+        self._keypoint_branches(ch)
+
+    def _keypoint_branches(self, ch):
         width = max(ch[0] // 4, self.nk)
         self.cv4 = nn.ModuleList(nn.Sequential(Conv(x, width, 3), Conv(width, width, 3), nn.Conv2d(width, self.nk, 1))
                                  for x in ch)
+        if self.end2end:
+            self.one2one_cv4 = copy.deepcopy(self.cv4)
 
-    def forward(self, x):
-        keypoints = self._per_anchor(x, self.cv4, self.nk)
-        maps = self._maps(x, self.cv2, self.cv3)
-        if self.training:
-            return maps, keypoints
-        return torch.cat((self._decode(maps), self.decode_keypoints(keypoints, maps)), 1), (maps, keypoints)
+    def _predict(self, x, shared, one2one=False):
+        maps = super()._predict(x, shared, one2one)
+        return maps, self._per_anchor(x, self.one2one_cv4 if one2one else self.cv4, self.nk)
+
+    def _inference(self, preds, xywh=True):
+        maps, keypoints = preds[:2]
+        return torch.cat((self._decode(maps, xywh), self.decode_keypoints(keypoints, maps)), 1)
+
+    @staticmethod
+    def keypoints_in_grid(offsets, anchor_points):
+        """Raw x, y outputs -> positions in grid units of each anchor's level (`offsets` and `anchor_points`
+        broadcast: e.g. (..., 2, A) and (2, A), or (..., A, K, 2) and (A, 1, 2))."""
+        return offsets * 2.0 + (anchor_points - 0.5)
 
     def decode_keypoints(self, keypoints, maps):
         """(B, K * D, A) raw outputs -> the same shape in input pixels (visibility through a sigmoid)."""
         anchor_points, strides = self._anchors(maps)  # (2, A), (1, A)
         count, dims = self.kpt_shape
         raw = keypoints.view(keypoints.shape[0], count, dims, -1)
-        decoded = (raw[:, :, :2] * 2.0 + (anchor_points - 0.5)) * strides  # (B, K, 2, A)
+        decoded = self.keypoints_in_grid(raw[:, :, :2], anchor_points) * strides  # (B, K, 2, A)
         if dims == 3:
             decoded = torch.cat((decoded, raw[:, :, 2:3].sigmoid()), 2)
         return decoded.view(keypoints.shape[0], self.nk, -1)
+
+    def fuse(self):
+        """Inference only: an end2end head drops its one-to-many branches, the keypoint branch included."""
+        if self.end2end:
+            self.cv4 = None
+        return super().fuse()
+
+
+class Pose26(Pose):
+    """YOLO26's Pose head. Its keypoint branch is two shared 3x3 convs (`cv4`) and two 1x1 outputs: the keypoints
+    (`cv4_kpts`, decoded as (offset + anchor) * stride, no 2x scale) and, while training, an x and y spread per
+    keypoint (`cv4_sigma`, logits of sigma in grid units) for the residual log-likelihood loss, whose normalising
+    flow (`flow_model`, a `RealNVP`) the head carries so that it trains, saves and resumes with the model.
+
+    Outputs as in `Pose`, except that each training tuple gains a third element, sigma (B, K * 2, A) raw; eval
+    outputs have none, and `fuse()` drops the sigma branches and the flow.
+    """
+
+    def _keypoint_branches(self, ch):
+        count, dims = self.kpt_shape
+        width = max(ch[0] // 4, count * (dims + 2))
+        # Registered in the reference models' order, so parameters (and optimizer states) line up one for one.
+        self.cv4 = nn.ModuleList(nn.Sequential(Conv(x, width, 3), Conv(width, width, 3)) for x in ch)
+        if self.end2end:
+            self.one2one_cv4 = copy.deepcopy(self.cv4)
+        self.flow_model = RealNVP()
+        self.cv4_kpts = nn.ModuleList(nn.Conv2d(width, self.nk, 1) for _ in ch)
+        self.nk_sigma = count * 2  # sigma x, y per keypoint
+        self.cv4_sigma = nn.ModuleList(nn.Conv2d(width, self.nk_sigma, 1) for _ in ch)
+        if self.end2end:
+            self.one2one_cv4_kpts = copy.deepcopy(self.cv4_kpts)
+            self.one2one_cv4_sigma = copy.deepcopy(self.cv4_sigma)
+
+    def _predict(self, x, shared, one2one=False):
+        maps = Detect._predict(self, x, shared, one2one)
+        prefix = "one2one_" if one2one else ""
+        features = [branch(level) for branch, level in zip(getattr(self, prefix + "cv4"), x)]
+        keypoints = self._per_anchor(features, getattr(self, prefix + "cv4_kpts"), self.nk)
+        if not self.training:
+            return maps, keypoints
+        return maps, keypoints, self._per_anchor(features, getattr(self, prefix + "cv4_sigma"), self.nk_sigma)
+
+    @staticmethod
+    def keypoints_in_grid(offsets, anchor_points):
+        return offsets + anchor_points
+
+    def fuse(self):
+        """Inference only: no sigma branches or flow (training alone uses them), and Pose's end2end pruning."""
+        self.flow_model = None
+        self.cv4_sigma = self.one2one_cv4_sigma = None
+        if self.end2end:
+            self.cv4_kpts = None
+        return super().fuse()
+
+
+class RealNVP(nn.Module):
+    """A normalising flow on 2-D points (Dinh et al., RealNVP, 2017) as residual log-likelihood estimation uses it
+    (Li et al., RLE, 2021): it learns the density of keypoint errors divided by their predicted sigma.
+
+    Six affine coupling layers with alternating masks: each keeps one coordinate and moves the other by a scale
+    (`s`, tanh-bounded) and a shift (`t`) computed from the kept one, so the log-determinant is the sum of the
+    scales. Layer names (`s.i`, `t.i`, the `loc`, `cov` and `mask` buffers) are those of the YOLO family's pose
+    models, so their weights load key for key; `loc` and `cov` describe the standard normal prior, which
+    `log_prob` uses in closed form.
+    """
+
+    def __init__(self, layers=6, width=64):
+        super().__init__()
+        self.register_buffer("loc", torch.zeros(2))
+        self.register_buffer("cov", torch.eye(2))
+        self.register_buffer("mask", torch.tensor([[0.0, 1.0], [1.0, 0.0]] * (layers // 2)))
+        self.s = nn.ModuleList(self._coupling_net(width, nn.Tanh()) for _ in range(layers))
+        self.t = nn.ModuleList(self._coupling_net(width) for _ in range(layers))
+        for module in self.modules():
+            if isinstance(module, nn.Linear):  # near-identity flow at the start
+                nn.init.xavier_uniform_(module.weight, gain=0.01)
+
+    @staticmethod
+    def _coupling_net(width, last=None):
+        layers = [nn.Linear(2, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 2)]
+        return nn.Sequential(*layers, *([last] if last is not None else []))
+
+    def to_latent(self, x):
+        """(N, 2) points -> their latent points (N, 2) and the log-determinant (N,) of the map."""
+        z, log_det = x, x.new_zeros(x.shape[0])
+        for keep, scale_net, shift_net in zip(reversed(self.mask), reversed(self.s), reversed(self.t)):
+            kept = keep * z
+            scale, shift = scale_net(kept) * (1 - keep), shift_net(kept) * (1 - keep)
+            z = (1 - keep) * (z - shift) * torch.exp(-scale) + kept
+            log_det = log_det - scale.sum(1)
+        return z, log_det
+
+    def log_prob(self, x):
+        """(N, 2) points -> (N,) log density under the flow (a standard normal in latent space)."""
+        z, log_det = self.to_latent(x)
+        return -0.5 * z.float().pow(2).sum(-1) - math.log(2 * math.pi) + log_det
 
 
 class OBB(Detect):

@@ -38,10 +38,11 @@ class PoseTrainer(DetectionTrainer):
         return PoseModel(cfg, nc=len(self.class_names()), data_kpt_shape=self.data["kpt_shape"], verbose=verbose)
 
     def set_model_attributes(self):
-        """Detection's attributes, the five pose loss names and the data yaml's OKS sigmas."""
+        """Detection's attributes, the pose loss names (a sixth, `rle_loss`, for a YOLO26 head) and the data yaml's
+        OKS sigmas."""
         super().set_model_attributes()
         de_parallel(self.model).kpt_oks_sigmas = self.data.get("kpt_sigmas")
-        self.loss_names = pose_loss_item_names()
+        self.loss_names = pose_loss_item_names(de_parallel(self.model).rle)
 
     def get_validator(self):
         from yolotrain.tasks.pose.val import PoseValidator

@@ -50,7 +50,7 @@ class PoseValidator(DetectionValidator):
         shape = getattr(de_parallel(model), "kpt_shape", None) or data.get("kpt_shape")
         self.kpt_shape = tuple(int(v) for v in shape)
         self.sigmas = keypoint_sigmas(self.kpt_shape, data.get("kpt_sigmas"))
-        self.loss_names = pose_loss_item_names()
+        self.loss_names = pose_loss_item_names()  # an eval output has no keypoint spreads to score
         self.metrics = PoseMetrics(names=self.names, plot=self.plots, save_dir=self.save_dir,
                                    confusion_matrix=self.confusion_matrix)
 
