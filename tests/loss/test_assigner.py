@@ -32,6 +32,17 @@ def iou(box1, box2):
     return inter / (area(box1) + area(box2) - inter)
 
 
+def ciou(box1, box2):
+    """Complete IoU of two xyxy lists, written out: IoU - centre distance^2 / enclosing diagonal^2 - alpha * v."""
+    centre_sq = ((box1[0] + box1[2] - box2[0] - box2[2]) ** 2 + (box1[1] + box1[3] - box2[1] - box2[3]) ** 2) / 4
+    diagonal_sq = (max(box1[2], box2[2]) - min(box1[0], box2[0])) ** 2 + (
+        max(box1[3], box2[3]) - min(box1[1], box2[1])) ** 2
+    aspect = lambda b: math.atan((b[2] - b[0]) / (b[3] - b[1]))  # noqa: E731
+    v = 4 / math.pi**2 * (aspect(box2) - aspect(box1)) ** 2
+    overlap = iou(box1, box2)
+    return overlap - centre_sq / diagonal_sq - (v / (v - overlap + 1) if v else 0.0) * v
+
+
 def run(assigner, scores, pred_boxes, anchors, labels, gt_boxes, mask=None):
     labels = torch.tensor(labels, dtype=torch.float32).view(1, -1, 1)
     gt_boxes = torch.tensor(gt_boxes, dtype=torch.float32).view(1, -1, 4)
@@ -54,7 +65,7 @@ def test_two_gts_on_a_4x4_grid_pick_their_best_aligned_anchors():
     labels, boxes, target_scores, fg, gt_idx = run(assigner, scores, pred_boxes, anchors, [0, 1], [gt_a, gt_b])
 
     fg_anchors = fg[0].nonzero().view(-1).tolist()
-    # A: the two highest scores (0 and 4). B: anchor 15 (IoU 1) then 14 (highest score at the shared IoU).
+    # A: the two highest scores (0 and 4). B: anchor 15 (IoU 1) then 14 (highest score at the shared overlap).
     assert fg_anchors == [0, 4, 14, 15]
     assert labels[0, fg_anchors].tolist() == [0, 0, 1, 1]
     assert gt_idx[0, fg_anchors].tolist() == [0, 0, 1, 1]
@@ -63,9 +74,11 @@ def test_two_gts_on_a_4x4_grid_pick_their_best_aligned_anchors():
     assert (labels[0, background] == 2).all()
     assert (target_scores[0, background] == 0).all() and (boxes[0, background] == 0).all()
 
-    # Soft targets: alignment / best alignment of the gt * best IoU of the gt.
-    iou_a = iou(pred_boxes[0].tolist(), gt_a)  # 144 / 368 for every candidate of A
-    assert iou_a == pytest.approx(144 / 368)
+    # Soft targets: alignment / best alignment of the gt * best overlap of the gt; the overlap is the Complete IoU.
+    # Every candidate's box is a 16-px square 4 px off its gt's centre along both axes: IoU 144 / 368, centres
+    # 32 px^2 apart, enclosing square 20 px wide (diagonal^2 800), the same aspect.
+    iou_a = ciou(pred_boxes[0].tolist(), gt_a)
+    assert iou_a == pytest.approx(144 / 368 - 32 / 800) and ciou(pred_boxes[14].tolist(), gt_b) == iou_a
     align = lambda score, overlap: score**ALPHA * overlap**BETA  # noqa: E731
     expected = {
         0: align(0.9, iou_a) / align(0.9, iou_a) * iou_a,
@@ -106,7 +119,7 @@ def test_anchor_inside_two_gts_goes_to_the_higher_iou_gt():
 
 def test_topk_limits_the_positives_of_each_gt():
     anchors = grid_anchors()
-    pred_boxes = boxes_around(anchors, 8.0)  # all predictions have the same IoU with the big gt
+    pred_boxes = torch.tensor([[8.0, 8.0, 24.0, 24.0]]).expand(16, 4)  # the same box everywhere: one overlap
     scores = torch.linspace(0.1, 0.9, 16).view(16, 1)
     assigner = TaskAlignedAssigner(topk=3, num_classes=1, alpha=ALPHA, beta=BETA)
     _, _, _, fg, _ = run(assigner, scores, pred_boxes, anchors, [0], [[0.0, 0.0, 32.0, 32.0]])

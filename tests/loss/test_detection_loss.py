@@ -225,3 +225,45 @@ def test_bf16_autocast_matches_float32():
     assert torch.allclose(half, full, rtol=5e-2, atol=1e-2)
     total.backward()
     assert all(torch.isfinite(f.grad).all() for f in half_feats)
+
+
+# The reference's (8.4.190) loss items, box, cls and dfl (l1 for yolo26), at nc=3 with `fixed_weights` loaded and 4
+# added to the bias of each box branch's last conv, for `reference_batch()`: its assignment ranks candidates by the
+# Complete IoU, as ours does.
+REFERENCE_ITEMS = {
+    "yolo11n": {"all": [5.20755, 240.53215, 4.67979]},
+    "yolo26n": {"one2many": [2.91671, 91.87337, 0.10131], "one2one": [2.07687, 337.931, 0.05961]},
+}
+
+
+def reference_batch():
+    """Five objects, large to sub-stride, in two 128-px images of hashed pixels."""
+    from hashed_weights import hashed_uniform
+
+    images = ((hashed_uniform(2 * 3 * 128 * 128, 7) + 1) / 2).float().view(2, 3, 128, 128)
+    boxes = torch.tensor([[0.5, 0.5, 0.4, 0.5], [0.25, 0.3, 0.2, 0.3], [0.6, 0.55, 0.5, 0.6], [0.8, 0.2, 0.06, 0.05],
+                          [0.3, 0.7, 0.1, 0.12]])
+    return {"img": images, "batch_idx": torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0]),
+            "cls": torch.tensor([[0.0], [1.0], [2.0], [0.0], [1.0]]), "bboxes": boxes}
+
+
+@pytest.mark.numeric
+@pytest.mark.parametrize("name", sorted(REFERENCE_ITEMS))
+def test_the_loss_items_equal_the_references_for_the_same_weights(name):
+    from hashed_weights import fixed_weights
+
+    from yolotrain.cfg import get_cfg
+    from yolotrain.nn.model import DetectionModel
+
+    model = DetectionModel(f"{name}.yaml", nc=3, verbose=False)
+    model.load_state_dict(fixed_weights(model.state_dict()))
+    with torch.no_grad():
+        for branch in (*model.head.cv2, *getattr(model.head, "one2one_cv2", [])):
+            branch[-1].bias += 4.0
+    model.args = get_cfg()
+    criterion, batch = model.init_criterion(), reference_batch()
+    preds = model.train()(batch["img"])
+    for branch, expected in REFERENCE_ITEMS[name].items():
+        loss = criterion if branch == "all" else getattr(criterion, branch)
+        _, items = loss(preds if branch == "all" else preds[branch], batch)
+        torch.testing.assert_close(items, torch.tensor(expected), atol=1e-4, rtol=1e-4)

@@ -1,8 +1,9 @@
 """Task-aligned label assignment (Feng et al., TOOD, 2021) for an anchor-free detection head.
 
 Every ground-truth box picks as positives the `topk` anchor points that lie inside it and whose prediction is best
-*aligned* with it, where alignment = class score ** alpha * IoU ** beta. The soft classification target of a positive
-anchor is its alignment rescaled so that, per ground truth, the best-aligned anchor gets that ground truth's best IoU.
+*aligned* with it, where alignment = class score ** alpha * IoU ** beta (the Complete IoU, floored at 0, as the YOLO
+family's assigners use). The soft classification target of a positive anchor is its alignment rescaled so that, per
+ground truth, the best-aligned anchor gets that ground truth's best IoU.
 
 Images are batched with padded ground truths: M is the largest number of boxes in one image and `mask_gt` marks the
 real rows. Shapes use B = images, A = anchor points, M = ground truths per image (padded), C = classes.
@@ -13,6 +14,7 @@ from torch import nn
 
 # Re-exported so the loss package offers the whole assignment toolbox from one place (see docs/architecture.md).
 from yolotrain.nn.anchors import bbox2dist, dist2bbox, make_anchors  # noqa: F401
+from yolotrain.utils.boxes import bbox_ciou
 
 
 class TaskAlignedAssigner(nn.Module):
@@ -133,17 +135,18 @@ class TaskAlignedAssigner(nn.Module):
         return align_metric * candidates, overlaps
 
     def candidate_overlaps(self, gt_bboxes, pred_bboxes, candidates, **task_inputs):
-        """(B, M, A) how well each candidate's prediction matches each ground truth (box IoU), 0 elsewhere.
+        """(B, M, A) how well each candidate's prediction matches each ground truth (`pairwise_iou`), 0 elsewhere.
 
-        The IoU is broadcast over (B, M, A) one coordinate at a time (never a (B, M, A, 4) pair tensor) and masked
-        rather than indexed by the candidates: indexing would make the device report the candidate count.
+        Masked rather than indexed by the candidates: indexing would make the device report the candidate count.
         """
         return self.pairwise_iou(gt_bboxes, pred_bboxes) * candidates
 
     @staticmethod
     def pairwise_iou(gt_bboxes, pred_bboxes):
-        """(B, M, A) IoU of every ground truth with every prediction of its image (xyxy boxes)."""
-        return _pairwise_iou(gt_bboxes, pred_bboxes)
+        """(B, M, A) Complete IoU, floored at 0, of every ground truth with every prediction of its image (xyxy
+        boxes): the method's overlap (besides IoU it favours predictions centred on the object and of its aspect).
+        Broadcast over (B, M, A) one coordinate at a time, never as a (B, M, A, 4) pair tensor."""
+        return bbox_ciou(gt_bboxes[:, :, None], pred_bboxes[:, None]).clamp(min=0)
 
     @staticmethod
     def _select_topk(align_metric, candidates, topk):
@@ -191,15 +194,3 @@ class TaskAlignedAssigner(nn.Module):
         best_iou_per_gt = (overlaps * is_positive).amax(-1, keepdim=True)  # (B, M, 1)
         quality = align_metric * best_iou_per_gt / (best_align_per_gt + self.eps)  # (B, M, A)
         return quality.amax(1)  # (B, A): at most one positive gt per anchor, so this picks it
-
-
-def _pairwise_iou(gt_bboxes, pred_bboxes, eps=1e-7):
-    """(B, M, A) IoU, clamped at 0, of every ground truth (B, M, 4) with every prediction (B, A, 4) of its image."""
-    gt_x1, gt_y1, gt_x2, gt_y2 = (c.unsqueeze(-1) for c in gt_bboxes.unbind(-1))  # (B, M, 1) each
-    pd_x1, pd_y1, pd_x2, pd_y2 = (c.unsqueeze(1) for c in pred_bboxes.unbind(-1))  # (B, 1, A) each
-    inter_w = (torch.minimum(gt_x2, pd_x2) - torch.maximum(gt_x1, pd_x1)).clamp(0)
-    inter_h = (torch.minimum(gt_y2, pd_y2) - torch.maximum(gt_y1, pd_y1)).clamp(0)
-    inter = inter_w * inter_h  # (B, M, A)
-    gt_area = (gt_x2 - gt_x1).clamp(0) * (gt_y2 - gt_y1).clamp(0)  # (B, M, 1)
-    pd_area = (pd_x2 - pd_x1).clamp(0) * (pd_y2 - pd_y1).clamp(0)  # (B, 1, A)
-    return (inter / (gt_area + pd_area - inter + eps)).clamp(0)
