@@ -196,6 +196,14 @@ def changed_entries(before, after, select):
     return {k for k in before if select(k) and not torch.equal(before[k], after[k])}
 
 
+def assert_head_trained(before, after, head_params):
+    """Every head parameter changed, save the BatchNorm scales of a box branch: a level that had no positive in the
+    epoch gives them no gradient, and they take no weight decay. The class branch trains on every anchor."""
+    trained = changed_entries(before, after, lambda k: k in head_params)
+    assert head_params - trained <= {k for k in head_params if ".cv2." in k and k.endswith("bn.weight")}
+    assert {k for k in head_params if ".cv3." in k} <= trained
+
+
 def test_freeze_then_unfreeze_by_callback(train_overrides):
     snapshots = []
 
@@ -215,12 +223,12 @@ def test_freeze_then_unfreeze_by_callback(train_overrides):
 
     # Epoch 1 (frozen): every backbone weight AND BatchNorm running statistic is untouched; the head trains.
     assert changed_entries(initial, after_frozen_epoch, is_backbone) == set()
-    assert changed_entries(initial, after_frozen_epoch, lambda k: k in head_params) == head_params
+    assert_head_trained(initial, after_frozen_epoch, head_params)
     # Epoch 2 (unfrozen by the callback): every backbone layer trains, running statistics included.
     changed = changed_entries(after_frozen_epoch, after_unfrozen_epoch, is_backbone)
     assert {layer_index(k) for k in changed} == set(BACKBONE_LAYERS)
     assert any(k.endswith("running_mean") for k in changed)
-    assert changed_entries(after_frozen_epoch, after_unfrozen_epoch, lambda k: k in head_params) == head_params
+    assert_head_trained(after_frozen_epoch, after_unfrozen_epoch, head_params)
     dfl = [k for k in initial if ".dfl." in k]
     assert dfl and changed_entries(initial, after_unfrozen_epoch, lambda k: k in dfl) == set()
 

@@ -186,7 +186,9 @@ def test_ddp_epoch_loss_matches_one_process_with_the_same_global_batch(tiny_mode
     (epoch 1's dfl_loss): 0.042 with oneDNN on AMX, AVX512_CORE_BF16, AVX512_CORE and AVX2 alike (the same figures
     to 5 digits); under bf16 autocast it was 0.11 (AVX512) to 0.153 (AMX). 8% allows twice the measured spread,
     and catches ranks that train on the wrong images or report an unreduced loss. (A wrong gradient scale is
-    not seen here: gradient clipping and AdamW make these first steps insensitive to it.)"""
+    not seen here: gradient clipping and AdamW make these first steps insensitive to it.) Epoch 2's box and dfl
+    losses are small (about 0.1: few positives, with small targets), where the runs measured 0.018 apart (AMX
+    and AVX2 alike): 0.03 absolute covers that and still catches a loss off by 2x or a rank's wrong images."""
     args = dict(batch=8, amp=False)
     result = torchrun(run_args(tiny_model_yaml, tiny_data, tmp_path / "ddp", **args))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -195,7 +197,7 @@ def test_ddp_epoch_loss_matches_one_process_with_the_same_global_batch(tiny_mode
     ddp = epoch_losses(read_rows(tmp_path / "ddp" / "train" / "results.csv"))
     one = epoch_losses(read_rows(single.save_dir / "results.csv"))
     for ddp_epoch, one_epoch in zip(ddp, one):
-        assert ddp_epoch == pytest.approx(one_epoch, rel=0.08)
+        assert ddp_epoch == pytest.approx(one_epoch, rel=0.08, abs=0.03)
 
 
 @pytest.mark.slow
