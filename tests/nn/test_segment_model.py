@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from detection_match import assert_same_detections
+from hashed_weights import fixed_weights, hashed_uniform
 from yolotrain.errors import CfgError
 from yolotrain.nn.model import SegmentationModel, head_task, load_model_yaml
 from yolotrain.nn.modules import Detect, Proto, Proto26, Segment, Segment26
@@ -211,11 +212,83 @@ def test_the_loss_comes_from_the_segment_loss_module(tiny_seg_yaml, monkeypatch)
     """init_criterion imports lazily: `SegmentationLoss`, or `EndToEndSegmentationLoss` for an end2end head."""
     module = types.ModuleType("yolotrain.loss.segment")
     module.SegmentationLoss = lambda model: ("one2many only", model)
+    module.MaskAlignedSegmentationLoss = lambda model: ("mask aligned", model)
     module.EndToEndSegmentationLoss = lambda model: ("end2end", model)
     monkeypatch.setitem(sys.modules, "yolotrain.loss.segment", module)
     for family, kind in (("yolo11", "one2many only"), ("yolo26", "end2end")):
         model = SegmentationModel(tiny_seg_yaml(family), verbose=False)
         assert model.init_criterion() == (kind, model)
+
+
+# ------------------------------------------------------------------------------------ the loss: reference figures
+# The reference's (8.4.190) loss items (box, seg, cls, l1, sem) of both branches of its yolo26n-seg at nc=3, with
+# `fixed_weights` loaded and 4 added to the bias of each box branch's last conv, on `reference_batch()`: its
+# assignment ranks candidates by the mean of box and mask IoU, as ours does for a Segment26 head (by box alone, the
+# one-to-one items would be [2.41051, 12.33034, 310.31738, 0.0695, 5.84823]).
+REFERENCE_SEG26_ITEMS = {
+    "one2many": [3.3007, 8.95477, 87.27268, 0.11387, 5.84823],
+    "one2one": [3.11068, 11.78535, 393.5976, 0.08883, 5.84823],
+}
+
+
+def reference_batch():
+    """Five objects in two 128-px images of hashed pixels, each an ellipse in its box (index masks at 32 px)."""
+    images = ((hashed_uniform(2 * 3 * 128 * 128, 7) + 1) / 2).float().view(2, 3, 128, 128)
+    boxes = torch.tensor([[0.5, 0.5, 0.4, 0.5], [0.25, 0.3, 0.2, 0.3], [0.6, 0.55, 0.5, 0.6], [0.8, 0.2, 0.1, 0.12],
+                          [0.3, 0.7, 0.2, 0.16]])
+    batch_idx = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0])
+    masks = torch.zeros(2, 32, 32)
+    ys, xs = torch.meshgrid(torch.arange(32) + 0.5, torch.arange(32) + 0.5, indexing="ij")
+    counts = [0, 0]
+    for (cx, cy, w, h), image in zip(boxes.tolist(), batch_idx.long().tolist()):
+        counts[image] += 1
+        inside = ((xs / 32 - cx) / (w / 2)) ** 2 + ((ys / 32 - cy) / (h / 2)) ** 2 <= 1
+        masks[image][inside & (masks[image] == 0)] = counts[image]
+    return {"img": images, "batch_idx": batch_idx, "cls": torch.tensor([[0.0], [1.0], [2.0], [0.0], [1.0]]),
+            "bboxes": boxes, "masks": masks}
+
+
+@pytest.mark.numeric
+def test_the_yolo26_loss_items_equal_the_references_for_the_same_weights():
+    from yolotrain.cfg import get_cfg
+    from yolotrain.loss.segment import MaskAlignedSegmentationLoss
+
+    model = SegmentationModel("yolo26n-seg.yaml", nc=3, verbose=False)
+    model.load_state_dict(fixed_weights(model.state_dict()))
+    with torch.no_grad():
+        for branch in (*model.head.cv2, *model.head.one2one_cv2):
+            branch[-1].bias += 4.0
+    model.args = get_cfg()
+    criterion, batch = model.init_criterion(), reference_batch()
+    assert isinstance(criterion.one2one, MaskAlignedSegmentationLoss)
+    preds = model.train()(batch["img"])
+    for branch, expected in REFERENCE_SEG26_ITEMS.items():
+        _, items = getattr(criterion, branch)(preds[branch], batch)
+        torch.testing.assert_close(items, torch.tensor(expected), atol=1e-4, rtol=1e-4)
+
+
+def test_the_mask_aware_assignment_prefers_the_anchor_whose_mask_is_right():
+    from yolotrain.loss.segment import MaskTaskAlignedAssigner
+
+    assigner = MaskTaskAlignedAssigner(topk=1, num_classes=1)
+    anchors = torch.tensor([[12.0, 12.0], [20.0, 20.0]])  # pixels; masks at a quarter of the input size
+    gt_box = torch.tensor([[[0.0, 0.0, 32.0, 32.0]]])
+    gt_mask = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    gt_mask[..., :4, :] = True  # the object fills the top half of its box
+    protos = torch.stack((torch.ones(8, 8), torch.zeros(8, 8)))[None]  # (1, 2, 8, 8)
+    protos[0, 1, :4] = 1.0
+    protos[0, 1, 4:] = -1.0  # prototype 1: +1 on the top half, -1 below
+    coefficients = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # anchor 0: the whole box; anchor 1: the top half
+    pred_boxes = torch.tensor([[[0.0, 0.0, 32.0, 32.0], [0.0, 0.0, 32.0, 32.0]]])  # the same box: masks decide
+    _, _, scores, fg, _ = assigner(torch.full((1, 2, 1), 0.5), pred_boxes, anchors, torch.zeros(1, 1, 1), gt_box,
+                                   torch.ones(1, 1, 1), coefficients=coefficients, protos=protos, gt_masks=gt_mask,
+                                   mask_scale=0.25)
+    assert fg.tolist() == [[False, True]]  # mask IoU 1 against 0.5
+    assert float(scores[0, 1, 0]) == pytest.approx(1.0, rel=1e-5)  # (box 1 + mask 1) / 2
+    overlaps = assigner.candidate_overlaps(gt_box, pred_boxes, torch.ones(1, 1, 2, dtype=torch.bool),
+                                           class_scores=torch.full((1, 1, 2), 0.5), coefficients=coefficients,
+                                           protos=protos, gt_masks=gt_mask, mask_scale=0.25)
+    assert overlaps.tolist() == [[[0.75, 1.0]]]
 
 
 # ------------------------------------------------------------------------------------------- reference checkpoints

@@ -130,12 +130,14 @@ class TaskAlignedAssigner(nn.Module):
         # Score of each anchor for the class of each ground truth.
         scores_by_class = pred_scores.transpose(1, 2)  # (B, C, A)
         gt_class_scores = scores_by_class.gather(1, gt_labels.expand(-1, -1, num_anchors))  # (B, M, A)
-        overlaps = self.candidate_overlaps(gt_bboxes, pred_bboxes, candidates, **task_inputs)  # (B, M, A)
+        overlaps = self.candidate_overlaps(gt_bboxes, pred_bboxes, candidates, class_scores=gt_class_scores,
+                                           **task_inputs)  # (B, M, A)
         align_metric = gt_class_scores.pow(self.alpha) * overlaps.pow(self.beta)  # (B, M, A)
         return align_metric * candidates, overlaps
 
     def candidate_overlaps(self, gt_bboxes, pred_bboxes, candidates, **task_inputs):
         """(B, M, A) how well each candidate's prediction matches each ground truth (`pairwise_iou`), 0 elsewhere.
+        `task_inputs` also hold `class_scores` (B, M, A), each anchor's score for each ground truth's class.
 
         Masked rather than indexed by the candidates: indexing would make the device report the candidate count.
         """

@@ -11,6 +11,7 @@ Shapes: B images, A anchors, F foreground anchors of the image that has most (ot
 import torch
 from torch.nn import functional as F
 
+from yolotrain.loss.assigner import TaskAlignedAssigner
 from yolotrain.loss.detection import DetectionLoss, EndToEndDetectionLoss, most_boxes_per_image, padded_per_image
 from yolotrain.utils.masks import crop_to_boxes
 
@@ -37,7 +38,8 @@ class SegmentationLoss(DetectionLoss):
             preds = preds[1]
         maps, coefficients, protos, *semantic = preds
         with torch.autocast(device_type=maps[0].device.type, enabled=False):
-            assigned = self.assign(list(maps), batch)
+            maps = list(maps)
+            assigned = self.assign(maps, batch, **self.assigner_inputs(maps, coefficients, protos, batch))
             box, cls, dfl = self.detection_terms(assigned)
             seg = self.mask_term(assigned, coefficients.float(), protos.float(), batch)
             terms = [box, seg * self.box_gain, cls, dfl]
@@ -45,6 +47,10 @@ class SegmentationLoss(DetectionLoss):
                 terms.append(self.semantic_term(semantic[0].float(), batch) * self.box_gain)
             loss = torch.stack(terms)
         return loss.sum() * assigned.batch_size, loss.detach()
+
+    def assigner_inputs(self, maps, coefficients, protos, batch):
+        """What the assigner needs besides boxes: nothing here (see `MaskAlignedSegmentationLoss`)."""
+        return {}
 
     def mask_term(self, a, coefficients, protos, batch):
         """The mean box-normalised mask BCE of the foreground anchors. coefficients (B, nm, A), protos (B, nm, h, w).
@@ -111,9 +117,89 @@ class SegmentationLoss(DetectionLoss):
         return per_image.gather(1, index).float()
 
 
+    def padded_masks(self, batch, batch_size, size):
+        """(B, M, h, w) bool: each image's object masks at `size`, in the slots of `build_targets`."""
+        masks = batch["masks"].to(self.device)
+        if masks.shape[-2:] != size:  # mask_ratio other than the prototypes' 4
+            masks = F.interpolate(masks[None].float(), size, mode="nearest")[0]
+        batch_idx = batch["batch_idx"].to(self.device).long().view(-1)
+        counts = torch.bincount(batch_idx, minlength=batch_size)
+        slots = most_boxes_per_image(batch, counts)
+        if self.overlap:  # pixel value k: the image's object k - 1
+            return masks[:, None] == torch.arange(1, slots + 1, device=self.device)[:, None, None]
+        return padded_per_image(masks, batch_idx, counts, slots) > 0.5
+
+
+class MaskTaskAlignedAssigner(TaskAlignedAssigner):
+    """Task-aligned assignment whose overlap is the mean of the box overlap (Complete IoU) and the IoU of the
+    candidate's predicted mask with the object's, so positives and soft class targets favour anchors whose masks are
+    right (YOLO26's segmentation). Only each object's `MASK_CANDIDATES` * topk best box-aligned candidates get their
+    mask made (binarised at logit 0 and cropped to the predicted box, as validation does); the rest count mask IoU 0.
+
+    Task inputs: coefficients (B, A, nm), protos (B, nm, h, w), gt_masks (B, M, h, w) bool, mask_scale (mask pixels
+    per input pixel); `class_scores` comes from the alignment itself.
+    """
+
+    MASK_CANDIDATES = 3
+    CHUNK_PIXELS = 1 << 25  # mask pixels made at once (about 128 MB of float32)
+
+    def candidate_overlaps(self, gt_bboxes, pred_bboxes, candidates, class_scores, coefficients, protos, gt_masks,
+                           mask_scale, **task_inputs):
+        box = super().candidate_overlaps(gt_bboxes, pred_bboxes, candidates)  # (B, M, A)
+        box_metric = torch.where(candidates, class_scores.pow(self.alpha) * box.pow(self.beta) + self.eps, 0.0)
+        best = box_metric.topk(min(self.MASK_CANDIDATES * self.topk, box.shape[-1]), dim=-1).indices
+        chosen = torch.zeros_like(candidates).scatter_(-1, best, True) & candidates
+        image, gt, anchor = chosen.nonzero(as_tuple=True)
+        mask_iou = torch.zeros_like(box)
+        mask_iou[image, gt, anchor] = self._mask_ious(image, gt, anchor, pred_bboxes * mask_scale, coefficients,
+                                                      protos, gt_masks)
+        return (box + mask_iou) / 2
+
+    def _mask_ious(self, image, gt, anchor, boxes, coefficients, protos, gt_masks):
+        """(P,) mask IoU of each chosen (image, gt, anchor) pair. Each chosen anchor's mask is made once, in per-image
+        slots (padded to the image with most), a chunk of images at a time."""
+        batch_size, num_anchors = boxes.shape[:2]
+        height, width = protos.shape[-2:]
+        key, pair_key = torch.unique(image * num_anchors + anchor, return_inverse=True)
+        key_image, key_anchor = key // num_anchors, key % num_anchors
+        per_image = torch.bincount(key_image, minlength=batch_size)
+        slot = torch.arange(len(key), device=key.device) - (per_image.cumsum(0) - per_image)[key_image]
+        slots = int(per_image.max()) if len(key) else 0
+        if slots == 0:
+            return torch.zeros(len(image), device=image.device)
+        chosen_coefficients = coefficients.new_zeros(batch_size, slots, coefficients.shape[-1], dtype=torch.float32)
+        chosen_boxes = boxes.new_zeros(batch_size, slots, 4, dtype=torch.float32)
+        chosen_coefficients[key_image, slot] = coefficients[key_image, key_anchor].float()
+        chosen_boxes[key_image, slot] = boxes[key_image, key_anchor].float()
+        gt_flat = gt_masks.flatten(2).float()  # (B, M, h * w)
+        ious = gt_flat.new_zeros(batch_size, gt_masks.shape[1], slots)
+        step = max(1, self.CHUNK_PIXELS // (slots * height * width))
+        for start in range(0, batch_size, step):  # chunks of images, not a loop per mask
+            part = slice(start, start + step)
+            logits = torch.bmm(chosen_coefficients[part], protos[part].float().flatten(2))  # (b, S, h * w)
+            masks = crop_to_boxes((logits > 0).view(-1, slots, height, width), chosen_boxes[part]).flatten(2).float()
+            inter = torch.bmm(gt_flat[part], masks.transpose(1, 2))  # (b, M, S): exact pixel counts in float32
+            union = gt_flat[part].sum(-1, keepdim=True) + masks.sum(-1)[:, None] - inter
+            ious[part] = inter / union.clamp(min=1)
+        return ious[image, gt, slot[pair_key]]
+
+
+class MaskAlignedSegmentationLoss(SegmentationLoss):
+    """Loss of a YOLO26 segmentation head (`Segment26`): `SegmentationLoss` with the mask-aware assignment."""
+
+    assigner_class = MaskTaskAlignedAssigner
+
+    def assigner_inputs(self, maps, coefficients, protos, batch):
+        batch_size, _, height, width = protos.shape
+        return dict(coefficients=coefficients.detach().float().transpose(1, 2), protos=protos.detach().float(),
+                    gt_masks=self.padded_masks(batch, batch_size, (height, width)),
+                    mask_scale=height / batch["img"].shape[2])
+
+
 class EndToEndSegmentationLoss(EndToEndDetectionLoss):
     """Loss of an end-to-end segmentation head (YOLO26): both branches as `EndToEndDetectionLoss` mixes them, each
-    with its own masks from the shared prototypes."""
+    with its own masks from the shared prototypes, assigned by box and mask for a `Segment26` head."""
 
     def branch_loss(self, model, **options):
-        return SegmentationLoss(model, **options)
+        aligned_by_mask = getattr(model, "semantic_branch", False)
+        return (MaskAlignedSegmentationLoss if aligned_by_mask else SegmentationLoss)(model, **options)

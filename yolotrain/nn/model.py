@@ -502,8 +502,9 @@ class SegmentationModel(DetectionModel):
     `Segment26` (`yolo26n-seg.yaml`); see `BaseModel` for the arguments and `Segment` for the head's outputs.
 
     Adds `nm` (mask prototypes per image, coefficients per anchor) and `semantic_branch`. Its loss comes from
-    `yolotrain.loss.segment`: `SegmentationLoss`, or `EndToEndSegmentationLoss` for an end2end head; it is (loss sum *
-    batch size, detached (box, seg, cls, dfl[, sem])).
+    `yolotrain.loss.segment`: `SegmentationLoss`, `MaskAlignedSegmentationLoss` for a `Segment26` head (assigned by
+    box and mask), either mixed over both branches by `EndToEndSegmentationLoss` for an end2end head; it is (loss sum
+    * batch size, detached (box, seg, cls, dfl[, sem])).
     """
 
     head_type = Segment
@@ -522,13 +523,11 @@ class SegmentationModel(DetectionModel):
         return isinstance(self.head, Segment26)
 
     def init_criterion(self):
+        from yolotrain.loss.segment import EndToEndSegmentationLoss, MaskAlignedSegmentationLoss, SegmentationLoss
+
         if self.end2end:
-            from yolotrain.loss.segment import EndToEndSegmentationLoss
-
             return EndToEndSegmentationLoss(self)
-        from yolotrain.loss.segment import SegmentationLoss
-
-        return SegmentationLoss(self)
+        return MaskAlignedSegmentationLoss(self) if self.semantic_branch else SegmentationLoss(self)
 
 
 class PoseModel(DetectionModel):
