@@ -247,3 +247,61 @@ def test_two_cpu_processes_train_an_obb_model_and_validate_every_image(obb_overr
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     standalone = YOLO(save_dir / "weights" / "last.pt").val(data=obb_data, imgsz=64, batch=4, plots=False)
     assert float(rows[-1]["metrics/mAP50-95(B)"]) == pytest.approx(standalone.box.map, abs=1e-4)
+
+
+class ShiftedBoxesModel(torch.nn.Module):
+    """A stand-in OBB model whose eval output is each label's rotated box moved along its own width axis by
+    `shift` of its width, at score 0.9 for its class (`watch`, an on_val_batch_start callback, hands it the batch)."""
+
+    def __init__(self, nc, shift):
+        super().__init__()
+        self.nc, self.shift = nc, shift
+        self.names = {i: f"class{i}" for i in range(nc)}
+        self.stride = torch.tensor([8.0, 16.0, 32.0])
+        self.batch = None
+
+    def watch(self, validator):
+        self.batch = validator.batch
+
+    def forward(self, img):
+        from yolotrain.utils.obb import corners_to_xywhr
+
+        batch_size, _, height, width = img.shape
+        image_index = self.batch["batch_idx"].long()
+        boxes = corners_to_xywhr(self.batch["corners"].float().view(-1, 4, 2) * torch.tensor([width, height]))
+        angle = boxes[:, 4]
+        boxes[:, 0] += self.shift * boxes[:, 2] * torch.cos(angle)
+        boxes[:, 1] += self.shift * boxes[:, 2] * torch.sin(angle)
+        slot = torch.arange(len(image_index)) - torch.searchsorted(image_index, image_index)
+        y = torch.zeros(batch_size, 4 + self.nc + 1, int(slot.max()) + 2)
+        y[image_index, :4, slot] = boxes[:, :4]
+        y[image_index, 4 + self.batch["cls"].view(-1).long(), slot] = 0.9
+        y[image_index, -1, slot] = angle
+        return y, []
+
+
+@pytest.mark.parametrize("obb_iou, expected_map", [
+    # Moved by a fifth of its width along its width: exact IoU (1 - 0.2) / (1 + 0.2) = 0.667 passes 4 of the 10
+    # thresholds; ProbIoU 1 - sqrt(1 - exp(-1.5 * 0.2^2)) = 0.759 (any aspect: the Gaussians differ by the move
+    # alone) passes 6.
+    ("exact", 0.4),
+    ("probiou", 0.6),
+])  # fmt: skip
+def test_obb_iou_chooses_how_validation_matches_rotated_boxes(obb_data, tmp_path, obb_iou, expected_map):
+    from yolotrain.tasks.obb.val import OBBValidator
+
+    model = ShiftedBoxesModel(nc=3, shift=0.2)
+    args = {"data": obb_data, "imgsz": 96, "batch": 4, "device": "cpu", "workers": 0, "plots": False,
+            "obb_iou": obb_iou}
+    validator = OBBValidator(save_dir=tmp_path / "val", args=args)
+    validator.add_callback("on_val_batch_start", model.watch)
+    metrics = validator(model=model)
+    assert metrics["metrics/mAP50(B)"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["metrics/mAP50-95(B)"] == pytest.approx(expected_map, abs=1e-6)
+
+
+def test_obb_iou_is_checked():
+    from yolotrain.cfg import get_cfg
+
+    with pytest.raises(CfgError, match="obb_iou"):
+        get_cfg(overrides={"obb_iou": "polygon"})

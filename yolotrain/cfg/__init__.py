@@ -38,6 +38,7 @@ MODES = ("train", "val", "predict", "export")
 # many `train` runs (its trials) and is no `mode=` of a run.
 CLI_MODES = ("train", "val", "predict", "tune", "help", "convert", "sync", "export", "version")
 POSITIONAL_CLI_MODES = ("convert", "sync")
+OBB_IOU_CHOICES = ("exact", "probiou")  # how validation matches rotated boxes (see yolotrain.tasks.obb.val)
 OPTIMIZER_CHOICES = ("SGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSProp", "MuSGD", "auto")
 EXPORT_FORMATS = ("onnx", "torchscript", "safetensors")
 
@@ -58,6 +59,7 @@ _STR_CHOICES = types.MappingProxyType(
         "cache": ("ram", "disk"),
         "amp": ("bf16",),
         "augment_device": ("cpu", "device", "auto"),
+        "obb_iou": OBB_IOU_CHOICES,
         "format": EXPORT_FORMATS,
         "auto_augment": ("randaugment", "autoaugment", "augmix"),
     }

@@ -2,7 +2,9 @@
 the labels by their exact IoU (the area shared by the two rotated rectangles, from their polygon intersection).
 
 The reference trainer matches by probabilistic IoU (ProbIoU, a Gaussian approximation); the exact IoU differs from
-it by a few hundredths for long thin boxes, so the figures of the two differ slightly on the same predictions.
+it by a few hundredths for long thin boxes, and by more for small, loosely placed ones (ProbIoU is the more lenient),
+so the figures of the two differ on the same predictions. `obb_iou=probiou` matches as the reference does, to
+compare with its figures.
 Boxes are compared in original-image pixels: each corner is mapped back through the letterbox (per axis), and the
 mapped quadrilaterals are intersected as they are. results.csv keeps detection's (B) columns.
 
@@ -16,7 +18,7 @@ import torch
 from yolotrain.loss.obb import obb_loss_item_names
 from yolotrain.tasks.detect.val import DetectionValidator, padded_match
 from yolotrain.utils.nms import end_to_end_detections, non_max_suppression_rotated
-from yolotrain.utils.obb import corners_to_xywhr, polygon_iou, xywhr_to_corners
+from yolotrain.utils.obb import corners_to_xywhr, polygon_iou, probiou, xywhr_to_corners
 from yolotrain.utils.torch_utils import de_parallel
 
 ROTATED = slice(6, 11)  # a detection row's rotated box (cx, cy, w, h, angle) after its extent, conf and class
@@ -52,8 +54,8 @@ class OBBValidator(DetectionValidator):
         return [with_extent(r) for r in rows]
 
     def box_matches(self, labels, batch):
-        """Rotated boxes matched by exact IoU in original-image pixels; the detections' rotated boxes are stored
-        back in original pixels (predictions.json's)."""
+        """Rotated boxes matched by exact IoU (or, `obb_iou=probiou`, ProbIoU) in original-image pixels; the
+        detections' rotated boxes are stored back in original pixels (predictions.json's)."""
         detections = labels.detections
         pred_corners = self._to_original(xywhr_to_corners(detections[:, ROTATED]), labels, labels.pred_image)
         height, width = batch["img"].shape[2:]
@@ -64,7 +66,7 @@ class OBBValidator(DetectionValidator):
             detections[:, ROTATED] = corners_to_xywhr(pred_corners)
         return padded_match(detections, labels.pred_image, labels.gt_boxes, labels.gt_cls, labels.gt_image,
                             labels.num_images, labels.max_preds, labels.max_boxes, self.iouv.to(detections.device),
-                            pred_corners.flatten(1), true_corners.flatten(1), _corner_iou)
+                            pred_corners.flatten(1), true_corners.flatten(1), CORNER_SIMILARITIES[self.args.obb_iou])
 
     def predicted_outlines(self, detections):
         """Each detection's rotated corners (batch-image pixels) for the validation batch plots."""
@@ -102,3 +104,13 @@ def _corner_iou(true_values, pred_values):
     true_corners = true_values.unflatten(-1, (4, 2))
     pred_corners = pred_values.unflatten(-1, (4, 2))
     return polygon_iou(true_corners, pred_corners)  # (b, M, N)
+
+
+def _corner_probiou(true_values, pred_values):
+    """A `padded_match` similarity: ProbIoU of labels (b, M, 8) and detections (b, N, 8) given by 4 corners."""
+    true_boxes = corners_to_xywhr(true_values.unflatten(-1, (4, 2)))
+    pred_boxes = corners_to_xywhr(pred_values.unflatten(-1, (4, 2)))
+    return probiou(true_boxes, pred_boxes)  # (b, M, N)
+
+
+CORNER_SIMILARITIES = {"exact": _corner_iou, "probiou": _corner_probiou}  # by `obb_iou`
