@@ -22,8 +22,10 @@ from yolotrain.errors import CfgError
 from yolotrain.nn.backends import load_inference_model
 from yolotrain.nn.model import SegmentationModel
 from yolotrain.tasks.segment.train import SegmentationTrainer
+from yolotrain.tasks.segment.val import SegmentationValidator
 from yolotrain.utils.checkpoint import load_checkpoint
 from yolotrain.utils.masks import polygons_to_masks
+from yolotrain.utils.plotting import class_colour
 
 SEGMENT_HEAD = [[4, 6, 8], 1, "Segment", ["nc", 8, 16]]  # 8 prototypes of 16 channels: a tiny mask branch
 
@@ -334,3 +336,28 @@ def test_two_cpu_processes_train_a_segmentation_model_and_validate_every_image(s
     alone = json.loads((Path(standalone.save_dir) / "predictions.json").read_text())
     assert {p["image_id"] for p in gathered} == {p["image_id"] for p in alone}
     assert all(p["segmentation"]["size"] for p in gathered)
+
+
+def test_validation_plots_draw_each_predicted_mask_by_its_outline(tmp_path):
+    """A disc-shaped prototype: the plotted outline of a detection using it runs along the disc (in batch-image
+    pixels), and a detection whose mask is empty is drawn as its box's centre."""
+    validator = SegmentationValidator(save_dir=tmp_path, args={"plots": True})
+    ys, xs = torch.meshgrid(torch.arange(16) + 0.5, torch.arange(16) + 0.5, indexing="ij")
+    disc = ((xs - 8) ** 2 + (ys - 8) ** 2).sqrt() <= 5  # radius 5 prototype pixels = 20 input pixels
+    validator._protos = torch.stack((torch.where(disc, 1.0, -1.0), torch.full((16, 16), -1.0)))[None]
+    detections = torch.tensor([[4.0, 4.0, 60.0, 60.0, 0.9, 1.0, 1.0, 0.0],  # the disc
+                               [10.0, 20.0, 30.0, 40.0, 0.8, 0.0, 0.0, 1.0]])  # an empty mask
+    batch = {"img": torch.zeros(1, 3, 64, 64)}
+    outlines = validator.predicted_outlines(detections, torch.zeros(2, dtype=torch.long), batch)
+    distances = (outlines[0] - 32.0).norm(dim=-1)  # the disc's centre: 8 prototype pixels = 32 input pixels
+    assert outlines.shape[0] == 2 and float(distances.min()) > 16 and float(distances.max()) < 24
+    assert torch.equal(outlines[1], torch.tensor([20.0, 30.0]).expand_as(outlines[1]))
+
+    names = {0: "square", 1: "disc"}
+    validator.names = names
+    validator.plot_batch({**batch, "batch_idx": torch.zeros(0), "cls": torch.zeros(0, 1), "bboxes": torch.zeros(0, 4),
+                          "segments": torch.zeros(0, 4, 2)}, [detections], 0)
+    plotted = cv2.imread(str(tmp_path / "val_batch0_pred.jpg")).astype(np.float64)  # (64, 64, 3), as the batch
+    # The disc's lowest point (32, 52) lies 8 px inside the box's bottom edge: only the mask outline passes there.
+    near_bottom = plotted[48:56, 30:35] - np.array(class_colour(1, bgr=True), np.float64)
+    assert np.linalg.norm(near_bottom, axis=-1).min() < 100

@@ -393,7 +393,8 @@ class DetectionValidator(BaseValidator):
             plot_images(
                 batch["img"], image_index, detections[:, 5], detections[:, :5],
                 paths=batch.get("im_file"), fname=self.save_dir / f"val_batch{batch_i}_pred.jpg", names=self.names,
-                keypoints=self.predicted_keypoints(detections), outlines=self.predicted_outlines(detections),
+                keypoints=self.predicted_keypoints(detections),
+                outlines=self.predicted_outlines(detections, image_index, batch),
             )  # fmt: skip
         except Exception as e:  # a plot must never stop a validation (or the training around it)
             LOGGER.warning(f"validation batch plot failed: {e}")
@@ -402,8 +403,9 @@ class DetectionValidator(BaseValidator):
         """The keypoints (n, K, D) of detections (n, 6+) for plots; a detector has none."""
         return None
 
-    def predicted_outlines(self, detections):
-        """The outlines (n, P, 2) of detections (n, 6+) for plots (a rotated box's corners); a detector has none."""
+    def predicted_outlines(self, detections, image_index, batch):
+        """The outlines (n, P, 2) in batch-image pixels of detections (n, 6+) of the batch's images `image_index`
+        (n,), for plots (a rotated box's corners, a mask's outline); a detector has none."""
         return None
 
     def plot_metrics(self):

@@ -68,7 +68,7 @@ class OBBValidator(DetectionValidator):
                             labels.num_images, labels.max_preds, labels.max_boxes, self.iouv.to(detections.device),
                             pred_corners.flatten(1), true_corners.flatten(1), CORNER_SIMILARITIES[self.args.obb_iou])
 
-    def predicted_outlines(self, detections):
+    def predicted_outlines(self, detections, image_index, batch):
         """Each detection's rotated corners (batch-image pixels) for the validation batch plots."""
         return xywhr_to_corners(detections[:, ROTATED])
 

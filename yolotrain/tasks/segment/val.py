@@ -17,8 +17,8 @@ from yolotrain.loss.segment import segment_loss_item_names
 from yolotrain.nn.modules import Segment
 from yolotrain.tasks.detect.val import DetectionValidator, _slots, padded_match
 from yolotrain.utils.boxes import batched_box_iou
-from yolotrain.utils.masks import (mask_iou, mask_iou_from_protos, mask_to_rle, masks_from_protos, polygons_to_masks,
-                                   protos_in_image)
+from yolotrain.utils.masks import (mask_iou, mask_iou_from_protos, mask_to_polygon, mask_to_rle, masks_from_protos,
+                                   polygons_to_masks, protos_in_image, stack_polygons)
 from yolotrain.utils.metrics import SegmentMetrics
 
 TABLE_HEADER = ("Class", "Images", "Instances", "Box(P", "R", "mAP50", "mAP50-95)", "Mask(P", "R", "mAP50",
@@ -95,6 +95,25 @@ class SegmentationValidator(DetectionValidator):
                           labels.num_images, labels.max_preds, labels.max_boxes, self.iouv.to(detections.device),
                           slots[:, None].float(), iou_rows, _precomputed_iou)
         return {"tp_mask": tp}
+
+    def predicted_outlines(self, detections, image_index, batch):
+        """Each detection's mask outline in batch-image pixels, for the plots: its mask on the prototypes' grid (as
+        validation makes it, cropped to its box) traced and scaled to the input; a detection whose mask is empty
+        is drawn as a point at its box's centre. The plots show a few images: this is not a hot path."""
+        if not len(detections):
+            return None
+        protos = self._protos.detach().float().cpu()
+        to_protos = protos.shape[-1] / batch["img"].shape[-1]
+        centres = ((detections[:, :2] + detections[:, 2:4]) / 2).numpy()[:, None]  # (n, 1, 2)
+        outlines = list(centres)
+        for image in image_index.unique().tolist():
+            rows = torch.nonzero(image_index == image).flatten().tolist()
+            masks = masks_from_protos(detections[rows, 6:], protos[image], detections[rows, :4] * to_protos)
+            for row, mask in zip(rows, masks.numpy()):  # OpenCV traces one mask per call
+                outline = mask_to_polygon(mask) / to_protos
+                if len(outline):
+                    outlines[row] = outline
+        return torch.from_numpy(stack_polygons(outlines))
 
     def label_masks(self, outlines, image_hw):
         """(n, H, W) uint8 masks of an image's labels from their (n, S, 2) outlines in its pixels."""
