@@ -1,8 +1,6 @@
 """ClassificationPredictor: class probabilities from a trained classifier; reading, batching and writing are
 `BasePredictor`'s."""
 
-import torch
-
 from yolotrain.engine.predictor import BasePredictor
 from yolotrain.tasks.classify.dataset import centre_crop
 from yolotrain.tasks.detect.results import Results

@@ -1,6 +1,5 @@
 """ClassificationValidator: top-1 / top-5 accuracy and the confusion matrix of a classifier on a class-folder split."""
 
-import copy
 import logging
 from pathlib import Path
 

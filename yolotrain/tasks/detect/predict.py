@@ -24,16 +24,14 @@ class DetectionPredictor(BasePredictor):
         conf = self.args.conf if self.args.conf is not None else DEFAULT_PREDICT_CONF
         if self.end2end:
             return end_to_end_detections(output, conf_thres=conf, classes=self.args.classes, max_det=self.args.max_det)
-        return non_max_suppression(
-            output,
-            conf_thres=conf,
-            iou_thres=self.args.iou,
-            classes=self.args.classes,
-            agnostic=self.args.agnostic_nms,
-            multi_label=bool(self.args.multi_label),  # one label per box unless asked
-            max_det=self.args.max_det,
-            num_extra=self.nms_extra_columns(),
-        )
+        return self.suppress(output, conf_thres=conf, iou_thres=self.args.iou, classes=self.args.classes,
+                             agnostic=self.args.agnostic_nms, max_det=self.args.max_det,
+                             multi_label=bool(self.args.multi_label))  # one label per box unless asked
+
+    def suppress(self, output, **options):
+        """NMS of a decoded output (B, 4 + nc + extra, A) with these `options`; an oriented-box predictor
+        suppresses rotated boxes instead."""
+        return non_max_suppression(output, num_extra=self.nms_extra_columns(), **options)
 
     def nms_extra_columns(self):
         """Values per anchor that follow the class scores and each detection keeps through NMS (a pose model's

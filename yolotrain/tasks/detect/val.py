@@ -255,16 +255,14 @@ class DetectionValidator(BaseValidator):
             return end_to_end_detections(y.float(), conf_thres=conf, classes=self.nms_classes, max_det=self.args.max_det)
         # Multi-label by default: a box whose right class is not its top class still counts towards mAP.
         multi_label = self.args.multi_label if self.args.multi_label is not None else True
-        return non_max_suppression(
-            y.float(),
-            conf_thres=conf,
-            iou_thres=self.args.iou,
-            max_det=self.args.max_det,
-            classes=self.nms_classes,
-            agnostic=self.args.agnostic_nms or self.args.single_cls,
-            multi_label=multi_label,
-            num_extra=self.nms_extra_columns(),
-        )
+        return self.suppress(y.float(), conf_thres=conf, iou_thres=self.args.iou, max_det=self.args.max_det,
+                             classes=self.nms_classes, agnostic=self.args.agnostic_nms or self.args.single_cls,
+                             multi_label=multi_label)
+
+    def suppress(self, predictions, **options):
+        """NMS of a decoded output (B, 4 + nc + extra, A) with these `options` (thresholds, classes, max_det, ...);
+        an oriented-box validator suppresses rotated boxes instead."""
+        return non_max_suppression(predictions, num_extra=self.nms_extra_columns(), **options)
 
     def update(self, preds, batch):
         """Match the predictions of every image of the batch to its labels at IoU 0.50:0.05:0.95, in original-image

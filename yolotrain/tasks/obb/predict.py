@@ -2,24 +2,18 @@
 
 import torch
 
-from yolotrain.tasks.detect.predict import DEFAULT_PREDICT_CONF, DetectionPredictor
+from yolotrain.tasks.detect.predict import DetectionPredictor
 from yolotrain.tasks.detect.results import Results
-from yolotrain.utils.nms import end_to_end_detections, non_max_suppression_rotated
+from yolotrain.utils.nms import non_max_suppression_rotated
 from yolotrain.utils.obb import corners_to_xywhr, xywhr_to_corners
 
 
 class OBBPredictor(DetectionPredictor):
     """`predictor(source, model)` -> list of `Results` with `obb` (rotated boxes; `boxes` is None)."""
 
-    def postprocess(self, output):
-        """Per image (n, 7) cx, cy, w, h, conf, cls, angle in input pixels, descending conf."""
-        output = (output[0] if isinstance(output, (list, tuple)) else output).float()
-        conf = self.args.conf if self.args.conf is not None else DEFAULT_PREDICT_CONF
-        if self.end2end:
-            return end_to_end_detections(output, conf_thres=conf, classes=self.args.classes, max_det=self.args.max_det)
-        return non_max_suppression_rotated(output, conf_thres=conf, iou_thres=self.args.iou, classes=self.args.classes,
-                                           agnostic=self.args.agnostic_nms, multi_label=bool(self.args.multi_label),
-                                           max_det=self.args.max_det)
+    def suppress(self, output, **options):
+        """Rotated NMS -> per image (n, 7) cx, cy, w, h, conf, cls, angle in input pixels, descending conf."""
+        return non_max_suppression_rotated(output, **options)
 
     def construct_result(self, frame, sample, prediction):
         prediction = prediction.float()

@@ -17,7 +17,7 @@ import torch
 
 from yolotrain.loss.obb import obb_loss_item_names
 from yolotrain.tasks.detect.val import DetectionValidator, padded_match
-from yolotrain.utils.nms import end_to_end_detections, non_max_suppression_rotated
+from yolotrain.utils.nms import non_max_suppression_rotated
 from yolotrain.utils.obb import corners_to_xywhr, polygon_iou, probiou, xywhr_to_corners
 from yolotrain.utils.torch_utils import de_parallel
 
@@ -40,18 +40,12 @@ class OBBValidator(DetectionValidator):
     def postprocess(self, preds):
         """Rotated NMS (or an end-to-end head's own top-k) -> per image (n, 11): the rotated box's axis-aligned
         extent x1, y1, x2, y2, conf, cls, then cx, cy, w, h, angle, in batch-image pixels."""
-        y = preds[0] if isinstance(preds, (list, tuple)) else preds
-        conf = self.args.conf if self.args.conf is not None else 0.001
-        if self.end2end:
-            rows = end_to_end_detections(y.float(), conf_thres=conf, classes=self.nms_classes,
-                                         max_det=self.args.max_det)
-        else:
-            multi_label = self.args.multi_label if self.args.multi_label is not None else True
-            rows = non_max_suppression_rotated(y.float(), conf_thres=conf, iou_thres=self.args.iou,
-                                               classes=self.nms_classes, agnostic=self.args.agnostic_nms
-                                               or self.args.single_cls, multi_label=multi_label,
-                                               max_det=self.args.max_det)
-        return [with_extent(r) for r in rows]
+        return [with_extent(rows) for rows in super().postprocess(preds)]
+
+    def suppress(self, predictions, **options):
+        """Rotated NMS: (B, 4 + nc + 1, A) rotated boxes, scores and angles -> per image (n, 7) cx, cy, w, h, conf,
+        cls, angle."""
+        return non_max_suppression_rotated(predictions, **options)
 
     def box_matches(self, labels, batch):
         """Rotated boxes matched by exact IoU (or, `obb_iou=probiou`, ProbIoU) in original-image pixels; the
