@@ -112,12 +112,15 @@ _FLOOR_CHILD = textwrap.dedent(
         model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, nesterov=True)
+    def tensors_of(output):  # every tensor of a training output: maps, keypoints, masks, end-to-end branches
+        if isinstance(output, torch.Tensor):
+            return [output]
+        parts = output.values() if isinstance(output, dict) else output
+        return [t for part in parts for t in tensors_of(part)]
     def step():
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             output = model(images)
-        parts = output if isinstance(output, tuple) else (output,)  # pose adds keypoints, segment masks
-        tensors = [t for part in parts for t in (part if isinstance(part, list) else [part])]
-        loss = sum(t.float().square().mean() for t in tensors)
+        loss = sum(t.float().square().mean() for t in tensors_of(output))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

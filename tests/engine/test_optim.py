@@ -98,6 +98,24 @@ def test_make_optimizer_every_name(name, expected_type):
             assert group["momentum"] == 0.85
         else:
             assert group["betas"] == (0.85, 0.999)
+        if name.lower() in ("sgd", "adam", "adamw"):  # torch's fused step: one kernel per parameter, no Python loop
+            assert group["fused"] is True
+
+
+def test_the_fused_step_makes_the_update_of_the_per_tensor_step():
+    torch.manual_seed(0)
+    models = [TinyNet(), TinyNet()]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = make_optimizer("AdamW", build_param_groups(models[0], weight_decay=0.01), lr=0.01, momentum=0.9)
+    looped = torch.optim.AdamW(build_param_groups(models[1], weight_decay=0.01), lr=0.01, betas=(0.9, 0.999))
+    assert fused.param_groups[0]["fused"] and not looped.param_groups[0]["fused"]
+    for _ in range(3):
+        for model, optimizer in zip(models, (fused, looped)):
+            model(torch.ones(2, 3, 8, 8)).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_make_optimizer_unknown_name_is_one_line_with_suggestion():

@@ -191,8 +191,8 @@ class RLEPoseLoss(PoseLoss):
 
         Per keypoint with error e = (prediction - label) / sigma in each axis: sum over x, y of log sigma -
         log p(e) + log 2 sigma + |e|, where p is the flow's density of e; weighted per keypoint (`rle_weights`)
-        and floored at 0 overall. Only the foreground anchors go through the flow, gathered into F slots per image
-        (F read once from the device)."""
+        and floored at 0 overall. Only the labelled keypoints of the foreground anchors go through the flow (their
+        count, like the foreground slots F per image, is read from the device)."""
         flow = self.head.flow_model
         batch_size, count = a.fg_mask.shape[0], self.kpt_shape[0]
         fg_counts = a.fg_mask.sum(1)
@@ -209,11 +209,10 @@ class RLEPoseLoss(PoseLoss):
         target = foreground(targets)  # (B, F, K, 3)
         error = (foreground(keypoints[..., :2]) - target[..., :2]) / (sigma + 1e-9)
         counted = (target[..., 2] != 0) & is_fg.bool()[..., None] & error.isfinite().all(-1)  # (B, F, K)
-        error = torch.where(counted[..., None], error, 0.0).clamp(-RLE_ERROR_LIMIT, RLE_ERROR_LIMIT)
-        log_density = flow.log_prob(error.view(-1, 2)).view(counted.shape)
-        per_point = (torch.log(sigma) + torch.log(2 * sigma) + error.abs()).sum(-1) - 2 * log_density
-        weighted = per_point * self.rle_weights * counted
-        return (weighted.sum() / counted.sum().clamp(min=1)).clamp(min=0)
+        error, sigma = error[counted].clamp(-RLE_ERROR_LIMIT, RLE_ERROR_LIMIT), sigma[counted]  # (P, 2)
+        weights = self.rle_weights.expand_as(counted)[counted]  # (P,)
+        per_point = (torch.log(sigma) + torch.log(2 * sigma) + error.abs()).sum(-1) - 2 * flow.log_prob(error)
+        return ((per_point * weights).sum() / max(len(weights), 1)).clamp(min=0)
 
 
 class EndToEndPoseLoss(EndToEndDetectionLoss):
