@@ -253,9 +253,9 @@ class ShiftedBoxesModel(torch.nn.Module):
     """A stand-in OBB model whose eval output is each label's rotated box moved along its own width axis by
     `shift` of its width, at score 0.9 for its class (`watch`, an on_val_batch_start callback, hands it the batch)."""
 
-    def __init__(self, nc, shift):
+    def __init__(self, nc, shift, across=0.0):
         super().__init__()
-        self.nc, self.shift = nc, shift
+        self.nc, self.shift, self.across = nc, shift, across  # along the width (of it), across it (of the height)
         self.names = {i: f"class{i}" for i in range(nc)}
         self.stride = torch.tensor([8.0, 16.0, 32.0])
         self.batch = None
@@ -270,8 +270,8 @@ class ShiftedBoxesModel(torch.nn.Module):
         image_index = self.batch["batch_idx"].long()
         boxes = corners_to_xywhr(self.batch["corners"].float().view(-1, 4, 2) * torch.tensor([width, height]))
         angle = boxes[:, 4]
-        boxes[:, 0] += self.shift * boxes[:, 2] * torch.cos(angle)
-        boxes[:, 1] += self.shift * boxes[:, 2] * torch.sin(angle)
+        boxes[:, 0] += self.shift * boxes[:, 2] * torch.cos(angle) - self.across * boxes[:, 3] * torch.sin(angle)
+        boxes[:, 1] += self.shift * boxes[:, 2] * torch.sin(angle) + self.across * boxes[:, 3] * torch.cos(angle)
         slot = torch.arange(len(image_index)) - torch.searchsorted(image_index, image_index)
         y = torch.zeros(batch_size, 4 + self.nc + 1, int(slot.max()) + 2)
         y[image_index, :4, slot] = boxes[:, :4]
@@ -298,6 +298,23 @@ def test_obb_iou_chooses_how_validation_matches_rotated_boxes(obb_data, tmp_path
     metrics = validator(model=model)
     assert metrics["metrics/mAP50(B)"] == pytest.approx(1.0, abs=1e-6)
     assert metrics["metrics/mAP50-95(B)"] == pytest.approx(expected_map, abs=1e-6)
+
+
+@pytest.mark.parametrize("across, matched", [(0.0, True), (1.05, False)])
+def test_the_confusion_matrix_compares_rotated_boxes(obb_data, tmp_path, across, matched):
+    """Each prediction on its label, or moved across it by a little more than its height: then the rotated boxes
+    do not meet (their axis-aligned extents mostly would, for boxes at an angle)."""
+    from yolotrain.tasks.obb.val import OBBValidator
+
+    model = ShiftedBoxesModel(nc=3, shift=0.0, across=across)
+    args = {"data": obb_data, "imgsz": 96, "batch": 4, "device": "cpu", "workers": 0, "plots": True}
+    validator = OBBValidator(save_dir=tmp_path / "val", args=args)
+    validator.add_callback("on_val_batch_start", model.watch)
+    validator(model=model)
+    matrix = validator.confusion_matrix.matrix  # rows predicted class, columns true class; the last: background
+    labels = int(matrix[:, :3].sum())
+    assert labels > 0 and int(matrix[:3, :3].trace()) == (labels if matched else 0)
+    assert int(matrix[3, :3].sum()) == (0 if matched else labels)  # labels nothing matched
 
 
 def test_obb_iou_is_checked():

@@ -569,8 +569,9 @@ class ConfusionMatrix:
         self.iou_thres = iou_thres
         self.matrix = np.zeros((nc + 1, nc + 1))
 
-    def process_batch(self, detections, gt_bboxes, gt_cls):
-        """Add one image. detections (n, 6) x1, y1, x2, y2, conf, cls (or None); gt_bboxes (m, 4) xyxy; gt_cls (m,).
+    def process_batch(self, detections, gt_bboxes, gt_cls, overlaps=None):
+        """Add one image. detections (n, 6) x1, y1, x2, y2, conf, cls (or None); gt_bboxes (m, 4) xyxy; gt_cls (m,);
+        overlaps (m, n), when given, the labels' IoU with the detections in place of their boxes' (rotated boxes).
 
         Detections below `conf` are dropped; remaining pairs with IoU > `iou_thres` are matched one-to-one
         regardless of class, highest IoU first.
@@ -581,12 +582,16 @@ class ConfusionMatrix:
             np.add.at(self.matrix, (background, gt_cls), 1)
             return
         detections = torch.as_tensor(detections)
-        detections = detections[detections[:, 4] > self.conf]
+        confident = detections[:, 4] > self.conf
+        detections = detections[confident]
         det_cls = _to_numpy(detections[:, 5]).astype(np.int64)
         if len(gt_cls) == 0:
             np.add.at(self.matrix, (det_cls, background), 1)
             return
-        iou = _to_numpy(box_iou(torch.as_tensor(gt_bboxes, dtype=torch.float32), detections[:, :4].float()))
+        if overlaps is not None:
+            iou = _to_numpy(torch.as_tensor(overlaps)[:, confident].float())
+        else:
+            iou = _to_numpy(box_iou(torch.as_tensor(gt_bboxes, dtype=torch.float32), detections[:, :4].float()))
         gt_index, det_index = _one_to_one_matches(iou, self.iou_thres)
         np.add.at(self.matrix, (det_cls[det_index], gt_cls[gt_index]), 1)
         missed = np.ones(len(gt_cls), bool)

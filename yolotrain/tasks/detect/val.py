@@ -109,9 +109,10 @@ def classes_per_image(image_index, classes):
     return torch.unique(pairs, dim=1)[1]
 
 
-def _split_by_image(boxes, classes, image_index, num_images):
+def _split_by_image(image_index, num_images, *rows):
+    """Each of `rows` (tensors of one row per label, sorted by `image_index`) split into its images' parts."""
     counts = torch.bincount(image_index, minlength=num_images).tolist()
-    return boxes.split(counts), classes.split(counts)
+    return [part.split(counts) for part in rows]
 
 
 class DetectionValidator(BaseValidator):
@@ -292,11 +293,19 @@ class DetectionValidator(BaseValidator):
         })  # fmt: skip
         counts = [len(p) for p in preds]
         if self.plot_stats:  # the plotted confusion matrix only (last epoch): image by image, confident detections
-            per_image = zip(detections.split(counts), *_split_by_image(gt_boxes, gt_cls, gt_image, num_images))
-            for image_detections, image_boxes, image_cls in per_image:
-                self.confusion_matrix.process_batch(image_detections.cpu(), image_boxes.cpu(), image_cls.cpu())
+            gt_rows = torch.arange(len(gt_cls), device=gt_cls.device)
+            per_image = zip(detections.split(counts), *_split_by_image(gt_image, num_images, gt_boxes, gt_cls, gt_rows))
+            for image_detections, image_boxes, image_cls, image_rows in per_image:
+                overlaps = self.confusion_overlaps(image_detections, image_rows)
+                self.confusion_matrix.process_batch(image_detections.cpu(), image_boxes.cpu(), image_cls.cpu(),
+                                                    overlaps)
         if self.args.save_json:
             self.json_records.append((self.batch_position, list(batch["im_file"]), counts, detections))
+
+    def confusion_overlaps(self, detections, gt_rows):
+        """The IoU (g, n) of one image's labels (their rows `gt_rows` in the batch) with its detections for the
+        confusion matrix, or None for their boxes' IoU (an oriented-box validator compares its rotated boxes)."""
+        return None
 
     def box_matches(self, labels, batch):
         """(P, 10) bool: the detections matched to labels of their class by box IoU at each threshold (COCO's

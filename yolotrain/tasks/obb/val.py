@@ -56,11 +56,20 @@ class OBBValidator(DetectionValidator):
         true_corners = batch["corners"].detach().float().view(-1, 4, 2) * torch.tensor([width, height],
                                                                                         device=detections.device)
         true_corners = self._to_original(true_corners, labels, labels.gt_image)
+        self._true_corners = true_corners  # the confusion matrix compares them too (`confusion_overlaps`)
         if len(detections):
             detections[:, ROTATED] = corners_to_xywhr(pred_corners)
         return padded_match(detections, labels.pred_image, labels.gt_boxes, labels.gt_cls, labels.gt_image,
                             labels.num_images, labels.max_preds, labels.max_boxes, self.iouv.to(detections.device),
                             pred_corners.flatten(1), true_corners.flatten(1), CORNER_SIMILARITIES[self.args.obb_iou])
+
+    def confusion_overlaps(self, detections, gt_rows):
+        """The rotated boxes' IoU, as `obb_iou` matches them for mAP, in original-image pixels."""
+        if not len(detections) or not len(gt_rows):
+            return None
+        similarity = CORNER_SIMILARITIES[self.args.obb_iou]
+        pred_corners = xywhr_to_corners(detections[:, ROTATED]).flatten(1)
+        return similarity(self._true_corners[gt_rows].flatten(1)[None], pred_corners[None])[0].cpu()
 
     def predicted_outlines(self, detections, image_index, batch):
         """Each detection's rotated corners (batch-image pixels) for the validation batch plots."""
