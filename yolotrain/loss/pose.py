@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from yolotrain.loss.assigner import TaskAlignedAssigner
 from yolotrain.loss.detection import DetectionLoss, EndToEndDetectionLoss, most_boxes_per_image, padded_per_image
 from yolotrain.utils.boxes import xyxy2xywh
-from yolotrain.utils.metrics import OKS_AREA_FROM_BOX, keypoint_sigmas
+from yolotrain.utils.metrics import OKS_AREA_FROM_BOX, keypoint_oks, keypoint_sigmas
 
 # RLE weights of COCO's 17 person keypoints (nose, eyes, ears, shoulders, elbows, wrists, hips, knees, ankles):
 # the limbs' ends, which move most, weigh more. Other keypoint sets weigh 1 each.
@@ -152,14 +152,12 @@ class KeypointTaskAlignedAssigner(TaskAlignedAssigner):
         """OKS for the candidate pairs only (indexed: the keypoint distances of every pair would be (B, M, A, K))."""
         overlaps = super().candidate_overlaps(gt_bboxes, pred_bboxes, candidates)
         image, gt, anchor = candidates.nonzero(as_tuple=True)
-        labels = gt_keypoints[image, gt]  # (P, K, 3)
-        labelled = labels[..., 2] > 0
+        labels = gt_keypoints[image, gt][:, None]  # (P, 1, K, 3): each pair its own batch of one label
         box = gt_bboxes[image, gt]
         area = (box[:, 2:] - box[:, :2]).prod(-1, keepdim=True) * OKS_AREA_FROM_BOX  # (P, 1)
-        squared = (pred_keypoints[image, anchor].float() - labels[..., :2]).pow(2).sum(-1)  # (P, K)
-        similarity = torch.exp(-squared / ((2 * sigmas).pow(2) * (area + self.eps) * 2))
-        oks = (similarity * labelled).sum(-1) / labelled.sum(-1).clamp(min=1)
-        overlaps[image, gt, anchor] = torch.where(labelled.any(-1), oks, overlaps[image, gt, anchor])
+        oks = keypoint_oks(labels, pred_keypoints[image, anchor][:, None].float(), area, sigmas)[:, 0, 0]  # (P,)
+        labelled = (labels[:, 0, :, 2] > 0).any(-1)
+        overlaps[image, gt, anchor] = torch.where(labelled, oks, overlaps[image, gt, anchor])
         return overlaps
 
 
