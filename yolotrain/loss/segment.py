@@ -105,9 +105,7 @@ class SegmentationLoss(DetectionLoss):
 
     def _target_masks(self, batch, gt_index, size, batch_size):
         """(B, F, h, w) float masks of the objects `gt_index` (B, F) names (their slots in their images)."""
-        masks = batch["masks"].to(gt_index.device)
-        if masks.shape[-2:] != size:  # mask_ratio other than the prototypes' 4
-            masks = F.interpolate(masks[None].float(), size, mode="nearest")[0]
+        masks = self._masks_at(batch, size).to(gt_index.device)
         if self.overlap:
             return (masks[:, None] == (gt_index + 1)[..., None, None]).float()
         batch_idx = batch["batch_idx"].to(gt_index.device).long().view(-1)
@@ -116,12 +114,16 @@ class SegmentationLoss(DetectionLoss):
         index = gt_index[..., None, None].expand(-1, -1, *size)
         return per_image.gather(1, index).float()
 
-
-    def padded_masks(self, batch, batch_size, size):
-        """(B, M, h, w) bool: each image's object masks at `size`, in the slots of `build_targets`."""
+    def _masks_at(self, batch, size):
+        """The batch's masks (index masks (B, h', w') or object masks (N, h', w')) at the prototypes' `size`."""
         masks = batch["masks"].to(self.device)
         if masks.shape[-2:] != size:  # mask_ratio other than the prototypes' 4
             masks = F.interpolate(masks[None].float(), size, mode="nearest")[0]
+        return masks
+
+    def padded_masks(self, batch, batch_size, size):
+        """(B, M, h, w) bool: each image's object masks at `size`, in the slots of `build_targets`."""
+        masks = self._masks_at(batch, size)
         batch_idx = batch["batch_idx"].to(self.device).long().view(-1)
         counts = torch.bincount(batch_idx, minlength=batch_size)
         slots = most_boxes_per_image(batch, counts)
