@@ -7,8 +7,8 @@ import torch
 
 from coco_reference import cocoeval_stats
 from yolotrain.tasks.segment.val import SegmentationValidator
-from yolotrain.utils.masks import (crop_to_boxes, mask_iou, mask_to_polygon, mask_to_rle, masks_in_image,
-                                   polygons_to_index_mask, polygons_to_masks, stack_polygons)
+from yolotrain.utils.masks import (crop_to_boxes, mask_iou, mask_share_in_boxes, mask_to_polygon, mask_to_rle,
+                                   masks_in_image, polygons_to_index_mask, polygons_to_masks, stack_polygons)
 from yolotrain.utils.metrics import SegmentMetrics
 
 SQUARE = np.array([[2, 2], [10, 2], [10, 6], [2, 6]], np.float32)  # 8 x 4 pixels
@@ -154,8 +154,8 @@ class _RecordingValidator(SegmentationValidator):
         return masks
 
 
-def _our_mask_metrics(images):
-    validator = _RecordingValidator(args={"save_json": True, "plots": False})
+def _our_mask_metrics(images, save_json=True):
+    validator = _RecordingValidator(args={"save_json": save_json, "plots": False})
     validator.recorded = []
     validator.names, validator.nc, validator.device = {0: "a", 1: "b"}, 2, torch.device("cpu")
     validator.metrics = SegmentMetrics(names=validator.names)
@@ -217,3 +217,24 @@ def test_mask_map_equals_pycocotools_segm(seed):
     assert metrics.seg.map == pytest.approx(theirs[0], abs=1e-4)
     assert metrics.seg.map50 == pytest.approx(theirs[1], abs=1e-4)
     assert 0.05 < metrics.seg.map < 0.95 and metrics.seg.map != pytest.approx(metrics.box.map, abs=1e-3)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_masks_skipped_by_their_bound_change_no_match(seed):
+    """Without save_json only the detections whose box holds half a label mask of their class get masks made: the
+    matches (every threshold) equal those of comparing every mask, as save_json does."""
+    images = _synthetic_segment_images(seed)
+    every = _our_mask_metrics(images, save_json=True).metrics
+    bounded = _our_mask_metrics(images, save_json=False).metrics
+    assert bounded.seg.all_ap.tolist() == every.seg.all_ap.tolist()
+    assert bounded.seg.map > 0.05
+
+
+def test_mask_share_in_boxes_by_hand():
+    masks = torch.zeros(2, 6, 8, dtype=torch.bool)
+    masks[0, 1:3, 2:6] = True  # 8 pixels: rows 1-2, columns 2-5
+    # box 0 holds the centres of columns 2-3 (2.5, 3.5) and rows 0-5: half of mask 0; box 1 holds none of it
+    # (column 6's centre 6.5 is not below 6.5); box 2 is degenerate
+    boxes = torch.tensor([[2.5, 0.0, 4.0, 6.0], [5.9, 0.0, 6.5, 6.0], [3.0, 3.0, 3.0, 1.0]])
+    share = mask_share_in_boxes(masks, boxes)
+    assert share.tolist() == [[0.5, 0.0, 0.0], [0.0, 0.0, 0.0]]  # an empty mask shares nothing

@@ -461,4 +461,10 @@ def test_probiou_above_skips_only_pairs_that_cannot_reach_the_threshold(threshol
     boxes[..., :2] *= 200
     boxes[..., 2:4] = boxes[..., 2:4] * 60 + 1
     boxes[..., 4] = (boxes[..., 4] - 0.25) * math.pi
-    assert torch.equal(probiou_above(boxes, boxes, threshold), probiou(boxes, boxes) > threshold)
+    expected = probiou(boxes, boxes) > threshold
+    assert torch.equal(probiou_above(boxes, boxes, threshold), expected)
+    wanted = torch.rand(3, 300, 300, generator=generator) > 0.5
+    assert torch.equal(probiou_above(boxes, boxes, threshold, wanted), expected & wanted)
+    far = boxes.clone()
+    far[..., :2] += 1e5  # far from the origin: the centres' distances come from differences of large squares
+    assert torch.equal(probiou_above(far, far, threshold), probiou(far, far) > threshold)

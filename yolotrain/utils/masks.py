@@ -163,6 +163,28 @@ def masks_from_protos(coefficients, protos, boxes) -> torch.Tensor:
     return masks
 
 
+def mask_share_in_boxes(masks, boxes) -> torch.Tensor:
+    """(m, n) float: the share of each mask's pixels (m, H, W) that lie inside each box (n, 4) xyxy in the masks'
+    pixels (`crop_to_boxes`' rule: a pixel is inside when its centre is), from the masks' summed-area tables.
+
+    A mask cropped to box j shares at most this many pixels with mask i, and their union holds all of mask i, so
+    the share bounds their IoU from above: pairs below a threshold need no mask made. An empty mask shares 0.
+    """
+    height, width = masks.shape[-2:]
+    counts = masks.new_zeros((len(masks), height + 1, width + 1), dtype=torch.int32)
+    counts[:, 1:, 1:] = masks.to(torch.int32).cumsum(1).cumsum(2)
+    boxes = boxes.float()
+    # the first pixel whose centre is at or past each edge: [start, end) is the range inside the box
+    columns = torch.arange(width, device=masks.device, dtype=boxes.dtype) + 0.5
+    rows = torch.arange(height, device=masks.device, dtype=boxes.dtype) + 0.5
+    x1, x2 = (torch.searchsorted(columns, boxes[:, k].contiguous()) for k in (0, 2))
+    y1, y2 = (torch.searchsorted(rows, boxes[:, k].contiguous()) for k in (1, 3))
+    x2, y2 = torch.maximum(x1, x2), torch.maximum(y1, y2)
+    inside = counts[:, y2, x2] - counts[:, y1, x2] - counts[:, y2, x1] + counts[:, y1, x1]  # (m, n)
+    area = counts[:, -1, -1:]  # (m, 1)
+    return inside.float() / area.clamp(min=1).float()
+
+
 def mask_iou_from_protos(masks, coefficients, protos, boxes) -> torch.Tensor:
     """IoU (m, n) of masks (m, H, W) with the masks `masks_from_protos` would make, without keeping those: each chunk
     of predicted masks is compared as soon as it is made."""

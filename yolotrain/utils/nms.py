@@ -53,17 +53,18 @@ def _suppress_within_block(iou_over):
         keep = new_keep
 
 
-def box_iou_above(boxes1, boxes2, iou_thres):
-    """(B, N, M) bool: axis-aligned IoU of (B, N, 4) and (B, M, 4) xyxy boxes above `iou_thres`."""
-    return batched_box_iou(boxes1, boxes2) > iou_thres
+def box_iou_above(boxes1, boxes2, iou_thres, wanted):
+    """(B, N, M) bool: axis-aligned IoU of (B, N, 4) and (B, M, 4) xyxy boxes above `iou_thres`, for the pairs
+    `wanted` (B, N, M) bool marks."""
+    return (batched_box_iou(boxes1, boxes2) > iou_thres) & wanted
 
 
 def batched_greedy_nms(boxes, valid, iou_thres, groups=None, max_keep=None, iou_fn=box_iou_above):
     """Exact greedy NMS of every image at once: keep mask (B, K) bool.
 
     boxes (B, K, D), each image's candidates sorted by descending score: xyxy (D = 4) for the default `iou_fn`,
-    or whatever boxes `iou_fn` takes ((B, N, D) x (B, M, D), threshold -> (B, N, M) bool, IoU above it; e.g.
-    `utils.obb.probiou_above` for xywhr, D = 5);
+    or whatever boxes `iou_fn` takes ((B, N, D) x (B, M, D), threshold, the wanted pairs (B, N, M) bool ->
+    (B, N, M) bool, IoU above the threshold for the wanted pairs; e.g. `utils.obb.probiou_above` for xywhr, D = 5);
     valid (B, K) bool marks real candidates (the rest is padding); groups (B, K) optional int ids: boxes only suppress
     boxes of the same group (class-aware NMS without coordinate offsets, so IoUs keep full float precision).
     Boxes are handled in blocks in score order: a block is first pruned by the boxes each image kept from earlier
@@ -125,8 +126,7 @@ def _resolve_block(boxes, groups, candidates, iou_thres, iou_fn):
 
 def _overlaps(rows, row_groups, cols, col_groups, iou_thres, iou_fn):
     """(B, N, M) bool: `iou_fn` IoU above the threshold between (B, N, D) and (B, M, D) boxes of the same group."""
-    over = iou_fn(rows, cols, iou_thres)
-    return over & (row_groups[:, :, None] == col_groups[:, None, :])
+    return iou_fn(rows, cols, iou_thres, row_groups[:, :, None] == col_groups[:, None, :])
 
 
 def greedy_nms(boxes, scores, iou_thres, groups=None, max_keep=None):

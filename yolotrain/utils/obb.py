@@ -195,9 +195,10 @@ def probiou(boxes1, boxes2, eps=1e-7):
     return _probiou(x1, y1, a1, b1, c1, x2, y2, a2, b2, c2, eps)
 
 
-def probiou_above(boxes1, boxes2, threshold, eps=1e-7):
+def probiou_above(boxes1, boxes2, threshold, wanted=None, eps=1e-7):
     """(B, N, M) bool: `probiou` of (B, N, 5) and (B, M, 5) xywhr boxes above `threshold`, computed only for the
-    pairs close enough to reach it (what rotated NMS asks, cheaply).
+    pairs close enough to reach it (what rotated NMS asks, cheaply) and, given `wanted` (B, N, M) bool, only for the
+    pairs it marks (the others are False).
 
     The Bhattacharyya distance of two boxes is at least 0.75 d^2 / (r1^2 + r2^2), d the distance of their centres
     and r their half-diagonals: its log-determinant term is never negative, and each box's covariance has no
@@ -206,18 +207,38 @@ def probiou_above(boxes1, boxes2, threshold, eps=1e-7):
     it (at the usual threshold 0.7, every pair whose centres are more than 0.41 of their joint half-diagonal apart).
     """
     if threshold <= 0:
-        return probiou(boxes1, boxes2, eps) > threshold
+        above = probiou(boxes1, boxes2, eps) > threshold
+        return above if wanted is None else above & wanted
     reach = -math.log(max(1 - (1 - threshold) ** 2, 1e-300)) / 0.75
-    squared_radius1, squared_radius2 = (b[..., 2:4].pow(2).sum(-1) / 4 for b in (boxes1, boxes2))  # half-diagonals^2
-    half_diagonal = squared_radius1[..., :, None] + squared_radius2[..., None, :]  # (B, N, M)
-    centre_distance = (boxes1[..., :, None, :2] - boxes2[..., None, :, :2]).pow(2).sum(-1)  # (B, N, M)
-    near = torch.nonzero(centre_distance < reach * half_diagonal, as_tuple=True)
-    above = torch.zeros(centre_distance.shape, dtype=torch.bool, device=boxes1.device)
-    if len(near[0]):
-        batch, row, column = near
-        first, second = boxes1[batch, row], boxes2[batch, column]  # (P, 5) each
-        above[near] = probiou_pairs(first, second, eps=eps) > threshold
+    near = _centres_within(boxes1, boxes2, reach * (1 + 1e-6))  # the margin covers the product's rounding
+    if wanted is not None:
+        near &= wanted
+    pairs = torch.nonzero(near, as_tuple=True)
+    above = torch.zeros_like(near)
+    if len(pairs[0]):
+        batch, row, column = pairs
+        above[pairs] = probiou_pairs(boxes1[batch, row], boxes2[batch, column], eps=eps) > threshold
     return above
+
+
+def _centres_within(boxes1, boxes2, reach):
+    """(B, N, M) bool: d^2 < reach (r1^2 + r2^2) for each pair of (B, N, 5) and (B, M, 5) xywhr boxes, d the
+    distance of their centres, r their half-diagonals.
+
+    One batched matrix product instead of (B, N, M, 2) differences: d^2 - reach (r1^2 + r2^2) = s1 + s2 - 2 c1.c2
+    with s = |c|^2 - reach r^2, the inner product of [x1, y1, s1, 1] and [-2 x2, -2 y2, 1, s2]. In float64, where
+    the expansion's cancellation of large terms costs no precision that matters.
+    """
+    def lifted(boxes):
+        boxes = boxes.double()
+        centre_norm = boxes[..., :2].pow(2).sum(-1) - reach * boxes[..., 2:4].pow(2).sum(-1) / 4
+        return boxes[..., 0], boxes[..., 1], centre_norm, torch.ones_like(centre_norm)
+
+    x1, y1, s1, one1 = lifted(boxes1)
+    x2, y2, s2, one2 = lifted(boxes2)
+    rows = torch.stack((x1, y1, s1, one1), -1)  # (B, N, 4)
+    columns = torch.stack((-2 * x2, -2 * y2, one2, s2), -1)  # (B, M, 4)
+    return torch.bmm(rows, columns.transpose(1, 2)) < 0
 
 
 def probiou_pairs(boxes1, boxes2, ciou=False, eps=1e-7, floor=0.0):

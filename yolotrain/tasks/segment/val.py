@@ -17,8 +17,8 @@ from yolotrain.loss.segment import segment_loss_item_names
 from yolotrain.nn.modules import Segment
 from yolotrain.tasks.detect.val import DetectionValidator, _slots, padded_match
 from yolotrain.utils.boxes import batched_box_iou
-from yolotrain.utils.masks import (mask_iou, mask_iou_from_protos, mask_to_polygon, mask_to_rle, masks_from_protos,
-                                   polygons_to_masks, protos_in_image, stack_polygons)
+from yolotrain.utils.masks import (mask_iou, mask_iou_from_protos, mask_share_in_boxes, mask_to_polygon, mask_to_rle,
+                                   masks_from_protos, polygons_to_masks, protos_in_image, stack_polygons)
 from yolotrain.utils.metrics import SegmentMetrics
 
 TABLE_HEADER = ("Class", "Images", "Instances", "Box(P", "R", "mAP50", "mAP50-95)", "Mask(P", "R", "mAP50",
@@ -66,8 +66,9 @@ class SegmentationValidator(DetectionValidator):
     def part_stats(self, labels, batch):
         """Mask matches by mask IoU at the 10 thresholds (`tp_mask` (P, 10)), masks at each image's original
         size. Images differ in size, so the masks are made and compared image by image (each image's masks are
-        also what bounds the memory: n masks of its full size). Only detections whose box meets a label box of
-        their class can match; only their masks are made (all of them with save_json, which writes every mask)."""
+        also what bounds the memory: n masks of its full size). Only detections whose box holds enough of a label
+        mask of their class can match; only their masks are made (all of them with save_json, which writes every
+        mask)."""
         detections = labels.detections
         iou_rows = torch.zeros((len(labels.gt_cls), max(labels.max_preds, 1)), device=detections.device)
         outlines = self._label_outlines(batch, labels)
@@ -77,9 +78,15 @@ class SegmentationValidator(DetectionValidator):
         masks_json = []
         for image in range(labels.num_images):
             pred_rows = torch.nonzero((labels.pred_image == image) & wanted).flatten()
+            if not len(pred_rows):
+                continue  # no mask to make: the image's IoUs stay 0
             gt_rows = torch.nonzero(labels.gt_image == image).flatten()
             image_hw = tuple(int(v) for v in batch["ori_shape"][image])
             gt_masks = self.label_masks(outlines[gt_rows.cpu().numpy()], image_hw).to(detections.device)
+            if not self.args.save_json:
+                pred_rows = pred_rows[self._reachable(gt_masks, labels.gt_cls[gt_rows], detections[pred_rows])]
+                if not len(pred_rows):
+                    continue
             coefficients, boxes = detections[pred_rows, 6:], detections[pred_rows, :4]
             protos = protos_in_image(self._protos[image], input_hw, batch["ratio_pad"][image], image_hw)
             if self.args.save_json:
@@ -95,6 +102,14 @@ class SegmentationValidator(DetectionValidator):
                           labels.num_images, labels.max_preds, labels.max_boxes, self.iouv.to(detections.device),
                           slots[:, None].float(), iou_rows, _precomputed_iou)
         return {"tp_mask": tp}
+
+    def _reachable(self, gt_masks, gt_cls, detections):
+        """(n,) bool: the detections of an image whose mask can reach the lowest IoU threshold with a label mask of
+        their class: the share of that label's pixels inside the detection's box bounds their IoU from above."""
+        share = mask_share_in_boxes(gt_masks, detections[:, :4])  # (m, n)
+        lowest = float(self.iouv.min()) * (1 - 1e-6)  # the margin covers the IoU's float rounding
+        same_class = gt_cls[:, None] == detections[None, :, 5]
+        return ((share >= lowest) & (share > 0) & same_class).any(0)
 
     def predicted_outlines(self, detections, image_index, batch):
         """Each detection's mask outline in batch-image pixels, for the plots: its mask on the prototypes' grid (as
