@@ -14,6 +14,7 @@ import torch
 
 from yolotrain.utils.boxes import batched_box_iou, xywh2xyxy
 from yolotrain.utils.obb import probiou_above
+from yolotrain.utils.torch_utils import any_along
 
 # Boxes are suppressed in blocks of at most this many per image (in score order)...
 NMS_BLOCK_SIZE = 1024
@@ -92,9 +93,9 @@ def batched_greedy_nms(boxes, valid, iou_thres, groups=None, max_keep=None, iou_
         block = slice(start, min(start + block_size, num_boxes))
         block_boxes, block_groups, candidates = boxes[active, block], groups[active, block], valid[active, block]
         if filled:
-            pruned = _overlaps(kept_boxes[active, :filled], kept_groups[active, :filled], block_boxes, block_groups,
-                               iou_thres, iou_fn).any(1)  # (b, S)
-            candidates = candidates & ~pruned
+            overlapped = _overlaps(kept_boxes[active, :filled], kept_groups[active, :filled], block_boxes,
+                                   block_groups, iou_thres, iou_fn)  # (b, filled, S)
+            candidates = candidates & ~any_along(overlapped, 1)
         block_keep = _resolve_block(block_boxes, block_groups, candidates, iou_thres, iou_fn)  # (b, S)
         slot = active_kept[:, None] + block_keep.cumsum(1) - 1  # (b, S): where each kept box goes
         block_keep &= slot < max_keep

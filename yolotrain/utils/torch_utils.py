@@ -103,6 +103,12 @@ def intersect_dicts(state_a, state_b, exclude=()):
     }
 
 
+def any_along(mask, dim):
+    """`mask.any(dim)` of a bool tensor, taken as the largest of its bytes: on the CPU `any` over a dimension other
+    than the last runs 10-40x slower than `amax` over the same bytes (the assigner's (B, M, A) masks)."""
+    return mask.view(torch.uint8).amax(dim).bool()
+
+
 def fuse_conv_and_bn(conv, bn):
     """A Conv2d (with bias) computing bn(conv(x)) for a BatchNorm2d in eval mode."""
     fused = nn.Conv2d(
