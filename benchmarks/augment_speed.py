@@ -3,9 +3,10 @@ against the device path (`augment_device=device`: the worker only pads, the batc
 training device).
 
     python benchmarks/augment_speed.py [--data path/data.yaml] [--images 64] [--batch 16] [--device cpu|cuda]
+                                       [--decode]
 
 Images are decoded once into the RAM cache first, so the figures are augmentation only (decoding costs the same in
-both paths). Default hyperparameters (mosaic, scale 0.5, translate 0.1, HSV, fliplr). Per image size it prints:
+both paths); `--decode` reads each image from disk as it is used instead (`cache=False`, training's default). Default hyperparameters (mosaic, scale 0.5, translate 0.1, HSV, fliplr). Per image size it prints:
 - cpu pipeline: one process making augmented samples (a dataloader worker's rate; W workers give at most W x);
 - device path, loader side: one process making padded samples (what the workers are left with);
 - device path, augment: batches augmented on `--device` (CUDA timings are synchronised).
@@ -50,6 +51,7 @@ def main():
     parser.add_argument("--data", default=None, help="data yaml (default: COCO128 when present, else built-in)")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--decode", action="store_true", help="decode images as they are used (no RAM cache)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     options = parser.parse_args()
     device = torch.device(options.device)
@@ -60,7 +62,8 @@ def main():
     print(f"data {data['train']}, {count} images, batch {options.batch}, device {device}, "
           f"torch threads {torch.get_num_threads()}")
     for imgsz in SIZES:
-        kwargs = dict(imgsz=imgsz, augment=True, hyp=hyp, data=data, fraction=count, cache="ram", workers=2)
+        kwargs = dict(imgsz=imgsz, augment=True, hyp=hyp, data=data, fraction=count,
+                      cache=False if options.decode else "ram", workers=2)
         cpu_dataset = YOLODataset(data["train"], **kwargs)
         device_dataset = DeviceAugmentDataset(data["train"], **kwargs)
         cpu_rate = rate(count, lambda: [cpu_dataset[(i, i)] for i in range(count)])

@@ -54,6 +54,81 @@ def test_load_image_keeps_exif_orientation(tmp_path, exif_jpeg):
     assert (h0, w0) == ds.labels[0]["shape"] == (40, 20) and img.shape == (40, 20, 3)
 
 
+def _smooth_image(h, w):
+    """A smooth colour image, so that a reduced decode and a full decode resized agree to a few levels."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    planes = (127 + 100 * np.sin(x / 23.0), 127 + 100 * np.cos(y / 17.0), 127 + 60 * np.sin((x + y) / 31.0))
+    return np.stack(planes, -1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_training_reads_a_large_jpeg_at_a_fraction_of_its_size(tmp_path, monkeypatch, suffix):
+    """A 240 x 320 JPEG trained at imgsz 40 is decoded at 1/8 (30 x 40, the DCT's scaling): same sizes and ratios
+    as a full read, pixels within a few levels. PNGs have no reduced decode and are read in full."""
+    import cv2
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    cv2.imwrite(str(folder / f"big{suffix}"), _smooth_image(240, 320), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    flags = []
+    real_imdecode = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda data, flag: flags.append(flag) or real_imdecode(data, flag))
+    training = YOLODataset(str(folder), imgsz=40, augment=True)
+    img, original, resized = training.load_image(0)
+    assert original == (240, 320) and resized == img.shape[:2] == (30, 40)
+    assert flags[-1] == (cv2.IMREAD_REDUCED_COLOR_8 if suffix == ".jpg" else cv2.IMREAD_COLOR)
+    full, full_original, full_resized = YOLODataset(str(folder), imgsz=40).load_image(0)  # validation: in full
+    assert flags[-1] == cv2.IMREAD_COLOR and (full_original, full_resized) == (original, resized)
+    assert np.abs(img.astype(int) - full.astype(int)).mean() < 4
+
+
+def test_a_reduced_read_keeps_exif_orientation(tmp_path, monkeypatch, exif_jpeg):
+    import cv2
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "r.jpg").write_bytes(exif_jpeg(_smooth_image(20, 40), orientation=6))
+    ds = YOLODataset(str(folder), imgsz=10, augment=True)  # 40 px long side: read at 1/4
+    flags = []
+    real_imdecode = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda data, flag: flags.append(flag) or real_imdecode(data, flag))
+    img, (h0, w0), (h, w) = ds.load_image(0)
+    assert flags == [cv2.IMREAD_REDUCED_COLOR_4]  # turned as the full read is, so no second read was needed
+    assert (h0, w0) == (40, 20) and img.shape == (10, 5, 3) and (h, w) == (10, 5)
+
+
+def test_training_serves_repeated_reads_from_memory_and_validation_does_not(data, monkeypatch):
+    import cv2
+
+    decoded = []
+    real_imdecode = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda data, flag: decoded.append(flag) or real_imdecode(data, flag))
+    training = make(data, augment=True)
+    decoded.clear()  # the label scan's reads
+    first, original, resized = training.load_image(1)
+    first[:] = 0  # transforms work in place: the kept image must not change with them
+    again, original_again, resized_again = training.load_image(1)
+    assert len(decoded) == 1 and (original_again, resized_again) == (original, resized) and again.any()
+    assert np.array_equal(again, make(data, augment=True).load_image(1)[0])  # the pixels a fresh read gives
+    validation = make(data)
+    decoded.clear()
+    validation.load_image(1)
+    validation.load_image(1)
+    assert len(decoded) == 2 and not validation.recent.images
+
+
+def test_recent_images_keep_the_last_used_within_their_budget():
+    from yolotrain.data.dataset import RecentImages
+
+    image = np.zeros((4, 4, 3), np.uint8)  # 48 bytes
+    recent = RecentImages(max_bytes=2 * image.nbytes)
+    recent.put(0, image), recent.put(1, image + 1)
+    assert recent.get(0) is not None  # 0 is now the most recently used: 1 goes first
+    recent.put(2, image + 2)
+    assert sorted(recent.images) == [0, 2] and recent.nbytes == 2 * image.nbytes
+    RecentImages(max_bytes=10).put(0, image)  # larger than the budget: not kept, no error
+
+
 def test_fraction_keeps_the_first_sorted_images(data):
     ds = make(data, fraction=0.5)
     assert [Path(f).name for f in ds.im_files] == ["t0.jpg", "t1.jpg"]

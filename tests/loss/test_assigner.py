@@ -173,3 +173,30 @@ def test_bfloat16_inputs_give_float32_targets_matching_float32():
     assert torch.equal(fg_full, fg_half)
     assert torch.allclose(full, half, atol=2e-2)
     assert math.isfinite(half.sum().item())
+
+
+def test_overlaps_of_the_candidates_alone_equal_the_masked_grid(monkeypatch):
+    """On the CPU only the candidate pairs are computed; the targets equal those of the whole (B, M, A) grid masked,
+    which is what a GPU computes."""
+    generator = torch.Generator().manual_seed(3)
+    anchors = grid_anchors(side=16)
+    batch, boxes_per_image, num_classes = 3, 5, 4
+    centres = torch.rand(batch, boxes_per_image, 2, generator=generator) * 128
+    gt_bboxes = torch.cat((centres - 20, centres + 20), -1)
+    gt_labels = torch.randint(0, num_classes, (batch, boxes_per_image, 1), generator=generator)
+    mask_gt = torch.ones(batch, boxes_per_image, 1)
+    mask_gt[0, 3:] = 0  # padding rows
+    pred_centres = anchors[None] + torch.randn(batch, len(anchors), 2, generator=generator) * 4
+    pred_bboxes = torch.cat((pred_centres - 16, pred_centres + 16), -1)
+    scores = torch.rand(batch, len(anchors), num_classes, generator=generator)
+    assigner = TaskAlignedAssigner(topk=5, num_classes=num_classes)
+    indexed = assigner(scores, pred_bboxes, anchors, gt_labels, gt_bboxes, mask_gt)
+
+    def masked_grid(self, gt, pred, candidates, **task_inputs):
+        return self.pair_iou(gt[:, :, None], pred[:, None]) * candidates
+
+    monkeypatch.setattr(TaskAlignedAssigner, "candidate_overlaps", masked_grid)
+    dense = assigner(scores, pred_bboxes, anchors, gt_labels, gt_bboxes, mask_gt)
+    assert indexed[3].sum() > 10  # foreground anchors exist
+    for ours, grid in zip(indexed, dense):
+        assert torch.allclose(ours.float(), grid.float(), atol=1e-6)

@@ -138,19 +138,25 @@ class TaskAlignedAssigner(nn.Module):
         return align_metric * candidates, overlaps
 
     def candidate_overlaps(self, gt_bboxes, pred_bboxes, candidates, **task_inputs):
-        """(B, M, A) how well each candidate's prediction matches each ground truth (`pairwise_iou`), 0 elsewhere.
+        """(B, M, A) how well each candidate's prediction matches each ground truth (`pair_iou`), 0 elsewhere.
         `task_inputs` also hold `class_scores` (B, M, A), each anchor's score for each ground truth's class.
 
-        Masked rather than indexed by the candidates: indexing would make the device report the candidate count.
+        On the CPU only the candidate pairs are computed (a few percent of the grid: anchors inside a box, and no
+        padding rows). On a GPU the whole grid is computed and masked: indexing would make the device report the
+        candidate count, a sync each step.
         """
-        return self.pairwise_iou(gt_bboxes, pred_bboxes) * candidates
+        if candidates.device.type != "cpu":
+            return self.pair_iou(gt_bboxes[:, :, None], pred_bboxes[:, None]) * candidates
+        image, gt, anchor = candidates.nonzero(as_tuple=True)
+        overlaps = torch.zeros(candidates.shape, device=candidates.device)
+        overlaps[image, gt, anchor] = self.pair_iou(gt_bboxes[image, gt], pred_bboxes[image, anchor])
+        return overlaps
 
     @staticmethod
-    def pairwise_iou(gt_bboxes, pred_bboxes):
-        """(B, M, A) Complete IoU, floored at 0, of every ground truth with every prediction of its image (xyxy
-        boxes): the method's overlap (besides IoU it favours predictions centred on the object and of its aspect).
-        Broadcast over (B, M, A) one coordinate at a time, never as a (B, M, A, 4) pair tensor."""
-        return bbox_ciou(gt_bboxes[:, :, None], pred_bboxes[:, None]).clamp(min=0)
+    def pair_iou(gt_bboxes, pred_bboxes):
+        """The Complete IoU, floored at 0, of broadcastable (..., 4) xyxy ground truths and predictions: the
+        method's overlap (besides IoU it favours predictions centred on the object and of its aspect)."""
+        return bbox_ciou(gt_bboxes, pred_bboxes).clamp(min=0)
 
     @staticmethod
     def _select_topk(align_metric, candidates, topk):

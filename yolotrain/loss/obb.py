@@ -18,7 +18,7 @@ from yolotrain.loss.assigner import TaskAlignedAssigner
 from yolotrain.loss.detection import (Assignment, DetectionLoss, EndToEndDetectionLoss, distribution_focal_loss,
                                       most_boxes_per_image, normalised_side_l1, padded_per_image)
 from yolotrain.nn.anchors import dist2rbox
-from yolotrain.utils.obb import corners_to_xywhr, probiou, probiou_pairs, xywhr_to_corners
+from yolotrain.utils.obb import corners_to_xywhr, probiou_pairs, xywhr_to_corners
 
 MIN_TARGET_SIDE = 2.0  # pixels: thinner labelled boxes are left out of the loss (their angle is noise)
 PROBIOU_FLOOR = 0.01  # added to each Gaussian's variance in the box loss: bounded gradients for sub-stride boxes
@@ -36,8 +36,8 @@ class RotatedTaskAlignedAssigner(TaskAlignedAssigner):
     box_dims = 5
 
     @staticmethod
-    def pairwise_iou(gt_bboxes, pred_bboxes):
-        return probiou(gt_bboxes, pred_bboxes).clamp(min=0)  # (B, M, A)
+    def pair_iou(gt_bboxes, pred_bboxes):
+        return probiou_pairs(gt_bboxes, pred_bboxes).clamp(min=0)
 
     def _anchors_inside_boxes(self, anchor_points, gt_bboxes):
         """(B, M, A) True where the anchor lies inside the rotated box: its projections on two adjacent sides fall
