@@ -288,6 +288,21 @@ def test_polygon_iou_pairwise_matrix_matches_shapely():
     torch.testing.assert_close(rotated_iou(boxes1, boxes2), ours, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("at_least", [0.5, 0.75])
+def test_polygon_iou_at_least_keeps_every_pair_that_reaches_it(at_least):
+    """Pairs skipped by the area bound are exactly those below the threshold: the rest are computed as they are."""
+    generator = torch.Generator().manual_seed(7)
+    boxes1, boxes2 = paired_cases(generator)
+    corners1, corners2 = xywhr_to_corners(boxes1)[:, None], xywhr_to_corners(boxes2)[:, None]
+    every = polygon_iou(corners1, corners2)[:, 0, 0]
+    bounded = polygon_iou(corners1, corners2, at_least=at_least)[:, 0, 0]
+    reaching = every >= at_least
+    assert reaching.sum() > 100 and (every[~reaching] > 0).sum() > 100
+    assert torch.equal(bounded[reaching], every[reaching])
+    assert (bounded[~reaching] < at_least).all()
+    assert (bounded[~reaching] == 0).sum() > (every[~reaching] == 0).sum() + 100  # many were never intersected
+
+
 def test_polygon_iou_on_exact_hand_cases():
     square = torch.tensor([[0.0, 0.0], [2.0, 0.0], [2.0, 2.0], [0.0, 2.0]])
     cases = torch.stack([

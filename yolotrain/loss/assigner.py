@@ -111,11 +111,11 @@ class TaskAlignedAssigner(nn.Module):
         return self._anchors_inside_boxes(anchor_points, self._grown_to_min_side(gt_bboxes))
 
     def _anchors_inside_boxes(self, anchor_points, gt_bboxes):
-        """(B, M, A) True where the anchor centre lies strictly inside the ground-truth box."""
-        top_left, bottom_right = gt_bboxes[:, :, None, :2], gt_bboxes[:, :, None, 2:]  # (B, M, 1, 2)
-        points = anchor_points[None, None]  # (1, 1, A, 2)
-        margin = torch.minimum(points - top_left, bottom_right - points)  # (B, M, A, 2)
-        return margin.amin(-1) > self.eps
+        """(B, M, A) True where the anchor centre lies strictly inside the ground-truth box (by more than `eps`
+        from each side; coordinate by coordinate, with no (B, M, A, 2) temporaries)."""
+        x, y = anchor_points[:, 0], anchor_points[:, 1]  # (A,)
+        x1, y1, x2, y2 = (gt_bboxes[..., k : k + 1] for k in range(4))  # (B, M, 1) each
+        return (x - x1 > self.eps) & (y - y1 > self.eps) & (x2 - x > self.eps) & (y2 - y > self.eps)
 
     def _grown_to_min_side(self, gt_bboxes):
         """(B, M, 4) xyxy boxes with each side at least `min_box_side`, grown about their centres."""

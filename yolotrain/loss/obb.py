@@ -45,9 +45,11 @@ class RotatedTaskAlignedAssigner(TaskAlignedAssigner):
         corners = xywhr_to_corners(gt_bboxes)  # (B, M, 4, 2)
         origin, side_a, side_b = corners[..., 0, :], corners[..., 1, :] - corners[..., 0, :], \
             corners[..., 3, :] - corners[..., 0, :]  # (B, M, 2) each
-        offset = anchor_points[None, None] - origin[:, :, None]  # (B, M, A, 2)
-        along_a = (offset * side_a[:, :, None]).sum(-1)
-        along_b = (offset * side_b[:, :, None]).sum(-1)
+        # (B, M, A) coordinate by coordinate: no (B, M, A, 2) temporaries
+        offset_x = anchor_points[:, 0] - origin[..., 0:1]
+        offset_y = anchor_points[:, 1] - origin[..., 1:2]
+        along_a = offset_x * side_a[..., 0:1] + offset_y * side_a[..., 1:2]
+        along_b = offset_x * side_b[..., 0:1] + offset_y * side_b[..., 1:2]
         length_a, length_b = side_a.pow(2).sum(-1)[..., None], side_b.pow(2).sum(-1)[..., None]
         return (along_a >= 0) & (along_a <= length_a) & (along_b >= 0) & (along_b <= length_b)
 

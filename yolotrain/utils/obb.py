@@ -326,13 +326,15 @@ def _intersection_area(subject, clip):
     return torch.where(count >= 3, area, torch.zeros_like(area))
 
 
-def polygon_iou(corners1, corners2):
+def polygon_iou(corners1, corners2, at_least=0.0):
     """Exact pairwise IoU of convex quadrilaterals: (..., N, 4, 2) x (..., M, 4, 2) -> (..., N, M).
 
     Vertices may run either way round. Degenerate (zero-area) quadrilaterals have IoU 0 with everything. Computed in
     float64 (accurate to ~1e-12 of the boxes' size) and returned in the inputs' floating dtype. Only pairs whose
     axis-aligned extents overlap are intersected, in chunks of POLYGON_IOU_PAIRS pairs, so memory stays bounded
     for many boxes. Leading dimensions broadcast. Not differentiable where it matters (use probiou for a loss).
+    `at_least`: pairs whose IoU cannot reach it are given 0 without being intersected (what matching at thresholds
+    asks): the intersection is at most the smaller area and the overlap of the extents, and the IoU grows with it.
     """
     out_dtype = torch.promote_types(_float_dtype(corners1), _float_dtype(corners2))
     batch_shape = torch.broadcast_shapes(corners1.shape[:-3], corners2.shape[:-3])
@@ -350,6 +352,10 @@ def polygon_iou(corners1, corners2):
     polygons2 = torch.where((area2 < 0)[..., None, None], polygons2.flip(2), polygons2)
     overlap_extent = torch.minimum(high1[:, :, None], high2[:, None]) - torch.maximum(low1[:, :, None], low2[:, None])
     candidate = (overlap_extent > 0).all(-1) & proper1[:, :, None] & proper2[:, None]  # (L, N, M)
+    if at_least > 0:
+        size1, size2 = area1.abs()[:, :, None], area2.abs()[:, None]  # (L, N, 1), (L, 1, M)
+        shared = torch.minimum(torch.minimum(size1, size2), overlap_extent.clamp(min=0).prod(-1))  # the most shared
+        candidate &= shared >= at_least * (size1 + size2 - shared) * (1 - 1e-9)  # IoU <= shared / (union's least)
     iou = polygons1.new_zeros(candidate.shape)
     image, row, col = candidate.nonzero(as_tuple=True)  # (K,) each
     chunk = POLYGON_IOU_PAIRS["cpu" if iou.device.type == "cpu" else "other"]

@@ -13,6 +13,8 @@ angle] and `poly` [x1, y1, ..., x4, y4] in original-image pixels, and `bbox` (th
 extent); pycocotools has no rotated-box evaluation, so it does not score them.
 """
 
+import functools
+
 import torch
 
 from yolotrain.loss.obb import obb_loss_item_names
@@ -59,9 +61,12 @@ class OBBValidator(DetectionValidator):
         self._true_corners = true_corners  # the confusion matrix compares them too (`confusion_overlaps`)
         if len(detections):
             detections[:, ROTATED] = corners_to_xywhr(pred_corners)
+        similarity = CORNER_SIMILARITIES[self.args.obb_iou]
+        if similarity is _corner_iou:  # pairs below the lowest threshold never match: they need no intersection
+            similarity = functools.partial(_corner_iou, at_least=float(self.iouv.min()))
         return padded_match(detections, labels.pred_image, labels.gt_boxes, labels.gt_cls, labels.gt_image,
                             labels.num_images, labels.max_preds, labels.max_boxes, self.iouv.to(detections.device),
-                            pred_corners.flatten(1), true_corners.flatten(1), CORNER_SIMILARITIES[self.args.obb_iou])
+                            pred_corners.flatten(1), true_corners.flatten(1), similarity)
 
     def confusion_overlaps(self, detections, gt_rows):
         """The rotated boxes' IoU, as `obb_iou` matches them for mAP, in original-image pixels."""
@@ -102,11 +107,12 @@ def with_extent(rows):
     return torch.cat((extent, rows[:, 4:6], rotated), 1)
 
 
-def _corner_iou(true_values, pred_values):
-    """A `padded_match` similarity: exact IoU of labels (b, M, 8) and detections (b, N, 8) given by 4 corners."""
+def _corner_iou(true_values, pred_values, at_least=0.0):
+    """A `padded_match` similarity: exact IoU of labels (b, M, 8) and detections (b, N, 8) given by 4 corners (0
+    for pairs that cannot reach `at_least`)."""
     true_corners = true_values.unflatten(-1, (4, 2))
     pred_corners = pred_values.unflatten(-1, (4, 2))
-    return polygon_iou(true_corners, pred_corners)  # (b, M, N)
+    return polygon_iou(true_corners, pred_corners, at_least)  # (b, M, N)
 
 
 def _corner_probiou(true_values, pred_values):
