@@ -228,3 +228,12 @@ def test_stopping_at_max_det_gives_the_prefix_of_the_full_answer(monkeypatch):
                 torch.testing.assert_close(capped[image], full[image][:max_det], rtol=0, atol=0)
                 reference = reference_nms_one_image(prediction[image].T, 0.05, 0.4, None, False, max_det, multi_label)
                 assert_same_detections(capped[image], reference)  # and the prefix is the textbook answer's
+
+
+def test_any_along_equals_any_over_every_dimension_and_over_none():
+    from yolotrain.utils.torch_utils import any_along
+
+    mask = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0)) > 0.9
+    for dim in range(3):
+        assert torch.equal(any_along(mask, dim), mask.any(dim))
+    assert torch.equal(any_along(mask[:, :0], 1), torch.zeros(3, 7, dtype=torch.bool))

@@ -106,6 +106,8 @@ def intersect_dicts(state_a, state_b, exclude=()):
 def any_along(mask, dim):
     """`mask.any(dim)` of a bool tensor, taken as the largest of its bytes: on the CPU `any` over a dimension other
     than the last runs 10-40x slower than `amax` over the same bytes (the assigner's (B, M, A) masks)."""
+    if mask.shape[dim] == 0:  # amax has no value to give over nothing; any gives False
+        return mask.any(dim)
     return mask.view(torch.uint8).amax(dim).bool()
 
 
