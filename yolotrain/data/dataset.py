@@ -355,10 +355,7 @@ class YOLODataset(Dataset):
 
     def _decode(self, i: int) -> np.ndarray:
         path = self.im_files[i]
-        try:
-            img = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)  # applies EXIF orientation
-        except OSError:
-            img = None
+        img = _imdecode(path, cv2.IMREAD_COLOR)
         if img is None:
             raise DatasetError(f"image could not be read (changed since the label scan?): {path}")
         return img
@@ -372,10 +369,7 @@ class YOLODataset(Dataset):
         factor = next((f for f in JPEG_REDUCTIONS if max(h0, w0) >= f * self.imgsz), None)
         if factor is None or Path(path).suffix.lower() not in (".jpg", ".jpeg"):
             return None
-        try:
-            img = cv2.imdecode(np.fromfile(path, np.uint8), JPEG_REDUCTIONS[factor])  # applies EXIF orientation
-        except OSError:
-            return None
+        img = _imdecode(path, JPEG_REDUCTIONS[factor])
         if img is None or abs(img.shape[0] * factor - h0) >= factor or abs(img.shape[1] * factor - w0) >= factor:
             return None  # not the scanned image (changed since?): the full read reports it
         return img, (h0, w0)
@@ -461,6 +455,14 @@ def _cache_mode(cache) -> str | None:
     if cache == "disk":
         return "disk"
     raise CfgError(f"cache={cache!r} is invalid: expected true/ram, disk or false")
+
+
+def _imdecode(path: str, flag: int) -> np.ndarray | None:
+    """The image file decoded by OpenCV with `flag` (EXIF orientation applied), or None where it cannot be read."""
+    try:
+        return cv2.imdecode(np.fromfile(path, np.uint8), flag)
+    except OSError:
+        return None
 
 
 def _npy_path(im_file: str) -> Path:
