@@ -96,9 +96,10 @@ def test_val_of_best_pt_returns_the_validator_metrics_and_writes_its_folder(faca
     model, train_metrics, _, _ = facade_run
     best = YOLO(model.trainer.best)
     val_args = dict(data=tiny_data, imgsz=64, batch=8, workers=0, device="cpu", project=str(tmp_path), plots=False)
-    metrics = best.val(**val_args, save_json=True)
+    # best.pt on the same val set with the training run's settings (its precision: half=True when it trained with
+    # amp): the numbers of the run's final evaluation.
+    metrics = best.val(**val_args, save_json=True, half=model.trainer.amp_dtype is not None)
     assert list(metrics) == [*METRIC_KEYS, "fitness"]
-    # best.pt on the same val set with the training run's settings: the numbers of the run's final evaluation.
     assert {k: metrics[k] for k in METRIC_KEYS} == pytest.approx({k: train_metrics[k] for k in METRIC_KEYS})
     assert metrics["fitness"] == pytest.approx(0.1 * metrics["metrics/mAP50(B)"] + 0.9 * metrics["metrics/mAP50-95(B)"])
     assert (tmp_path / "val" / "predictions.json").is_file()

@@ -28,10 +28,11 @@ def test_single_cls_model_checkpoint_and_a_later_val_without_the_flag(train_over
     assert load_checkpoint_model(trainer.best).head.nc == 1
 
     # A later `yolotrain val model=best.pt` on the same data, without single_cls: the batch of the training run's
-    # val loader (twice the training batch), so both see the same rect batches.
+    # val loader (twice the training batch), so both see the same rect batches, and its precision.
     validator = DetectionValidator(args={
         "data": train_overrides["data"], "imgsz": 64, "batch": 2 * train_overrides["batch"], "workers": 0,
         "device": "cpu", "plots": False, "project": train_overrides["project"], "mode": "val",
+        "half": trainer.amp_dtype is not None,
     })  # fmt: skip
     metrics = validator(model=str(trainer.best))
     metrics.pop("fitness")

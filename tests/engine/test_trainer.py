@@ -2,7 +2,6 @@
 resume equivalence and callback order."""
 
 import csv
-import math
 import os
 
 import pytest
@@ -10,7 +9,6 @@ import torch
 
 from yolotrain import YOLO, DetectionTrainer
 from yolotrain.engine.callbacks import EVENTS
-from yolotrain.engine.schedule import TrainSchedule
 from yolotrain.errors import YoloTrainError
 from yolotrain.utils.checkpoint import load_checkpoint
 
@@ -52,6 +50,27 @@ def test_outputs_of_a_run(train_overrides):
     assert set(trainer.metrics) >= {"metrics/mAP50(B)", "metrics/mAP50-95(B)"}
     # The next run in the same project gets a new numbered folder.
     assert train(train_overrides, epochs=1, val=False).save_dir.name == "train2"
+
+
+def test_validation_during_training_computes_without_the_ema_batchnorms_and_to_the_same_metrics(train_overrides):
+    trainer = train(train_overrides, amp=False)  # two epochs: the EMA moved after the fused copy was made
+    calls = []
+    for module in trainer.ema.module.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.register_forward_hook(lambda *args: calls.append(1))
+    folded = trainer.validator(trainer=trainer)
+    assert not calls
+    trainer.validator._network = lambda model: model  # the EMA itself
+    unfolded = trainer.validator(trainer=trainer)
+    assert calls
+    assert folded == pytest.approx(unfolded, rel=1e-5, abs=1e-6)
+
+
+def test_best_pt_is_validated_in_the_precision_of_the_epochs_validations(train_overrides):
+    precisions = []  # (during training, autocast dtype) of each validation
+    record = ("on_val_end", lambda validator: precisions.append((validator.training, validator.amp_dtype)))
+    train(train_overrides, epochs=1, amp="bf16", callbacks=[record])
+    assert precisions == [(True, torch.bfloat16), (False, torch.bfloat16)]  # epoch 1, then best.pt
 
 
 def test_args_yaml_holds_the_user_arguments_as_given(train_overrides):

@@ -1,5 +1,6 @@
 """yolotrain.utils.torch_utils: device selection, seeding, unwrapping, BN fusion and dict helpers."""
 
+import copy
 import os
 import random
 import types
@@ -15,6 +16,7 @@ from yolotrain.utils import torch_utils
 from yolotrain.utils.torch_utils import (
     copy_attr,
     de_parallel,
+    FusedCopy,
     fuse_conv_and_bn,
     init_seeds,
     intersect_dicts,
@@ -113,6 +115,43 @@ def test_fuse_conv_and_bn_matches_eval_batchnorm():
         reference = layer(x)
         assert torch.allclose(layer.fuse()(x), reference, atol=1e-5)
     assert isinstance(layer.bn, nn.Identity) and layer.conv.bias is not None
+
+
+def _tensors_of(output):
+    if isinstance(output, torch.Tensor):
+        return [output]
+    parts = output.values() if isinstance(output, dict) else output
+    return [t for part in parts for t in _tensors_of(part)]
+
+
+@pytest.mark.numeric
+def test_a_fused_copy_follows_its_source_and_keeps_every_branch():
+    from yolotrain.tasks import task_classes
+
+    torch.manual_seed(0)
+    source = task_classes("detect").model("yolo26.yaml", nc=3, verbose=False).to(memory_format=torch.channels_last)
+    source.eval()
+    fused = FusedCopy(source)
+    fused.refreshed()
+    with torch.no_grad():  # the source trains on (the EMA moves): weights and running statistics change
+        for tensor in [*source.parameters(), *(m.running_mean for m in source.modules() if hasattr(m, "running_mean"))]:
+            tensor.add_(torch.randn_like(tensor) * 0.05)
+    network = fused.refreshed()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in network.modules())
+    assert network.model[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
+    # Equal to fusing a fresh copy of the source, BatchNorms only (end2end heads keep their one-to-many branch).
+    fresh = copy.deepcopy(source)
+    for module in fresh.modules():
+        if isinstance(module, Conv):
+            module.fuse()
+    assert network.state_dict().keys() == fresh.state_dict().keys()
+    assert all(torch.equal(network.state_dict()[k], v) for k, v in fresh.state_dict().items())
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected, outputs = _tensors_of(source(x)), _tensors_of(network(x))
+    assert [t.shape for t in outputs] == [t.shape for t in expected]
+    assert all(torch.allclose(o, e, rtol=1e-4, atol=1e-4) for o, e in zip(outputs, expected))
+    assert FusedCopy(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).copy is None  # nothing of ours to fold
 
 
 @pytest.mark.numeric

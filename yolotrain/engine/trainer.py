@@ -717,6 +717,7 @@ class BaseTrainer:
                 LOGGER.info(f"\nValidating {self.best}...")
                 if self.validator is not None:
                     self.validator.governor = self.governor  # the threads this run has found it gets
+                    self.validator.trainer_amp_dtype = self.amp_dtype  # the precision of the epochs' validations
                 self.metrics = self.validate_checkpoint(self.best)
                 self.metrics.pop("fitness", None)
 

@@ -3,8 +3,9 @@
 A validator is an evaluator (`reset()`, `update(preds, batch)`, `compute() -> dict`) plus the driver `__call__`
 that runs a model over a dataloader. It runs in two modes:
 
-- during training, `validator(trainer=trainer)`: evaluates the trainer's EMA weights on `trainer.test_loader`,
-  also averages the validation losses, and returns the metrics the trainer logs;
+- during training, `validator(trainer=trainer)`: evaluates the trainer's EMA weights on `trainer.test_loader`
+  (through a copy with the BatchNorms folded, kept between validations), also averages the validation losses, and
+  returns the metrics the trainer logs;
 - standalone, `validator(model=DetectionModel | "path/to/best.pt")`: evaluates a fused copy of the model on
   `args.device`, builds the data loader from `args.data` / `args.split` (unless one was given) and returns the
   metrics.
@@ -14,8 +15,8 @@ batches, nothing repeated) and `compute()` gathers the accumulated statistics of
 batches, before computing the metrics; so the metrics equal a single-process validation exactly and every rank
 returns them. Plots and files are written by rank 0 only. Standalone validation always reads the whole set.
 
-Precision: fp32 unless the trainer trains with autocast (its `amp_dtype`, bf16 also on the CPU) or, standalone,
-`half=True`: fp16 autocast on CUDA, bf16 autocast on a CPU that computes bf16 natively (AMX or AVX-512 BF16; other
+Precision: fp32 unless the trainer trains with autocast (its `amp_dtype`, bf16 also on the CPU; the trainer's final
+validation of best.pt too) or, standalone, `half=True`: fp16 autocast on CUDA, bf16 autocast on a CPU that computes bf16 natively (AMX or AVX-512 BF16; other
 CPUs emulate it, slower than fp32, so they stay fp32 with a warning). On the CPU the standalone model and batches
 are channels-last, the layout the CPU convolution kernels run fastest in.
 
@@ -42,7 +43,7 @@ from yolotrain.errors import YoloTrainError
 from yolotrain.utils import dist
 from yolotrain.utils.files import ensure_writable_dir, run_dir
 from yolotrain.utils.threads import start_thread_governor
-from yolotrain.utils.torch_utils import de_parallel, fused_for_inference, select_device
+from yolotrain.utils.torch_utils import FusedCopy, de_parallel, fused_for_inference, select_device
 
 LOGGER = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ class BaseValidator:
         self.training = False
         self.device = None
         self.amp_dtype = None  # autocast dtype (the trainer's, or half=True standalone), else None (fp32)
+        self.trainer_amp_dtype = None  # a trainer's, set for its final validation of best.pt (see `_setup_standalone`)
         self.channels_last = False  # batches go to the model channels-last (standalone on the CPU)
         self.sharded = False  # this rank evaluates its share of the data; compute() gathers over the ranks
         self.gather_group = None  # process group of that gathering (the trainer's gloo wait group)
@@ -122,6 +124,7 @@ class BaseValidator:
         self.plot_stats = False  # whether plot-only statistics (the confusion matrix) are accumulated, on every rank
         self.speed = dict.fromkeys(SPEED_STAGES, 0.0)
         self.governor = None  # standalone: this process's thread budget (training: the trainer's)
+        self._fused = None  # during training: the EMA's fused copy (`FusedCopy`), kept between validations
 
     # ------------------------------------------------------------------ callbacks
     def add_callback(self, event, fn):
@@ -144,11 +147,12 @@ class BaseValidator:
         model.eval()
         try:
             self.model = model
+            network = self._network(model)
             self._set_sharding(dataloader)
-            self.init_metrics(model, dataloader)
+            self.init_metrics(network, dataloader)
             self.reset()
             self.run_callbacks("on_val_start")
-            self._run_batches(model, dataloader)
+            self._run_batches(network, dataloader)
             stats = self.compute()
             self._log_speed()
             self.log_results()
@@ -175,6 +179,16 @@ class BaseValidator:
         self.plots = self.plot_stats and dist.is_main()
         dataloader = getattr(trainer, "test_loader", None)
         return model, dataloader if dataloader is not None else self.dataloader
+
+    def _network(self, model):
+        """What computes the predictions: during training a copy of `model` (the EMA weights) with its BatchNorms
+        folded, made once and refreshed each validation (`FusedCopy`), the same function at less cost; otherwise
+        `model` itself (a standalone validation fuses it once as it loads)."""
+        if not self.training:
+            return model
+        if self._fused is None or self._fused.source is not model:
+            self._fused = FusedCopy(model)
+        return self._fused.refreshed() if self._fused.copy is not None else model
 
     def _training_amp_dtype(self, amp_dtype):
         """The trainer's autocast dtype where it helps: any on CUDA, bf16 on the CPU (fp16 is slow there)."""
@@ -219,7 +233,8 @@ class BaseValidator:
         self.device = select_device(self.args.device)
         if self.governor is None:  # a trainer validating its best.pt lends its own
             self.governor = start_thread_governor(self.args.threads)
-        self.amp_dtype = self._standalone_amp_dtype()
+        # best.pt at the end of training: in the precision of the epochs' validations (`half=True` repeats it)
+        self.amp_dtype = self._training_amp_dtype(self.trainer_amp_dtype) or self._standalone_amp_dtype()
         self.gather_group = None
         loaded = isinstance(model, (str, Path))
         model = self.load_model(model) if loaded else de_parallel(model)
@@ -242,7 +257,7 @@ class BaseValidator:
             ensure_writable_dir(self.save_dir)
         return model, dataloader
 
-    def _run_batches(self, model, dataloader):
+    def _run_batches(self, network, dataloader):
         timer = StageTimer(self.device)
         self.loss_items = []
         for self.batch_i, batch in enumerate(self._progress(dataloader)):
@@ -252,10 +267,10 @@ class BaseValidator:
             with timer("preprocess"):
                 batch = self.preprocess(batch)
             with timer("inference"), torch.no_grad(), self._autocast():
-                preds = model(batch["img"])
+                preds = network(batch["img"])
             if self.training:
                 with timer("loss"), torch.no_grad(), self._autocast():
-                    items = self.eval_batch_loss(model, batch, preds).detach().float()
+                    items = self.eval_batch_loss(self.model, batch, preds).detach().float()
                 self.loss_items.append((self.batch_position, items))
             with timer("postprocess"):
                 preds = self.postprocess(preds)

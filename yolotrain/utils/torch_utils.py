@@ -124,12 +124,19 @@ def fuse_conv_and_bn(conv, bn):
         bias=True,
     ).requires_grad_(False)
     fused = fused.to(device=conv.weight.device, dtype=conv.weight.dtype)
+    # In the source's memory layout: a channels-last weight makes the CPU convolve channels-last (faster there).
+    fused.weight = nn.Parameter(torch.empty_like(conv.weight), requires_grad=False)
+    fold_conv_and_bn_into(fused, conv, bn)
+    return fused
+
+
+def fold_conv_and_bn_into(target, conv, bn):
+    """Write the weight and bias of bn(conv(x)) (BatchNorm2d in eval mode) into `target`, a Conv2d with bias."""
     with torch.no_grad():
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
-        fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+        target.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
         conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        fused.bias.copy_((conv_bias - bn.running_mean) * scale + bn.bias)
-    return fused
+        target.bias.copy_((conv_bias - bn.running_mean) * scale + bn.bias)
 
 
 def fused_for_inference(model, copy_first):
@@ -138,6 +145,52 @@ def fused_for_inference(model, copy_first):
     if not hasattr(model, "fuse") or getattr(model, "is_fused", lambda: True)():
         return model
     return (copy.deepcopy(model) if copy_first else model).fuse()
+
+
+class FusedCopy:
+    """A copy of a model whose weights keep changing (the EMA during training) with each Conv's BatchNorm folded into
+    its convolution, for the model's validations.
+
+    Fusing a fresh copy each time costs about what the folded BatchNorms save on a small validation set (module
+    construction, not arithmetic), so the copy is made once and `refreshed()` folds the source's current weights
+    into it: per folded convolution a scale, per other tensor a copy. Only the BatchNorms are folded: every branch
+    stays, so the copy's outputs have the source's layout (the validation loss needs an end-to-end head's
+    one-to-many branch, which `fuse()` drops). `copy` is None when the source has nothing to fold.
+    """
+
+    def __init__(self, source):
+        from yolotrain.nn.modules import Conv
+
+        self.source = source
+        self.copy = None
+        self._folds = []  # (fused conv, source conv, source BatchNorm)
+        self._tensors = []  # (copy's module, source module, parameter or buffer name): copied as they are
+        foldable = {name for name, m in source.named_modules()
+                    if getattr(type(m), "fuse", None) is Conv.fuse and isinstance(getattr(m, "bn", None), nn.BatchNorm2d)}
+        if not foldable:
+            return
+        self.copy = copy.deepcopy(source).requires_grad_(False)
+        for parameter in self.copy.parameters():
+            parameter.grad = None  # a model in training carries its gradients: the copy has no use for them
+        copied = dict(self.copy.named_modules())
+        for name, module in source.named_modules():
+            if name.rpartition(".")[0] in foldable:  # a folded Conv's own conv and BatchNorm
+                continue
+            if name in foldable:
+                self._folds.append((copied[name].fuse().conv, module.conv, module.bn))
+                continue
+            for key, value in [*module._parameters.items(), *module._buffers.items()]:
+                if value is not None:
+                    self._tensors.append((copied[name], module, key))
+
+    def refreshed(self):
+        """The fused copy holding the source's current weights (call it before each use)."""
+        with torch.no_grad():
+            for target, conv, bn in self._folds:
+                fold_conv_and_bn_into(target, conv, bn)
+            for target, module, key in self._tensors:
+                getattr(target, key).copy_(getattr(module, key))
+        return self.copy
 
 
 def get_flops(model, imgsz=640):
