@@ -20,11 +20,16 @@ train images/s (epoch time only), validation images/s (every validation, the fin
 peak RSS (main process plus its data workers), final mAP50 and mAP50-95 (of the boxes; for pose also of the
 keypoints, for segmentation of the masks), and the ratios. The reference runs with
 `/work/shared/anchor/ultralytics-python` (see setup-ultralytics.sh there) or `--reference-python`.
+The compute floor is measured in its own process before the trainers and after them (the faster is taken), and in
+yolotrain's process before and after each epoch (the data workers idle), each epoch's speed then compared with the
+mean of the two (a shared machine's speed drifts by a third within minutes). yolotrain's wall time leaves those
+floor steps out.
 """
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,10 +58,10 @@ _TIMING = textwrap.dedent(
         own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         return (own + children) / 1024
-    def report(wall, trainer, metrics):
+    def report(wall, trainer, metrics, extra=None):
         train_images = len(trainer.train_loader.dataset) * trainer.epochs
         val_images = len(trainer.test_loader.dataset) * marks["val_runs"]
-        print("RESULT " + json.dumps({
+        print("RESULT " + json.dumps({**(extra or {}),
             "wall_s": wall, "train_s": marks["train"], "val_s": marks["val"],
             "train_images": train_images, "val_images": val_images, "peak_rss_mb": peak_rss_mb(),
             "map50": float(metrics.get("metrics/mAP50(B)", float("nan"))),
@@ -66,17 +71,82 @@ _TIMING = textwrap.dedent(
     """
 )
 
-_YOLOTRAIN_CHILD = _TIMING + textwrap.dedent(
+# The compute floor: forward + backward + optimizer step of the model on random input (no data, no loss, no
+# assignment). Shared by the floor's own child and the yolotrain child, which measures it again before and after
+# each epoch (the data workers are idle then), so that each epoch is compared with the machine as it was at that
+# moment: a shared machine's speed drifts by a third and more within minutes.
+_FLOOR = textwrap.dedent(
+    """
+    import json, sys, time, torch
+    def make_floor(args):
+        from yolotrain.engine.amp import resolve_amp, resolve_channels_last
+        from yolotrain.tasks import task_classes
+        from yolotrain.utils.torch_utils import select_device
+        device = select_device(args["device"])
+        torch.manual_seed(0)
+        extra = {"data_kpt_shape": args["kpt_shape"]} if args["kpt_shape"] else {}
+        model = task_classes(args["task"]).model(args["model"], nc=args["nc"], verbose=False, **extra).to(device)
+        model.train()
+        amp_dtype = resolve_amp(args["amp"], device, model)
+        channels_last = resolve_channels_last(None, device)
+        images = torch.rand(args["batch"], 3, args["imgsz"], args["imgsz"], device=device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, nesterov=True)
+        def tensors_of(output):  # every tensor of a training output: maps, keypoints, masks, end-to-end branches
+            if isinstance(output, torch.Tensor):
+                return [output]
+            parts = output.values() if isinstance(output, dict) else output
+            return [t for part in parts for t in tensors_of(part)]
+        def step():
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                output = model(images)
+            loss = sum(t.float().square().mean() for t in tensors_of(output))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        warmed = []
+        def images_per_s(steps):
+            for _ in range(0 if warmed else args["warmup"]):
+                step()
+            warmed.append(True)
+            began = time.perf_counter()
+            for _ in range(steps):
+                step()
+            return args["batch"] * steps / (time.perf_counter() - began)
+        return images_per_s, str(amp_dtype), channels_last
+    """
+)
+
+_YOLOTRAIN_CHILD = _TIMING + _FLOOR + textwrap.dedent(
     """
     from yolotrain.tasks import task_classes
-    overrides = json.loads(sys.argv[1])
+    payload = json.loads(sys.argv[1])
+    overrides, floor_args = payload["trainer"], payload["floor"]
+    floor_images_per_s = make_floor(floor_args)[0]
+    epochs = {"floor": [], "train_s": [], "floor_s": 0.0}
+    def measure_floor(trainer):
+        began = time.perf_counter()
+        epochs["floor"].append(floor_images_per_s(floor_args["steps"]))
+        epochs["floor_s"] += time.perf_counter() - began
+    def epoch_time(trainer):
+        epochs["train_s"].append(time.perf_counter() - marks["t"]["train"])
     trainer = task_classes(overrides["task"]).trainer(overrides=overrides)
-    for event, fn in (("on_train_epoch_start", start("train")), ("on_train_epoch_end", stop("train")),
-                      ("on_val_start", start("val")), ("on_val_end", stop("val"))):
+    # The floor is measured outside the epoch's clock, before and after it; the epoch's time is read before `stop`
+    # clears it.
+    for event, fn in (("on_train_epoch_start", measure_floor), ("on_train_epoch_start", start("train")),
+                      ("on_train_epoch_end", epoch_time), ("on_train_epoch_end", stop("train")),
+                      ("on_train_epoch_end", measure_floor), ("on_val_start", start("val")), ("on_val_end", stop("val"))):
         trainer.add_callback(event, fn)
     began = time.perf_counter()
     metrics = trainer.train() or {}
-    report(time.perf_counter() - began, trainer, metrics)
+    epoch_images = len(trainer.train_loader.dataset)
+    around = [sum(epochs["floor"][i : i + 2]) / 2 for i in range(0, len(epochs["floor"]) - 1, 2)]  # before, after
+    extra = {"epoch_images_per_s": [epoch_images / s for s in epochs["train_s"]], "epoch_floor": around}
+    report(time.perf_counter() - began - epochs["floor_s"], trainer, metrics, extra)
     """
 )
 
@@ -94,46 +164,12 @@ _REFERENCE_CHILD = _TIMING + textwrap.dedent(
     """
 )
 
-_FLOOR_CHILD = textwrap.dedent(
+_FLOOR_CHILD = _FLOOR + textwrap.dedent(
     """
-    import json, sys, time, torch
-    from yolotrain.engine.amp import resolve_amp, resolve_channels_last
-    from yolotrain.tasks import task_classes
-    from yolotrain.utils.torch_utils import select_device
     args = json.loads(sys.argv[1])
-    device = select_device(args["device"])
-    torch.manual_seed(0)
-    extra = {"data_kpt_shape": args["kpt_shape"]} if args["kpt_shape"] else {}
-    model = task_classes(args["task"]).model(args["model"], nc=args["nc"], verbose=False, **extra).to(device).train()
-    amp_dtype = resolve_amp(args["amp"], device, model)
-    channels_last = resolve_channels_last(None, device)
-    images = torch.rand(args["batch"], 3, args["imgsz"], args["imgsz"], device=device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-        images = images.contiguous(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, nesterov=True)
-    def tensors_of(output):  # every tensor of a training output: maps, keypoints, masks, end-to-end branches
-        if isinstance(output, torch.Tensor):
-            return [output]
-        parts = output.values() if isinstance(output, dict) else output
-        return [t for part in parts for t in tensors_of(part)]
-    def step():
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            output = model(images)
-        loss = sum(t.float().square().mean() for t in tensors_of(output))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    for _ in range(args["warmup"]):
-        step()
-    began = time.perf_counter()
-    for _ in range(args["steps"]):
-        step()
-    seconds = (time.perf_counter() - began) / args["steps"]
-    print("RESULT " + json.dumps({"s_per_batch": seconds, "images_per_s": args["batch"] / seconds,
-                                  "amp": str(amp_dtype), "channels_last": channels_last}), flush=True)
+    images_per_s, amp, channels_last = make_floor(args)
+    print("RESULT " + json.dumps({"images_per_s": images_per_s(args["steps"]), "amp": amp,
+                                  "channels_last": channels_last}), flush=True)
     """
 )
 
@@ -201,6 +237,11 @@ def print_report(results, floor, args):
             if result:
                 share = throughput(result, "train_images", "train_s") / floor["images_per_s"]
                 print(f"{name}: training runs at {share:.0%} of the compute floor")
+    if ours and ours.get("epoch_floor"):
+        shares = [speed / floor for speed, floor in zip(ours["epoch_images_per_s"], ours["epoch_floor"])]
+        print("yolotrain, each epoch against the floor measured in its process around it (mean of before and after): "
+              + ", ".join(f"{share:.0%} ({floor:.2f} img/s)" for share, floor in zip(shares, ours["epoch_floor"]))
+              + f"; median {statistics.median(shares):.0%}")
 
 
 def _key_value(text):
@@ -238,9 +279,14 @@ def main():
 
         args.data = str(builtin_data_yaml_for(args.task)) if args.task != "detect" else DEFAULT_DATA
 
+    nc, kpt_shape = data_classes(args.data)
+    floor_args = dict(model=args.model, nc=nc, kpt_shape=kpt_shape, task=args.task, device=args.device,
+                      amp=args.amp, imgsz=args.imgsz, batch=args.batch, warmup=2, steps=args.floor_steps)
     with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
+        floors = [run_child([sys.executable], _FLOOR_CHILD, floor_args, "compute floor")]
         ours, reference = trainer_settings(args, Path(args.keep or tmp))
-        results = {"yolotrain": run_child([sys.executable], _YOLOTRAIN_CHILD, ours, "yolotrain")}
+        results = {"yolotrain": run_child([sys.executable], _YOLOTRAIN_CHILD, {"trainer": ours, "floor": floor_args},
+                                          "yolotrain")}
         if not args.skip_reference:
             # The reference sets OMP_NUM_THREADS=1 for itself unless the environment sets it: run it both ways.
             env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
@@ -250,12 +296,10 @@ def main():
             equal = dict(env, OMP_NUM_THREADS=str(threads))
             results[f"reference@{threads}"] = run_child([args.reference_python], _REFERENCE_CHILD, reference,
                                                         f"reference with {threads} threads", equal)
-        nc, kpt_shape = data_classes(args.data)
-        floor_args = dict(model=args.model, nc=nc, kpt_shape=kpt_shape, task=args.task, device=args.device,
-                          amp=args.amp, imgsz=args.imgsz, batch=args.batch, warmup=2, steps=args.floor_steps)
-        floor = run_child([sys.executable], _FLOOR_CHILD, floor_args, "compute floor")
+        floors.append(run_child([sys.executable], _FLOOR_CHILD, floor_args, "compute floor again"))
+    # The faster of the floor before and after the runs: the machine at its least disturbed.
+    floor = max((f for f in floors if f), key=lambda f: f["images_per_s"], default=None)
     print_report(results, floor, args)
-
 
 if __name__ == "__main__":
     main()
