@@ -296,9 +296,10 @@ class DetectionValidator(BaseValidator):
             gt_rows = torch.arange(len(gt_cls), device=gt_cls.device)
             per_image = zip(detections.split(counts), *_split_by_image(gt_image, num_images, gt_boxes, gt_cls, gt_rows))
             for image_detections, image_boxes, image_cls, image_rows in per_image:
-                overlaps = self.confusion_overlaps(image_detections, image_rows)
-                self.confusion_matrix.process_batch(image_detections.cpu(), image_boxes.cpu(), image_cls.cpu(),
-                                                    overlaps)
+                # the matrix drops the others: their overlaps (rotated IoUs for oriented boxes) are never needed
+                confident = image_detections[image_detections[:, 4] > self.confusion_matrix.conf]
+                overlaps = self.confusion_overlaps(confident, image_rows)
+                self.confusion_matrix.process_batch(confident.cpu(), image_boxes.cpu(), image_cls.cpu(), overlaps)
         if self.args.save_json:
             self.json_records.append((self.batch_position, list(batch["im_file"]), counts, detections))
 
