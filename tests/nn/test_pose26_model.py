@@ -127,6 +127,20 @@ def test_the_assignment_ranks_candidates_by_keypoint_similarity_on_the_levels_th
     assert assigner.candidate_anchors(anchors, stranded, anchor_strides=strides).tolist() == [[[False, False, True]]]
 
 
+def test_an_object_without_labelled_keypoints_is_assigned_by_its_box_overlap():
+    assigner = KeypointTaskAlignedAssigner(topk=1, num_classes=1)
+    gt_boxes = torch.tensor([[[4.0, 4.0, 44.0, 44.0], [4.0, 4.0, 44.0, 44.0]]])
+    gt_keypoints = torch.tensor([[[[10.0, 10.0, 2.0], [30.0, 30.0, 2.0]], [[10.0, 10.0, 0.0], [30.0, 30.0, 0.0]]]])
+    pred_boxes = torch.tensor([[[4.0, 4.0, 44.0, 44.0], [8.0, 8.0, 40.0, 40.0]]])
+    pred_keypoints = torch.tensor([[[[20.0, 20.0], [40.0, 40.0]], [[10.0, 11.0], [30.0, 29.0]]]])
+    candidates = torch.ones(1, 2, 2, dtype=torch.bool)
+    overlaps = assigner.candidate_overlaps(gt_boxes, pred_boxes, candidates, pred_keypoints=pred_keypoints,
+                                           gt_keypoints=gt_keypoints, sigmas=torch.full((2,), 0.1))
+    assert torch.equal(overlaps[0, 1], assigner.pair_iou(gt_boxes[0, 1], pred_boxes[0]))  # the unlabelled object
+    assert float(overlaps[0, 0, 1]) > 0.9 > float(overlaps[0, 0, 0])  # the labelled one: OKS ranks anchor 1 first
+    assert float(overlaps[0, 1, 0]) > float(overlaps[0, 1, 1])  # ... the box overlap anchor 0
+
+
 # ------------------------------------------------------------------------------------- the reference's own figures
 # The reference's (8.4.190) yolo26n-pose at nc=2, kpt_shape [5, 3], with `fixed_weights` loaded and 4 added to the
 # bias of each box branch's last conv (boxes with positive sides), for the images `(hashed_uniform(2 * 3 * 64 * 96,

@@ -149,15 +149,16 @@ class KeypointTaskAlignedAssigner(TaskAlignedAssigner):
 
     def candidate_overlaps(self, gt_bboxes, pred_bboxes, candidates, pred_keypoints, gt_keypoints, sigmas,
                            **task_inputs):
-        """OKS for the candidate pairs only (indexed: the keypoint distances of every pair would be (B, M, A, K))."""
-        overlaps = super().candidate_overlaps(gt_bboxes, pred_bboxes, candidates)
-        image, gt, anchor = candidates.nonzero(as_tuple=True)
+        """OKS for the candidate pairs only (indexed: the keypoint distances of every pair would be (B, M, A, K));
+        the box overlap (`pair_iou`) for a label without labelled keypoints."""
+        image, gt, anchor = candidates.nonzero(as_tuple=True)  # indexed on every device: OKS needs the pairs
         labels = gt_keypoints[image, gt][:, None]  # (P, 1, K, 3): each pair its own batch of one label
         box = gt_bboxes[image, gt]
         area = (box[:, 2:] - box[:, :2]).prod(-1, keepdim=True) * OKS_AREA_FROM_BOX  # (P, 1)
         oks = keypoint_oks(labels, pred_keypoints[image, anchor][:, None].float(), area, sigmas)[:, 0, 0]  # (P,)
         labelled = (labels[:, 0, :, 2] > 0).any(-1)
-        overlaps[image, gt, anchor] = torch.where(labelled, oks, overlaps[image, gt, anchor])
+        overlaps = torch.zeros(candidates.shape, device=candidates.device)
+        overlaps[image, gt, anchor] = torch.where(labelled, oks, self.pair_iou(box, pred_bboxes[image, anchor]))
         return overlaps
 
 
