@@ -139,7 +139,8 @@ _YOLOTRAIN_CHILD = _TIMING + _FLOOR + textwrap.dedent(
     # clears it.
     for event, fn in (("on_train_epoch_start", measure_floor), ("on_train_epoch_start", start("train")),
                       ("on_train_epoch_end", epoch_time), ("on_train_epoch_end", stop("train")),
-                      ("on_train_epoch_end", measure_floor), ("on_val_start", start("val")), ("on_val_end", stop("val"))):
+                      ("on_train_epoch_end", measure_floor),
+                      ("on_val_start", start("val")), ("on_val_end", stop("val"))):
         trainer.add_callback(event, fn)
     began = time.perf_counter()
     metrics = trainer.train() or {}

@@ -16,9 +16,9 @@ batches, before computing the metrics; so the metrics equal a single-process val
 returns them. Plots and files are written by rank 0 only. Standalone validation always reads the whole set.
 
 Precision: fp32 unless the trainer trains with autocast (its `amp_dtype`, bf16 also on the CPU; the trainer's final
-validation of best.pt too) or, standalone, `half=True`: fp16 autocast on CUDA, bf16 autocast on a CPU that computes bf16 natively (AMX or AVX-512 BF16; other
-CPUs emulate it, slower than fp32, so they stay fp32 with a warning). On the CPU the standalone model and batches
-are channels-last, the layout the CPU convolution kernels run fastest in.
+validation of best.pt too) or, standalone, `half=True`: fp16 autocast on CUDA, bf16 autocast on a CPU that computes
+bf16 natively (AMX or AVX-512 BF16; other CPUs emulate it, slower than fp32, so they stay fp32 with a warning). On
+the CPU the standalone model and batches are channels-last, the layout the CPU convolution kernels run fastest in.
 
 Tasks subclass it (`DetectionValidator`) and fill in the override points: `preprocess`, `postprocess`,
 `init_metrics`, `reset`, `update`, `compute`, `build_dataloader`, `load_model`, `log_results`, `plot_batch`,

@@ -166,7 +166,8 @@ class FusedCopy:
         self._folds = []  # (fused conv, source conv, source BatchNorm)
         self._tensors = []  # (copy's module, source module, parameter or buffer name): copied as they are
         foldable = {name for name, m in source.named_modules()
-                    if getattr(type(m), "fuse", None) is Conv.fuse and isinstance(getattr(m, "bn", None), nn.BatchNorm2d)}
+                    if getattr(type(m), "fuse", None) is Conv.fuse
+                    and isinstance(getattr(m, "bn", None), nn.BatchNorm2d)}
         if not foldable:
             return
         self.copy = copy.deepcopy(source).requires_grad_(False)
