@@ -135,6 +135,20 @@ def test_equal_scores_keep_anchor_then_class_order():
     assert multi[:, 5].tolist() == [0.0, 1.0] * 5
 
 
+def test_candidates_come_by_descending_score_then_position_whatever_their_sign():
+    generator = torch.Generator().manual_seed(0)
+    scores = (torch.randint(-6, 7, (4, 300), generator=generator) / 4.0).float()  # many ties, negatives, zeros
+    scores[3] = -5.0  # a row with nothing passing
+    passing = scores > -1.0
+    width = int(passing.sum(1).max())
+    top = nms_module._descending_top(scores, passing, width)
+    for row in range(3):  # the passing scores, in a stable descending order
+        expected = [i for i in sorted(range(300), key=lambda i: -scores[row, i].item()) if passing[row, i]]
+        got = [i for i in top[row].tolist() if passing[row, i]]
+        assert got == expected
+        assert not passing[row, top[row, len(expected):]].any()  # the rest pads the row after them
+
+
 def test_conf_threshold_and_classes_filter():
     prediction = random_prediction(torch.Generator().manual_seed(3), 2, 5, 100)
     ours = non_max_suppression(prediction, conf_thres=0.6, iou_thres=0.5, classes=[1, 3])

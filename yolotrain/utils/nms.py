@@ -162,16 +162,28 @@ def _candidates(prediction, conf_thres, classes, multi_label, max_nms, num_extra
         classes_per_pair = 1
     passing = pair_scores > conf_thres
     width = min(int(passing.sum(1).max()) if passing.numel() else 0, max_nms)  # a host sync: the padded width
-    top = pair_scores.masked_fill(~passing, -1.0).topk(width, dim=1).indices  # (B, K) the best, in any tie order
-    top = top.sort(dim=1).values  # anchor (then class) order, so that the stable sort below breaks ties by it
+    top = _descending_top(pair_scores, passing, width)  # (B, K)
     top_scores = pair_scores.gather(1, top)
-    order = top_scores.sort(dim=1, descending=True, stable=True).indices
-    top, top_scores = top.gather(1, order), top_scores.gather(1, order)  # (B, K) descending
     anchor = top // classes_per_pair
     cls = top % classes_per_pair if multi_label else best_cls.gather(1, anchor)
     boxes = prediction[..., :4].gather(1, anchor[..., None].expand(-1, -1, 4))  # (B, K, 4) xywh
     extra = prediction[..., prediction.shape[-1] - num_extra :].gather(1, anchor[..., None].expand(-1, -1, num_extra))
     return boxes, top_scores, cls, top_scores > conf_thres, extra
+
+
+def _descending_top(scores, passing, width):
+    """(B, width) positions of each row's best `passing` scores (B, P), by descending score, equal scores in position
+    order (the rest, if a row has fewer, after them; which of several equal scores at the cut enter is not said).
+
+    A top-k in any order, then one sort of int64 keys instead of two sorts (2-3x faster at 16 x 6,000-670,000
+    candidates): a key is the score's float32 bit pattern, mapped to an integer that orders as the scores do
+    (negative ones too), above the reversed position, so keys are unique and ties fall in position order."""
+    masked = scores.float().masked_fill(~passing, float("-inf"))
+    best = masked.topk(width, dim=1, sorted=False).indices  # (B, width)
+    bits = masked.gather(1, best).view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: their magnitude bits reversed
+    keys = (ordered.long() << 32) | (scores.shape[1] - 1 - best)
+    return best.gather(1, keys.sort(dim=1, descending=True).indices)
 
 
 def _kept_torchvision(tv_nms, boxes, scores, cls, valid, num_classes, iou_thres, agnostic, max_det):
