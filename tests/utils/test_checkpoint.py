@@ -38,6 +38,18 @@ def test_save_and_load_round_trip(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no temp file left behind
 
 
+def test_copies_are_the_same_bytes_serialised_once(tmp_path, monkeypatch):
+    saves = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda *args, **kwargs: (saves.append(1), real_save(*args, **kwargs))[1])
+    last, best, epoch = tmp_path / "last.pt", tmp_path / "best.pt", tmp_path / "sub" / "epoch3.pt"
+    save_checkpoint({"epoch": 3, "model": _state(2.0)}, last, [best, epoch])
+    assert len(saves) == 1
+    assert best.read_bytes() == last.read_bytes() == epoch.read_bytes()
+    assert load_checkpoint(epoch)["epoch"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt", "sub"]  # no temp file left
+
+
 def test_failed_save_leaves_previous_file_intact(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     save_checkpoint({"epoch": 1, "model": _state(1.0)}, path)

@@ -623,13 +623,13 @@ class BaseTrainer:
 
     def save_model(self):
         """Write weights/last.pt, weights/best.pt at the best fitness and weights/epochN.pt every save_period."""
-        checkpoint = self.checkpoint_state()
-        save_checkpoint(checkpoint, self.last)
+        copies = []
         if self.fitness is not None and self.best_fitness == self.fitness:
-            save_checkpoint(checkpoint, self.best)
+            copies.append(self.best)
         period = self.args.save_period
         if period > 0 and (self.epoch + 1) % period == 0:
-            save_checkpoint(checkpoint, self.wdir / f"epoch{self.epoch + 1}.pt")
+            copies.append(self.wdir / f"epoch{self.epoch + 1}.pt")
+        save_checkpoint(self.checkpoint_state(), self.last, copies)  # serialised once, the copies take its bytes
 
     def checkpoint_state(self, batch_index=None):
         """Everything resume needs, as state dicts and plain types (loads with weights_only=True)."""

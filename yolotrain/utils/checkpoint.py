@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import random
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from yolotrain.errors import CheckpointError
-from yolotrain.utils.files import write_atomic_stream
+from yolotrain.utils.files import write_atomic, write_atomic_stream
 
 LOGGER = logging.getLogger(__name__)
 
@@ -86,14 +87,20 @@ def check_finite_weights(obj: Mapping, path: PathLike = "<checkpoint>") -> None:
             )
 
 
-def save_checkpoint(obj: dict, path: PathLike) -> Path:
-    """Save ``obj`` with ``torch.save`` atomically; refuse non-finite model/EMA weights before writing anything.
+def save_checkpoint(obj: dict, path: PathLike, copies=()) -> Path:
+    """Save ``obj`` with ``torch.save`` atomically, and the same bytes to each of ``copies`` (best.pt beside last.pt:
+    serialised once, copied after); refuse non-finite model/EMA weights before writing anything.
 
-    On any failure the temporary file is removed and the exception re-raised; the previous ``path`` is untouched.
+    On any failure the temporary file is removed and the exception re-raised; the file being written when it
+    failed keeps its previous content.
     """
     check_finite_weights(obj, path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return write_atomic_stream(path, lambda file: torch.save(obj, file))
+    write_atomic_stream(path, lambda file: torch.save(obj, file))
+    for target in copies:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(target, lambda temp: shutil.copyfile(path, temp))
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------------------- loading
