@@ -6,7 +6,8 @@ training device).
                                        [--decode]
 
 Images are decoded once into the RAM cache first, so the figures are augmentation only (decoding costs the same in
-both paths); `--decode` reads each image from disk as it is used instead (`cache=False`, training's default). Default hyperparameters (mosaic, scale 0.5, translate 0.1, HSV, fliplr). Per image size it prints:
+both paths); `--decode` reads each image from disk as it is used instead (`cache=False`, training's default).
+Default hyperparameters (mosaic, scale 0.5, translate 0.1, HSV, fliplr). Per image size it prints:
 - cpu pipeline: one process making augmented samples (a dataloader worker's rate; W workers give at most W x);
 - device path, loader side: one process making padded samples (what the workers are left with);
 - device path, augment: batches augmented on `--device` (CUDA timings are synchronised).
