@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
+from yolotrain.utils import threads
 from yolotrain.data.loader import (
     build_dataloader,
     collate_fn,
@@ -158,12 +159,25 @@ def test_resume_mid_epoch_skips_finished_batches_and_salt_changes_the_order():
     assert flat_order(loader) != full
 
 
-def test_worker_count_is_capped():
-    cpus = __import__("os").cpu_count()
+def test_worker_count_is_capped(monkeypatch):
+    monkeypatch.setattr(threads, "available_cpus", lambda: 6)
     assert resolve_workers(batch=1, workers=8) == 0
-    assert resolve_workers(batch=16, workers=8) == min(cpus, 8)
-    assert resolve_workers(batch=16, workers=8, world_size=cpus * 2) == 0
-    assert resolve_workers(batch=4, workers=64) == min(cpus, 4)
+    assert resolve_workers(batch=16, workers=8) == 6
+    assert resolve_workers(batch=16, workers=8, world_size=12) == 0
+    assert resolve_workers(batch=16, workers=8, world_size=2) == 3
+    assert resolve_workers(batch=4, workers=64) == 4
+    assert resolve_workers(batch=16, workers=8, compute_threads=6) == 6  # a bigger machine keeps its workers
+
+
+def test_small_machine_computing_on_the_cpu_loads_in_process(monkeypatch):
+    """Two CPUs held by the compute threads leave the workers none; what the threads leave free, they take."""
+    monkeypatch.setattr(threads, "available_cpus", lambda: 2)
+    assert resolve_workers(batch=16, workers=8) == 2  # the model computes elsewhere (a GPU)
+    assert resolve_workers(batch=16, workers=8, compute_threads=2) == 0
+    assert resolve_workers(batch=16, workers=8, compute_threads=1) == 1
+    assert resolve_workers(batch=16, workers=8, world_size=2, compute_threads=1) == 0  # one CPU per rank
+    assert build_dataloader(RandomDataset(), batch=4, workers=2, shuffle=True, compute_threads=2).num_workers == 0
+    assert build_dataloader(RandomDataset(), batch=4, workers=2, shuffle=True, compute_threads=1).num_workers == 1
 
 
 def test_augmentation_draws_are_a_function_of_seed_epoch_and_index():

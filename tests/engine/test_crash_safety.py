@@ -120,6 +120,7 @@ for line in sys.stdin:
 RUN_ARGS = dict(
     epochs=3, imgsz=64, batch=4, device="cpu", plots=False, seed=0, deterministic=True,
     warmup_epochs=0, close_mosaic=0, verbose=False, nbs=8,  # no warmup: 2 batches per optimizer step throughout
+    threads=1,  # every run alike; on a 2-CPU machine it leaves a CPU to `workers=2` (2 threads load in-process)
 )  # fmt: skip
 COMPARED_COLUMNS_SKIP = ("epoch", "time")
 
@@ -208,7 +209,9 @@ def reference(tiny_model_yaml, tiny_data, tmp_path_factory):
     project = tmp_path_factory.mktemp("reference")
     overrides = {**RUN_ARGS, "model": tiny_model_yaml, "data": tiny_data, "workers": 0, "project": str(project)}
     trainer = DetectionTrainer(overrides=overrides)
+    threads = torch.get_num_threads()
     trainer.train()
+    torch.set_num_threads(threads)  # the run fixed its own count in this process: later tests get theirs back
     return trainer
 
 

@@ -146,3 +146,19 @@ def test_training_runs_the_threads_it_is_given_and_says_so(train_overrides, yolo
     trainer.train()
     assert set(seen) == {2}
     assert any(m.startswith("resolved: threads=2,") for m in yolotrain_log)
+
+
+@pytest.mark.parametrize("thread_count, expected_workers", [(2, 0), (1, 1)])
+def test_training_on_two_cpus_leaves_data_workers_what_the_threads_do_not_use(
+    train_overrides, yolotrain_log, monkeypatch, thread_count, expected_workers
+):
+    """On 2 CPUs, 2 compute threads load the data in-process (train and val); 1 thread leaves a CPU to a worker."""
+    from yolotrain.tasks.detect.train import DetectionTrainer
+
+    monkeypatch.setattr(threads, "available_cpus", lambda: 2)
+    trainer = DetectionTrainer(overrides={**train_overrides, "threads": thread_count, "workers": 8, "epochs": 1,
+                                          "val": False})
+    trainer.train()
+    assert trainer.train_loader.num_workers == expected_workers
+    assert trainer.test_loader.num_workers == expected_workers
+    assert any(f"workers={expected_workers}" in m for m in yolotrain_log if m.startswith("resolved:"))

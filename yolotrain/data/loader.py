@@ -76,13 +76,14 @@ def seed_worker(worker_id: int) -> None:
     random.seed(worker_seed)
 
 
-def resolve_workers(batch: int, workers: int, world_size: int = 1) -> int:
-    """Worker processes per rank: no more than the CPUs per rank (those this process may use, see
-    `utils.threads.available_cpus`), none for batch 1, at most `workers`."""
-    from yolotrain.utils.threads import available_cpus
+def resolve_workers(batch: int, workers: int, world_size: int = 1, compute_threads: int | None = None) -> int:
+    """Worker processes per rank: no more than the CPUs they may take (`utils.threads.data_worker_cpus`: the
+    rank's share of the CPUs this process may use, less the `compute_threads` of a rank computing on the CPU of a
+    small machine), none for batch 1, at most `workers`."""
+    from yolotrain.utils.threads import data_worker_cpus
 
-    cpus_per_rank = available_cpus() // max(world_size, 1)
-    return max(0, min(cpus_per_rank, batch if batch > 1 else 0, workers))
+    cpus = data_worker_cpus(world_size, compute_threads)
+    return max(0, min(cpus, batch if batch > 1 else 0, workers))
 
 
 def build_dataloader(
@@ -97,6 +98,7 @@ def build_dataloader(
     image_weights: bool = False,
     exact_shard: bool = False,
     collate=None,
+    compute_threads: int | None = None,
 ) -> DataLoader:
     """A DataLoader with `collate_fn`, seeded workers and a (seed, epoch)-determined order.
 
@@ -107,9 +109,10 @@ def build_dataloader(
     classes they hold (`ImageWeightSampler`, the dataset needs `labels` and `nc`); it cannot be combined with rect.
     `exact_shard` (evaluation, unshuffled): each rank takes whole consecutive batches in turn with nothing padded or
     repeated (`ExactShardBatchSampler`), so the ranks together see every image exactly once. `collate` batches the
-    samples (`collate_fn`, the detection layout, when None).
+    samples (`collate_fn`, the detection layout, when None). `compute_threads`: the threads of a model computing on
+    the CPU beside the loader (None: it computes elsewhere), which the workers leave their CPUs (`resolve_workers`).
     """
-    num_workers = resolve_workers(batch, workers, world_size)
+    num_workers = resolve_workers(batch, workers, world_size, compute_threads)
     replicas, replica = (max(world_size, 1), rank) if rank != -1 else (1, 0)
     if exact_shard and replicas > 1 and not shuffle:
         batching = {"batch_sampler": ExactShardBatchSampler(len(dataset), batch, replicas, replica)}

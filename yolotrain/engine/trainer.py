@@ -327,6 +327,7 @@ class BaseTrainer:
             # Every rank validates its own share of the val set (the validator gathers the statistics).
             self.test_loader = self.get_dataloader(self.data["val"], self.batch_size * 2, dist.rank(), "val")
         self.num_batches = len(self.train_loader)
+        self.resolved.workers = getattr(self.train_loader, "num_workers", None)  # a custom loader may not say
         if dist.is_main():
             self._copy_bad_entry_lists()
         self.set_model_attributes()

@@ -8,6 +8,7 @@ import torch
 from yolotrain.cfg import DEFAULT_MODELS
 from yolotrain.engine.trainer import BaseTrainer
 from yolotrain.utils import dist
+from yolotrain.utils.threads import cpu_compute_threads
 from yolotrain.utils.torch_utils import de_parallel
 
 LOGGER = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ class ClassificationTrainer(BaseTrainer):
         training = mode == "train"
         workers = self.args.workers if training else self.args.workers * 2
         return build_dataloader(dataset, batch_size, workers, training, rank=rank, seed=self.args.seed,
-                                world_size=dist.world_size(), exact_shard=not training, collate=collate_classify)
+                                world_size=dist.world_size(), exact_shard=not training, collate=collate_classify,
+                                compute_threads=cpu_compute_threads(self.device, self.governor))
 
     def preprocess_batch(self, batch):
         """Images to the device as float [0, 1], class ids to the device."""

@@ -8,6 +8,7 @@ import torch
 from yolotrain.engine.validator import BaseValidator
 from yolotrain.errors import DatasetError
 from yolotrain.utils.metrics import ClassifyConfusionMatrix, ClassifyMetrics
+from yolotrain.utils.threads import cpu_compute_threads
 from yolotrain.utils.torch_utils import de_parallel
 
 LOGGER = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ class ClassificationValidator(BaseValidator):
                                         prefix=split, workers=self.args.workers)
         batch = max(int(self.args.batch), 1)
         return build_dataloader(dataset, batch, self.args.workers, shuffle=False, rank=-1, seed=self.args.seed,
-                                collate=collate_classify)
+                                collate=collate_classify, compute_threads=cpu_compute_threads(self.device,
+                                                                                             self.governor))
 
     # ------------------------------------------------------------------ evaluator
     def metric_names(self):

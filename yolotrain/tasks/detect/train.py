@@ -14,6 +14,7 @@ from yolotrain.data.instances import PER_OBJECT_KEYS
 from yolotrain.engine.trainer import BaseTrainer
 from yolotrain.loss.detection import loss_item_names
 from yolotrain.utils import dist
+from yolotrain.utils.threads import cpu_compute_threads
 from yolotrain.utils.torch_utils import de_parallel
 
 LOGGER = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ class DetectionTrainer(BaseTrainer):
         return build_dataloader(
             dataset, batch_size, workers, training, rank=rank, seed=self.args.seed, world_size=dist.world_size(),
             image_weights=training and self.args.image_weights, exact_shard=not training,
+            compute_threads=cpu_compute_threads(self.device, self.governor),
         )
 
     def preprocess_batch(self, batch):

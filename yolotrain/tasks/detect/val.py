@@ -38,6 +38,7 @@ from yolotrain.nn.backends import fixed_input_size
 from yolotrain.utils.boxes import batched_box_iou, xywhn2xyxy
 from yolotrain.utils.metrics import ConfusionMatrix, DetMetrics, coco_iou_thresholds, match_predictions
 from yolotrain.utils.nms import end_to_end_detections, is_end_to_end, non_max_suppression, set_max_det
+from yolotrain.utils.threads import cpu_compute_threads
 from yolotrain.utils.torch_utils import de_parallel
 
 LOGGER = logging.getLogger(__name__)
@@ -194,7 +195,8 @@ class DetectionValidator(BaseValidator):
             workers=self.args.workers,
             task=self.task,
         )
-        return build_dataloader(dataset, batch, self.args.workers, shuffle=False, rank=-1, seed=self.args.seed)
+        return build_dataloader(dataset, batch, self.args.workers, shuffle=False, rank=-1, seed=self.args.seed,
+                                compute_threads=cpu_compute_threads(self.device, self.governor))
 
     def _evaluates_single_class(self, model):
         """single_cls, or a one-class model (as `single_cls` training makes) on a dataset of several classes: every
