@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-from yolotrain.utils import threads
 from yolotrain.data.loader import (
     build_dataloader,
     collate_fn,
     resolve_workers,
     set_loader_epoch,
 )
+from yolotrain.utils import threads
 
 
 class RandomDataset(Dataset):

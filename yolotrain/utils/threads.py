@@ -37,7 +37,7 @@ LOAD_SAMPLE_GAP_S = 0.02
 LOW_SHARE = 0.6  # below this share of a CPU per thread, the threads are contending
 OTHERS_BUSY = 0.5  # CPUs other programs must be using for the contention to be theirs (not this run's data workers)
 IDLE_CPUS_FOR_ONE_MORE = 0.75  # a thread comes back when this much of a CPU stood idle over an interval
-IN_PROCESS_LOADING_MAX_CPUS = 2  # ranks computing on this many CPUs or fewer leave data workers no CPU
+IN_PROCESS_LOADING_MAX_CPUS = 2  # CPUs per rank up to which CPU compute threads come before data workers
 
 
 def cgroup_cpu_limit() -> float | None:
