@@ -302,5 +302,6 @@ def main():
     floor = max((f for f in floors if f), key=lambda f: f["images_per_s"], default=None)
     print_report(results, floor, args)
 
+
 if __name__ == "__main__":
     main()
